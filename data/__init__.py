@@ -1,0 +1,1 @@
+"""Data layer: readers, instruction records, datasets and batching."""

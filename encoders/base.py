@@ -1,0 +1,258 @@
+"""The contract every kiban encoder keeps, and the registry that creates encoders by name.
+
+    Featurizer (CPU, picklable, runs in DataLoader workers):
+        raw item -> dict of tensors for that one item        (raises InvalidInput naming the item)
+        list of those dicts -> one padded batch dict          (``collate``)
+    Encoder (nn.Module):
+        batch dict -> ModalityTokens(embeddings [B, N, D], mask [B, N])
+
+B is the number of items of one modality in the batch, N the number of tokens of the longest
+item (shorter ones are padded, ``mask`` is False there), D the encoder's width.
+
+Encoders are registered with ``@register_encoder("protein", config=ProteinEncoderConfig)`` and
+built with ``create_encoder("protein", preset="esm2_t6_8m", num_layers=2)``. A preset is a
+zero-argument function returning a config; configs are dataclasses of plain values, so they
+round-trip through JSON and YAML (``config_to_dict`` / ``config_from_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Protocol, Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "Encoder",
+    "EncoderSpec",
+    "Featurizer",
+    "InvalidInput",
+    "ModalityTokens",
+    "config_from_dict",
+    "config_to_dict",
+    "create_encoder",
+    "encoder_spec",
+    "list_encoders",
+    "list_presets",
+    "pad_stack",
+    "register_encoder",
+    "register_preset",
+]
+
+
+class InvalidInput(ValueError):
+    """A raw input that cannot be featurized. The message names the modality, the item and the problem.
+
+    Raised by featurizers (and by the fused model when a prompt and its inputs disagree); callers
+    above the model turn it into a rejects-file line or an HTTP 4xx, never a traceback.
+    """
+
+    def __init__(self, modality: str, item_id: Any, problem: str) -> None:
+        self.modality = modality
+        self.item_id = item_id
+        self.problem = problem
+        super().__init__(f"invalid {modality} input {_describe(item_id)}: {problem}")
+
+
+def _describe(item_id: Any) -> str:
+    text = str(item_id)
+    return repr(text if len(text) <= 60 else text[:57] + "...")
+
+
+@dataclass
+class ModalityTokens:
+    """Token embeddings of a batch of items of one modality.
+
+    embeddings: [B, N, D] float tensor; mask: [B, N] bool tensor, True where a token is real.
+    attentions: optional [B, layers, heads, N, N] attention maps over the same N tokens (the
+    protein encoder fills it when asked; the structure head reads it).
+    """
+
+    embeddings: Tensor
+    mask: Tensor
+    attentions: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.embeddings.dim() != 3:
+            raise ValueError(f"ModalityTokens.embeddings must be [B, N, D], got {tuple(self.embeddings.shape)}")
+        if self.mask.shape != self.embeddings.shape[:2]:
+            raise ValueError(
+                f"ModalityTokens.mask {tuple(self.mask.shape)} does not match embeddings "
+                f"{tuple(self.embeddings.shape)}"
+            )
+        if self.mask.dtype != torch.bool:
+            self.mask = self.mask.bool()
+
+    @property
+    def dim(self) -> int:
+        return self.embeddings.shape[-1]
+
+    def pooled(self) -> Tensor:
+        """Masked mean over tokens: [B, D]."""
+        weights = self.mask.unsqueeze(-1).to(self.embeddings.dtype)
+        return (self.embeddings * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+    def lengths(self) -> Tensor:
+        return self.mask.sum(1)
+
+
+class Featurizer(Protocol):
+    """Turns raw items into tensors. Cheap to pickle: holds vocabularies and settings, never weights."""
+
+    modality: str
+
+    def __call__(self, item: Any, *, item_id: Any = None) -> dict[str, Tensor]: ...
+
+    def collate(self, features: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]: ...
+
+
+class Encoder(nn.Module):
+    """Base class of the encoders: owns its featurizer, maps a collated batch to ModalityTokens.
+
+    Subclasses set ``modality``, ``output_dim`` and ``featurizer`` and implement ``forward(**batch)``.
+    """
+
+    modality: ClassVar[str] = ""
+    output_dim: int
+    featurizer: Featurizer
+
+    def forward(self, **batch: Tensor) -> ModalityTokens:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def encode(self, items: Sequence[Any], *, ids: Sequence[Any] | None = None) -> ModalityTokens:
+        """Featurize, collate and encode raw items in one call (convenience for notebooks and tests)."""
+        ids = list(ids) if ids is not None else [None] * len(items)
+        features = [self.featurizer(item, item_id=item_id) for item, item_id in zip(items, ids)]
+        batch = self.featurizer.collate(features)
+        device = next(self.parameters()).device
+        return self(**{k: v.to(device) for k, v in batch.items()})
+
+
+def pad_stack(tensors: Sequence[Tensor], *, pad_value: float | int = 0) -> tuple[Tensor, Tensor]:
+    """Right-pad tensors along dim 0 to the longest and stack: returns (padded [B, N, ...], mask [B, N])."""
+    longest = max(t.shape[0] for t in tensors)
+    first = tensors[0]
+    out = first.new_full((len(tensors), longest, *first.shape[1:]), pad_value)
+    mask = torch.zeros(len(tensors), longest, dtype=torch.bool)
+    for i, t in enumerate(tensors):
+        out[i, : t.shape[0]] = t
+        mask[i, : t.shape[0]] = True
+    return out, mask
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    name: str
+    config_class: type
+    builder: Callable[[Any], Encoder]
+    presets: dict[str, Callable[[], Any]]
+    default_preset: str
+    examples: Callable[[], list[Any]]
+
+
+_REGISTRY: dict[str, EncoderSpec] = {}
+
+
+def register_encoder(
+    name: str, *, config: type, examples: Callable[[], list[Any]], default_preset: str = "default"
+) -> Callable:
+    """Class decorator: ``@register_encoder("dna", config=DnaEncoderConfig, examples=fn)``.
+
+    The decorated class is built as ``cls(config)``. ``examples`` returns a few valid raw items of
+    different sizes; the registry-wide tests run every encoder on them, so a new encoder is tested
+    the day it is registered.
+    """
+
+    def wrap(builder: Callable[[Any], Encoder]) -> Callable[[Any], Encoder]:
+        if name in _REGISTRY:
+            raise ValueError(f"encoder {name!r} is registered twice")
+        _REGISTRY[name] = EncoderSpec(name, config, builder, {"default": config}, default_preset, examples)
+        return builder
+
+    return wrap
+
+
+def register_preset(encoder: str, name: str | None = None) -> Callable:
+    """Function decorator registering a zero-argument preset returning a config for ``encoder``."""
+
+    def wrap(fn: Callable[[], Any]) -> Callable[[], Any]:
+        encoder_spec(encoder).presets[name or fn.__name__] = fn
+        return fn
+
+    return wrap
+
+
+def encoder_spec(name: str) -> EncoderSpec:
+    _import_builtin_encoders()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"no encoder named {name!r}; registered: {', '.join(sorted(_REGISTRY))}") from None
+
+
+def list_encoders() -> list[str]:
+    _import_builtin_encoders()
+    return sorted(_REGISTRY)
+
+
+def list_presets(name: str) -> list[str]:
+    return sorted(encoder_spec(name).presets)
+
+
+def create_encoder(name: str, config: Any = None, *, preset: str | None = None, **overrides: Any) -> Encoder:
+    """Build a registered encoder from a config, a preset name or the default preset, plus overrides."""
+    spec = encoder_spec(name)
+    if config is None:
+        preset = preset or spec.default_preset
+        if preset not in spec.presets:
+            raise KeyError(f"encoder {name!r} has no preset {preset!r}; presets: {', '.join(sorted(spec.presets))}")
+        config = spec.presets[preset]()
+    elif isinstance(config, dict):
+        config = config_from_dict(spec.config_class, config)
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    return spec.builder(config)
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """A config dataclass as plain JSON/YAML values (tuples become lists)."""
+    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
+    """Inverse of ``config_to_dict``; unknown keys are an error naming the key, not silently dropped."""
+    known = {f.name: f for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(f"{config_class.__name__} has no field(s) {', '.join(unknown)}")
+    kwargs = {}
+    for key, value in values.items():
+        default = getattr(config_class, key, None) if known[key].default is not dataclasses.MISSING else None
+        kwargs[key] = tuple(value) if isinstance(value, list) and isinstance(default, tuple) else value
+    return config_class(**kwargs)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+_BUILTINS = ("protein", "dna", "cell", "image", "molecule", "text")
+
+
+def _import_builtin_encoders() -> None:
+    import importlib
+
+    for module in _BUILTINS:
+        try:
+            importlib.import_module(f"kiban.encoders.{module}")
+        except ModuleNotFoundError as error:  # DEV-ONLY while encoders are written in parallel
+            if error.name != f"kiban.encoders.{module}":
+                raise

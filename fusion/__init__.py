@@ -1,0 +1,1 @@
+"""Fusion: projectors, the LLM backbone and the fused multimodal model."""

@@ -1,0 +1,1 @@
+"""Cluster launch: Slurm rendering and submission, DeepSpeed/FSDP presets."""

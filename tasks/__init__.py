@@ -1,0 +1,1 @@
+"""Downstream task heads (structure, disease, drug)."""
