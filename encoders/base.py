@@ -115,8 +115,19 @@ class Encoder(nn.Module):
     """
 
     modality: ClassVar[str] = ""
+    # Parameter-name prefixes that no stage trains (e.g. ESM-2's LM head, unused by the token path).
+    never_trained: ClassVar[tuple[str, ...]] = ()
+    config: Any
     output_dim: int
     featurizer: Featurizer
+
+    def portable_config(self) -> Any:
+        """A config that rebuilds this architecture without reading any outside weights file.
+
+        ``save_pretrained`` stores this; the weights themselves travel in the saved safetensors.
+        Encoders whose config points at a weights file or directory override it.
+        """
+        return self.config
 
     def forward(self, **batch: Tensor) -> ModalityTokens:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -233,9 +244,15 @@ def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
         raise ValueError(f"{config_class.__name__} has no field(s) {', '.join(unknown)}")
     kwargs = {}
     for key, value in values.items():
-        default = getattr(config_class, key, None) if known[key].default is not dataclasses.MISSING else None
-        kwargs[key] = tuple(value) if isinstance(value, list) and isinstance(default, tuple) else value
+        # a field annotated as a tuple (``tuple[str, ...]``, ``tuple[...] | None``) comes back from JSON as a list
+        wants_tuple = "tuple" in str(known[key].type)
+        kwargs[key] = _as_tuple(value) if isinstance(value, list) and wants_tuple else value
     return config_class(**kwargs)
+
+
+def _as_tuple(value: Any) -> Any:
+    """JSON lists back to the (possibly nested) tuples a config holds."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
 
 
 def _plain(value: Any) -> Any:

@@ -1,0 +1,318 @@
+"""The fused multimodal model: encoders + projectors + an LLM backbone.
+
+    records --KibanProcessor--> FusedBatch --encoders--> ModalityTokens --projectors--> width H
+        --merge_modality_tokens--> inputs_embeds --LLM--> logits / loss / generated text
+
+Built from parts (``KibanModel(encoders=..., projectors=..., llm=..., tokenizer=...)``) or from a
+plain-value ``KibanConfig`` (``KibanModel.from_config``); saved with ``save_pretrained(dir)`` as
+
+    config.json               the KibanConfig, architecture only (no paths to outside files)
+    model.safetensors         encoders, projectors and the backbone's base weights
+    lora/                     LoRA adapters (peft's adapter_config.json + adapter_model.safetensors)
+    tokenizer/                the backbone's tokenizer
+
+and loaded with ``from_pretrained(dir)``, which reads only safetensors and JSON (nothing unpickled).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+import kiban
+from kiban.encoders.base import Encoder, ModalityTokens, config_to_dict, create_encoder
+from kiban.fusion.backbone import BackboneConfig, load_backbone, smollm2_gguf
+from kiban.fusion.merge import merge_modality_tokens
+from kiban.fusion.projector import ProjectorConfig, create_projector
+from kiban.fusion.prompt import FusedBatch, KibanProcessor, slot_id
+
+__all__ = ["STAGES", "KibanConfig", "KibanModel", "apply_freeze_policy", "default_config"]
+
+log = logging.getLogger(__name__)
+
+STAGES = ("align", "instruct", "task", "full")
+
+
+@dataclass
+class KibanConfig:
+    """Plain values that build a KibanModel.
+
+    encoders: modality -> {"preset": name, **overrides} or {"config": full encoder config dict}.
+    projectors: modality -> ProjectorConfig fields; a modality not listed gets ``default_projector``.
+    backbone: BackboneConfig fields.
+    """
+
+    encoders: dict[str, dict[str, Any]]
+    backbone: dict[str, Any]
+    projectors: dict[str, dict[str, Any]] = field(default_factory=dict)
+    default_projector: dict[str, Any] = field(default_factory=lambda: {"kind": "mlp2"})
+    max_length: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kiban_version": kiban.__version__,
+            "encoders": self.encoders,
+            "backbone": self.backbone,
+            "projectors": self.projectors,
+            "default_projector": self.default_projector,
+            "max_length": self.max_length,
+        }
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> "KibanConfig":
+        values = {k: v for k, v in values.items() if k != "kiban_version"}
+        return cls(**values)
+
+
+def default_config() -> KibanConfig:
+    """The offline default: all six encoders at their default presets over SmolLM2-135M-Instruct."""
+    return KibanConfig(
+        encoders={m: {"preset": "default"} for m in ("protein", "dna", "cell", "image", "molecule", "text")},
+        backbone={"gguf": str(smollm2_gguf())},
+    )
+
+
+class KibanModel(nn.Module):
+    def __init__(
+        self,
+        *,
+        encoders: Mapping[str, Encoder],
+        projectors: Mapping[str, nn.Module],
+        llm: nn.Module,
+        tokenizer: Any,
+        config: KibanConfig | None = None,
+    ) -> None:
+        super().__init__()
+        if set(encoders) != set(projectors):
+            raise ValueError(f"encoders {sorted(encoders)} and projectors {sorted(projectors)} must match")
+        self.encoders = nn.ModuleDict(encoders)
+        self.projectors = nn.ModuleDict(projectors)
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.config = config
+        self.processor = KibanProcessor(
+            tokenizer,
+            {m: e.featurizer for m, e in encoders.items()},
+            max_length=config.max_length if config else None,
+        )
+
+    # -- building --------------------------------------------------------------------------------
+
+    @classmethod
+    def from_config(cls, config: KibanConfig) -> "KibanModel":
+        llm, tokenizer = load_backbone(BackboneConfig.from_dict(config.backbone))
+        width = llm.get_input_embeddings().embedding_dim
+        encoders = {m: _build_encoder(m, spec) for m, spec in config.encoders.items()}
+        projectors = {}
+        for modality, encoder in encoders.items():
+            settings = ProjectorConfig(**{**config.default_projector, **config.projectors.get(modality, {})})
+            projectors[modality] = create_projector(settings, in_dim=encoder.output_dim, out_dim=width)
+        return cls(encoders=encoders, projectors=projectors, llm=llm, tokenizer=tokenizer, config=config)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def has_lora(self) -> bool:
+        return any("lora_" in name for name, _ in self.llm.named_parameters())
+
+    # -- forward ---------------------------------------------------------------------------------
+
+    def encode(self, batch: FusedBatch) -> dict[int, ModalityTokens]:
+        """Encode and project every modality in the batch: slot id -> tokens of width H."""
+        out = {}
+        for modality, features in batch.features.items():
+            tokens = self.encoders[modality](**features)
+            out[slot_id(self.processor.modalities.index(modality))] = self.projectors[modality](tokens)
+        return out
+
+    def embed_inputs(self, batch: FusedBatch, *, padding_side: str = "right") -> tuple[Tensor, Tensor, Tensor]:
+        """inputs_embeds [B, L, H], attention_mask [B, L], labels [B, L] with modality tokens in place."""
+        text = self.llm.get_input_embeddings()(batch.input_ids.clamp(min=0))
+        return merge_modality_tokens(
+            batch.input_ids, batch.attention_mask, batch.labels, text, self.encode(batch), padding_side=padding_side
+        )
+
+    def forward(self, batch: FusedBatch) -> Any:
+        """Causal-LM output; ``.loss`` is next-token loss over assistant tokens only."""
+        embeds, mask, labels = self.embed_inputs(batch)
+        return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+
+    def prepare(self, records: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False) -> FusedBatch:
+        return self.processor(records, add_generation_prompt=add_generation_prompt).to(self.device)
+
+    # -- generation ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        *,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+    ) -> list[str]:
+        """Answer each record's conversation (the last turn must be the user's). Mixed modalities and
+        lengths batch together: rows are left-padded after the modality tokens are in place."""
+        batch = self.prepare(records, add_generation_prompt=True)
+        embeds, mask, _ = self.embed_inputs(batch, padding_side="left")
+        options: dict[str, Any] = {"do_sample": do_sample}
+        if do_sample:
+            options.update(temperature=temperature, top_p=top_p)
+        out = self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            **options,
+        )
+        return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def chat(self, question: str, *, max_new_tokens: int = 64, **inputs: Any) -> str:
+        """One question with its inputs: ``model.chat("What is <molecule>?", molecule="CCO")``."""
+        record = {"messages": [{"role": "user", "content": question}], "inputs": inputs}
+        return self.generate([record], max_new_tokens=max_new_tokens)[0]
+
+    # -- save / load -----------------------------------------------------------------------------
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = self._portable_config()
+        (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        tensors, aliases = _unique_tensors({k: v for k, v in self.state_dict().items() if "lora_" not in k})
+        save_file(tensors, directory / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
+        if self.has_lora:
+            self.llm.save_pretrained(directory / "lora")
+        self.tokenizer.save_pretrained(directory / "tokenizer")
+        return directory
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path) -> "KibanModel":
+        directory = Path(directory)
+        config_file = directory / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{directory} is not a saved kiban model (no config.json)")
+        config = KibanConfig.from_dict(json.loads(config_file.read_text()))
+        config.backbone = {**config.backbone, "tokenizer_path": str(directory / "tokenizer")}
+        model = cls.from_config(config)
+        model._load_weights(directory)
+        return model
+
+    def _load_weights(self, directory: Path) -> None:
+        from safetensors import safe_open
+
+        path = directory / "model.safetensors"
+        with safe_open(path, framework="pt") as handle:
+            aliases = json.loads((handle.metadata() or {}).get("aliases", "{}"))
+        tensors = load_file(path)
+        for alias, source in aliases.items():
+            tensors[alias] = tensors[source]
+        missing, unexpected = self.load_state_dict(tensors, strict=False)
+        missing = [k for k in missing if "lora_" not in k]
+        if missing or unexpected:
+            raise ValueError(
+                f"{path} does not match the model in config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        if self.has_lora:
+            from peft import set_peft_model_state_dict
+
+            adapter = directory / "lora" / "adapter_model.safetensors"
+            if not adapter.is_file():
+                raise FileNotFoundError(f"config.json asks for LoRA adapters but {adapter} is missing")
+            set_peft_model_state_dict(self.llm, load_file(adapter))
+
+    def _portable_config(self) -> KibanConfig:
+        """The config with every outside path replaced by the architecture it named."""
+        llm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        hf_config = llm.config.to_dict()
+        hf_config.pop("quantization_config", None)
+        backbone = BackboneConfig.from_dict((self.config.backbone if self.config else {}) or {"hf_config": {}})
+        backbone = BackboneConfig(
+            hf_config=hf_config,
+            dtype=backbone.dtype,
+            gradient_checkpointing=backbone.gradient_checkpointing,
+            lora=backbone.lora,
+        )
+        encoders = {m: {"config": config_to_dict(e.portable_config())} for m, e in self.encoders.items()}
+        projectors = {
+            m: vars(p.config) if hasattr(p, "config") else (self.config.projectors.get(m, {}) if self.config else {})
+            for m, p in self.projectors.items()
+        }
+        return KibanConfig(
+            encoders=encoders,
+            backbone=backbone.to_dict(),
+            projectors=projectors,
+            default_projector=self.config.default_projector if self.config else {"kind": "mlp2"},
+            max_length=self.config.max_length if self.config else None,
+        )
+
+
+def _build_encoder(modality: str, spec: Mapping[str, Any]) -> Encoder:
+    spec = dict(spec)
+    if "config" in spec:
+        return create_encoder(modality, spec["config"])
+    preset = spec.pop("preset", None)
+    return create_encoder(modality, preset=preset, **spec)
+
+
+def _unique_tensors(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Drop tied duplicates (safetensors refuses shared storage); return (tensors, alias -> source)."""
+    seen: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    tensors, aliases = {}, {}
+    for name, tensor in state.items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = tensor.detach().contiguous()
+    return tensors, aliases
+
+
+# ----------------------------------------------------------------------------------------------
+# Freeze policies
+
+
+def apply_freeze_policy(model: KibanModel, stage: str) -> dict[str, int]:
+    """Set ``requires_grad`` for a training stage; returns trainable parameter counts by part.
+
+    align     projectors only (encoders and LLM frozen)
+    instruct  projectors + LoRA adapters (needs a backbone with ``lora`` configured)
+    task      nothing in the model (heads, outside it, train on its frozen states)
+    full      everything, but parameters an encoder declares never trained (e.g. ESM-2's unused LM head)
+    """
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+    if stage == "instruct" and not model.has_lora:
+        raise ValueError("stage 'instruct' trains LoRA adapters, but the backbone has none: set backbone.lora")
+    for name, param in model.named_parameters():
+        if stage == "full":
+            param.requires_grad_(True)
+        elif stage == "align":
+            param.requires_grad_(name.startswith("projectors."))
+        elif stage == "instruct":
+            param.requires_grad_(name.startswith("projectors.") or "lora_" in name)
+        else:
+            param.requires_grad_(False)
+    if stage == "full":
+        for modality, encoder in model.encoders.items():
+            for name, param in encoder.named_parameters():
+                if name.startswith(tuple(encoder.never_trained)):
+                    param.requires_grad_(False)
+    counts: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            part = "lora" if "lora_" in name else name.split(".")[0]
+            counts[part] = counts.get(part, 0) + param.numel()
+    return counts
