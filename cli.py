@@ -118,7 +118,23 @@ def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+# Subpackages that add their own subcommands with ``@command`` when imported.
+_COMMAND_MODULES = ("kiban.data.cli", "kiban.tasks.cli", "kiban.train.cli", "kiban.hpc.cli", "kiban.serve.cli")
+
+
+def _load_command_modules() -> None:
+    import importlib
+
+    for module in _COMMAND_MODULES:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as error:
+            if error.name != module:  # a subpackage without commands is fine; a broken import is not
+                raise
+
+
 def build_parser() -> argparse.ArgumentParser:
+    _load_command_modules()
     parser = argparse.ArgumentParser(prog="kiban", description="kiban: a multimodal life-science foundation model")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -28,7 +28,7 @@ import torch
 from kiban.data.batching import length_bucketed_batches, padding_efficiency
 from kiban.encoders import create_encoder
 from kiban.fusion import KibanModel, apply_freeze_policy
-from kiban.testing import example_records, tiny_config
+from kiban.tiny import example_records, tiny_config
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "protein" / "sequences"
 AMINO = "ACDEFGHIKLMNPQRSTVWY"

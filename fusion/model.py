@@ -27,11 +27,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 import kiban
-from kiban.encoders.base import Encoder, ModalityTokens, config_to_dict, create_encoder
+from kiban.encoders.base import Encoder, InvalidInput, ModalityTokens, config_to_dict, create_encoder
 from kiban.fusion.backbone import BackboneConfig, load_backbone, smollm2_gguf
 from kiban.fusion.merge import merge_modality_tokens
 from kiban.fusion.projector import ProjectorConfig, create_projector
-from kiban.fusion.prompt import FusedBatch, KibanProcessor, slot_id
+from kiban.fusion.prompt import IGNORE_INDEX, FusedBatch, KibanProcessor, ProcessedRecord, slot_id
 
 __all__ = ["STAGES", "KibanConfig", "KibanModel", "apply_freeze_policy", "default_config"]
 
@@ -160,9 +160,11 @@ class KibanModel(nn.Module):
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        streamer: Any = None,
     ) -> list[str]:
         """Answer each record's conversation (the last turn must be the user's). Mixed modalities and
-        lengths batch together: rows are left-padded after the modality tokens are in place."""
+        lengths batch together: rows are left-padded after the modality tokens are in place.
+        ``streamer`` is passed to Hugging Face ``generate`` (e.g. a ``TextIteratorStreamer``, batch of 1)."""
         batch = self.prepare(records, add_generation_prompt=True)
         embeds, mask, _ = self.embed_inputs(batch, padding_side="left")
         options: dict[str, Any] = {"do_sample": do_sample}
@@ -174,9 +176,38 @@ class KibanModel(nn.Module):
             max_new_tokens=max_new_tokens,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
+            streamer=streamer,
             **options,
         )
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    @torch.no_grad()
+    def embed(self, items: Sequence[tuple[str, Any]]) -> Tensor:
+        """Pooled fused states [B, H] for single inputs: ``("protein", "MKT...")``, ``("text", "a passage")``.
+
+        Each input goes alone through the LLM (a modality as its placeholder's tokens, text as its own
+        tokens, no chat template); the last hidden states are mean-pooled over the input's positions.
+        Text and every modality thus land in one space, the LLM's; the contrastive align loss is what
+        makes that space shared in meaning.
+        """
+        records = []
+        for modality, item in items:
+            if modality == "text" and "text" not in self.encoders:
+                records.append(ProcessedRecord(self.tokenizer(item, add_special_tokens=False)["input_ids"], [], []))
+                if not records[-1].input_ids:
+                    raise InvalidInput("text", item, "is empty")
+                continue
+            if modality not in self.encoders:
+                raise InvalidInput(modality, item, f"this model has no {modality} encoder ({', '.join(self.encoders)})")
+            features = self.processor.featurizers[modality](item)
+            records.append(ProcessedRecord([slot_id(self.processor.modalities.index(modality))], [], [(modality, features)]))
+        for record in records:
+            record.labels = [IGNORE_INDEX] * len(record.input_ids)
+        batch = self.processor.collate(records).to(self.device)
+        embeds, mask, _ = self.embed_inputs(batch)
+        hidden = self.llm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        weights = mask.unsqueeze(-1).to(hidden.dtype)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
     def chat(self, question: str, *, max_new_tokens: int = 64, **inputs: Any) -> str:
         """One question with its inputs: ``model.chat("What is <molecule>?", molecule="CCO")``."""

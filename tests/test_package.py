@@ -17,7 +17,7 @@ def _run_python(code: str) -> str:
 
 def test_library_modules_import_neither_lightning_nor_deepspeed():
     out = _run_python(
-        "import sys, kiban, kiban.encoders, kiban.fusion, kiban.testing\n"
+        "import sys, kiban, kiban.encoders, kiban.fusion, kiban.tiny\n"
         "from kiban.encoders import list_encoders\n"
         "list_encoders()\n"
         "print([m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'deepspeed')])"

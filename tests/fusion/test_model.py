@@ -8,7 +8,7 @@ import torch
 
 from kiban.encoders import InvalidInput, list_encoders
 from kiban.fusion import STAGES, KibanModel, apply_freeze_policy
-from kiban.testing import example_records, tiny_model
+from kiban.tiny import example_records, tiny_model
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +135,14 @@ def test_bad_input_gives_one_clear_error_naming_it(inputs, question, names):
     assert names in message
     assert "\n" not in message and "Traceback" not in message
     assert re.match(r"invalid (protein|molecule|image|dna|prompt) input", message)
+
+
+def test_embed_pools_text_and_every_modality_into_the_llm_width():
+    model = tiny_model(["protein", "molecule"]).eval()
+    items = [("protein", "MKTAYIAKQRQ"), ("molecule", "CCO"), ("text", "insulin lowers blood glucose")]
+    vectors = model.embed(items)
+    assert vectors.shape == (3, model.llm.config.hidden_size) and torch.isfinite(vectors).all()
+    # batching does not change a vector
+    torch.testing.assert_close(model.embed(items[1:2])[0], vectors[1], atol=1e-5, rtol=1e-5)
+    with pytest.raises(InvalidInput, match="no cell encoder"):
+        model.embed([("cell", {"genes": ["CD3E"], "values": [1.0]})])

@@ -1,0 +1,1 @@
+"""Inference API: an OpenAI-compatible HTTP server over KibanModel."""

@@ -1,0 +1,1 @@
+"""Training: LightningModule for the align and instruct stages, callbacks, CLI."""
