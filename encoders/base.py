@@ -268,8 +268,4 @@ def _import_builtin_encoders() -> None:
     import importlib
 
     for module in _BUILTINS:
-        try:
-            importlib.import_module(f"kiban.encoders.{module}")
-        except ModuleNotFoundError as error:  # DEV-ONLY while encoders are written in parallel
-            if error.name != f"kiban.encoders.{module}":
-                raise
+        importlib.import_module(f"kiban.encoders.{module}")
