@@ -79,7 +79,13 @@ def demo(args: argparse.Namespace) -> int:
     question = args.question.format(smiles=args.smiles, start=args.protein[:12])
     _say(f"\nQ: {question}")
     started = time.perf_counter()
-    answer = model.chat(question, protein=args.protein, molecule=args.smiles, max_new_tokens=args.max_new_tokens)
+    answer = model.chat(
+        question,
+        protein=args.protein,
+        molecule=args.smiles,
+        max_new_tokens=args.max_new_tokens,
+        repetition_penalty=1.3,  # a 135M model loops without it
+    )
     print(f"A: {answer}")
     _say(f"\n(answered in {time.perf_counter() - started:.1f}s on {model.device})")
     return 0

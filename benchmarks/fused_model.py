@@ -93,7 +93,7 @@ def padding_comparison(seqs: list[str], batch_size: int) -> dict[str, tuple[floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--proteins", type=int, default=512)
+    parser.add_argument("--proteins", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--max-length", type=int, default=1022)

@@ -160,6 +160,7 @@ class KibanModel(nn.Module):
         do_sample: bool = False,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
         streamer: Any = None,
     ) -> list[str]:
         """Answer each record's conversation (the last turn must be the user's). Mixed modalities and
@@ -168,6 +169,8 @@ class KibanModel(nn.Module):
         batch = self.prepare(records, add_generation_prompt=True)
         embeds, mask, _ = self.embed_inputs(batch, padding_side="left")
         options: dict[str, Any] = {"do_sample": do_sample}
+        if repetition_penalty != 1.0:
+            options["repetition_penalty"] = repetition_penalty
         if do_sample:
             options.update(temperature=temperature, top_p=top_p)
         out = self.llm.generate(
@@ -209,10 +212,10 @@ class KibanModel(nn.Module):
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
-    def chat(self, question: str, *, max_new_tokens: int = 64, **inputs: Any) -> str:
+    def chat(self, question: str, *, max_new_tokens: int = 64, repetition_penalty: float = 1.0, **inputs: Any) -> str:
         """One question with its inputs: ``model.chat("What is <molecule>?", molecule="CCO")``."""
         record = {"messages": [{"role": "user", "content": question}], "inputs": inputs}
-        return self.generate([record], max_new_tokens=max_new_tokens)[0]
+        return self.generate([record], max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)[0]
 
     # -- save / load -----------------------------------------------------------------------------
 
