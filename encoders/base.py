@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Protocol, Sequence
+from typing import Any, Callable, ClassVar, Collection, Protocol, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,7 @@ __all__ = [
     "list_encoders",
     "list_presets",
     "pad_stack",
+    "read_sequence",
     "register_encoder",
     "register_preset",
 ]
@@ -151,6 +152,43 @@ def pad_stack(tensors: Sequence[Tensor], *, pad_value: float | int = 0) -> tuple
         out[i, : t.shape[0]] = t
         mask[i, : t.shape[0]] = True
     return out, mask
+
+
+def read_sequence(
+    item: Any, item_id: Any, *, modality: str, kind: str, allowed: Collection[str], allowed_text: str
+) -> tuple[str, Any]:
+    """A biological sequence as a cleaned upper-case string, and the id to name it by in errors.
+
+    Accepts a str, a Biopython ``Seq`` or ``SeqRecord`` (its ``.id`` names it). Empty input, another
+    type, or letters outside ``allowed`` raise ``InvalidInput`` listing the letters and their 1-based
+    positions, e.g. "contains non-amino-acid letters 'J', '1' at positions 4, 5 (allowed: ...)".
+    """
+    from Bio.Seq import Seq
+    from Bio.SeqRecord import SeqRecord
+
+    if isinstance(item, SeqRecord):
+        item_id = item.id if item_id is None else item_id
+        item = item.seq
+    if isinstance(item, Seq):
+        item = str(item)
+    if item_id is None:
+        item_id = item
+    if not isinstance(item, str):
+        raise InvalidInput(modality, item_id, f"is of type {type(item).__name__}, not a {kind} string or Bio.SeqRecord")
+    sequence = item.strip().upper()
+    if not sequence:
+        raise InvalidInput(modality, item_id, "is empty")
+    bad = [(i, letter) for i, letter in enumerate(sequence, start=1) if letter not in allowed]
+    if bad:
+        shown = 10
+        letters = ", ".join(repr(letter) for letter in dict.fromkeys(letter for _, letter in bad))
+        positions = ", ".join(str(position) for position, _ in bad[:shown])
+        if len(bad) > shown:
+            positions += f" and {len(bad) - shown} more"
+        raise InvalidInput(
+            modality, item_id, f"contains non-{kind} letters {letters} at positions {positions} (allowed: {allowed_text})"
+        )
+    return sequence, item_id
 
 
 # ----------------------------------------------------------------------------------------------

@@ -48,8 +48,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from Bio.Seq import Seq
-from Bio.SeqRecord import SeqRecord
 from torch import Tensor, nn
 
 from kiban.encoders.base import (
@@ -57,6 +55,7 @@ from kiban.encoders.base import (
     InvalidInput,
     ModalityTokens,
     pad_stack,
+    read_sequence,
     register_encoder,
     register_preset,
 )
@@ -233,32 +232,14 @@ class DnaFeaturizer:
 
     def _sequence(self, item: Any, item_id: Any) -> tuple[str, Any]:
         """The cleaned sequence over ACGTN and the id to name the item by in errors."""
-        if isinstance(item, SeqRecord):
-            item_id = item.id if item_id is None else item_id
-            item = item.seq
-        if isinstance(item, Seq):
-            item = str(item)
-        if item_id is None:
-            item_id = item
-        if not isinstance(item, str):
-            raise InvalidInput(
-                "dna", item_id, f"is of type {type(item).__name__}, not a nucleotide string or Bio.SeqRecord"
-            )
-        sequence = item.strip().upper()
-        if not sequence:
-            raise InvalidInput("dna", item_id, "is empty")
-        bad = [(i, c) for i, c in enumerate(sequence, start=1) if c not in _IUPAC]
-        if bad:
-            letters = ", ".join(repr(c) for c in dict.fromkeys(c for _, c in bad))
-            positions = ", ".join(str(i) for i, _ in bad[:10]) + (
-                f" and {len(bad) - 10} more" if len(bad) > 10 else ""
-            )
-            raise InvalidInput(
-                "dna",
-                item_id,
-                f"contains non-nucleotide letters {letters} at positions {positions} "
-                "(allowed: A, C, G, T, N, U, and the IUPAC codes R, Y, S, W, K, M, B, D, H, V)",
-            )
+        sequence, item_id = read_sequence(
+            item,
+            item_id,
+            modality="dna",
+            kind="nucleotide",
+            allowed=_IUPAC,
+            allowed_text="A, C, G, T, N, U, and the IUPAC codes R, Y, S, W, K, M, B, D, H, V",
+        )
         return sequence.translate(_CLEAN), item_id
 
     def _tokenize(self, sequence: str) -> list[int]:

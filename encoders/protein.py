@@ -36,8 +36,6 @@ from typing import Any
 
 import esm
 import torch
-from Bio.Seq import Seq
-from Bio.SeqRecord import SeqRecord
 from torch import Tensor, nn
 
 from kiban.encoders.base import (
@@ -45,6 +43,7 @@ from kiban.encoders.base import (
     InvalidInput,
     ModalityTokens,
     pad_stack,
+    read_sequence,
     register_encoder,
     register_preset,
 )
@@ -147,38 +146,9 @@ class ProteinFeaturizer:
 
     def _sequence(self, item: Any, item_id: Any) -> tuple[str, Any]:
         """The cleaned, upper-case residue string and the id to name the item by in errors."""
-        if isinstance(item, SeqRecord):
-            item_id = item.id if item_id is None else item_id
-            item = item.seq
-        if isinstance(item, Seq):
-            item = str(item)
-        if item_id is None:
-            item_id = item
-        if not isinstance(item, str):
-            raise InvalidInput(
-                "protein",
-                item_id,
-                f"is of type {type(item).__name__}, not an amino-acid string or Bio.SeqRecord",
-            )
-        sequence = item.strip().upper()
-        if not sequence:
-            raise InvalidInput("protein", item_id, "is empty")
-        bad = [(i, letter) for i, letter in enumerate(sequence, start=1) if letter not in self.token_ids]
-        if bad:
-            raise InvalidInput(
-                "protein", item_id, _bad_letters_problem(bad, kind="amino-acid", allowed=RESIDUES)
-            )
-        return sequence, item_id
-
-
-def _bad_letters_problem(bad: Sequence[tuple[int, str]], *, kind: str, allowed: str, shown: int = 10) -> str:
-    """The problem text for bad (1-based position, letter) pairs: "contains non-amino-acid letters
-    'J', '1' at positions 4, 5 (allowed: ...)"."""
-    letters = ", ".join(repr(letter) for letter in dict.fromkeys(letter for _, letter in bad))
-    positions = ", ".join(str(position) for position, _ in bad[:shown])
-    if len(bad) > shown:
-        positions += f" and {len(bad) - shown} more"
-    return f"contains non-{kind} letters {letters} at positions {positions} (allowed: {', '.join(allowed)})"
+        return read_sequence(
+            item, item_id, modality="protein", kind="amino-acid", allowed=self.token_ids, allowed_text=", ".join(RESIDUES)
+        )
 
 
 # ----------------------------------------------------------------------------------------------
