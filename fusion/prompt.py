@@ -87,6 +87,10 @@ class KibanProcessor:
         for i, message in enumerate(messages):
             if not isinstance(message, Mapping) or not isinstance(message.get("content"), str):
                 raise InvalidInput("prompt", rid, f"message {i} needs a string 'content' and a 'role'")
+        if messages[0].get("role") == "assistant":
+            # chat templates render a conversation from its first prompt turn; one that opens with an
+            # answer has no prompt to answer
+            raise InvalidInput("prompt", rid, "starts with an assistant message; the first must be system or user")
         inputs = self._bound_inputs(record.get("inputs") or {}, messages, rid)
 
         input_ids: list[int] = []

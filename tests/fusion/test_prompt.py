@@ -48,6 +48,7 @@ def test_placeholders_bind_in_order_across_turns(processor):
         ({"messages": _chat("What is <cell>?"), "inputs": {"cell": [{}]}}, "this model has no cell encoder"),
         ({"messages": [], "inputs": {}}, "has no messages"),
         ({"messages": [{"role": "user"}], "inputs": {}}, "needs a string 'content'"),
+        ({"messages": [{"role": "assistant", "content": "Hi."}], "inputs": {}}, "starts with an assistant message"),
     ],
 )
 def test_prompt_and_inputs_that_disagree_are_named(processor, record, message):
