@@ -1,0 +1,185 @@
+"""``kiban serve MODEL_DIR``: the inference API over a saved model, on uvicorn.
+
+The port opens at once and ``/healthz`` answers while the model loads in the background;
+``/readyz`` turns 200 when it is loaded. A model directory that fails to load ends the process
+with exit code 1 (the error is logged), so a supervisor sees it instead of a server that is never
+ready. Binds 127.0.0.1 unless ``--host`` says otherwise; another host needs ``--api-keys-file``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from kiban.cli import _arguments, command
+
+__all__ = ["serve"]
+
+log = logging.getLogger("kiban.serve")
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from kiban.serve.settings import BatchingOptions, Limits, ServeSettings
+
+    batching, limits, server = BatchingOptions(), Limits(), ServeSettings()
+    parser.add_argument(
+        "model_dir",
+        metavar="MODEL_DIR",
+        help="a directory written by KibanModel.save_pretrained (task heads in MODEL_DIR/heads/<task>/)",
+    )
+    parser.add_argument("--host", default=server.host, help="address to bind (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=server.port, help="port (default: %(default)s)")
+    parser.add_argument(
+        "--api-keys-file",
+        help="file with one bearer API key per line ('#' comments allowed); "
+        "without it the server needs no key and binds loopback only",
+    )
+    parser.add_argument(
+        "--model-name", default=server.model_name, help="model id in /v1/models (default: %(default)s)"
+    )
+    group = parser.add_argument_group("batching")
+    group.add_argument(
+        "--max-batch",
+        type=int,
+        default=batching.max_batch,
+        help="most rows per forward pass; 1 turns batching off (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=batching.max_wait_ms,
+        help="how long a request waits for others to batch with (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-queue",
+        type=int,
+        default=batching.max_queue,
+        help="most requests waiting; more get 503 + Retry-After (default: %(default)s)",
+    )
+    group.add_argument(
+        "--timeout-s",
+        type=float,
+        default=batching.timeout_s,
+        help="per-request timeout in seconds, answered 504 (default: %(default)s)",
+    )
+    group = parser.add_argument_group("limits")
+    group.add_argument(
+        "--rate-limit",
+        type=float,
+        default=server.rate_limit,
+        help="requests per second per API key on /v1/*, 0 = off (default: %(default)s)",
+    )
+    group.add_argument(
+        "--rate-burst",
+        type=int,
+        default=server.rate_burst,
+        help="requests a key may send at once after idling (default: %(default)s)",
+    )
+    for name, help_text in (
+        ("max_body_bytes", "request body size, answered 413"),
+        ("max_sequence_length", "characters of one sequence or SMILES, genes of one cell"),
+        ("max_inputs", "modality inputs per chat request; inputs per embeddings/predict request"),
+        ("max_image_pixels", "height x width (x slices) of one image"),
+        ("max_tokens", "most tokens a chat completion may ask for"),
+        ("default_max_tokens", "tokens generated when a request does not say"),
+        ("max_text_chars", "characters of all text in one request"),
+    ):
+        default = getattr(limits, name)
+        if name == "default_max_tokens":  # None: the usual default, lowered to --max-tokens if that is lower
+            help_text += f" (default: {default}, or --max-tokens if lower)"
+            default = None
+        else:
+            help_text += " (default: %(default)s)"
+        group.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=help_text)
+    group = parser.add_argument_group("process")
+    group.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default")
+    group.add_argument(
+        "--max-connections",
+        type=int,
+        default=512,
+        help="open connections uvicorn accepts before answering 503 (default: %(default)s)",
+    )
+    group.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    group.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
+
+
+@command(
+    "serve", help="serve a saved model over HTTP: OpenAI-compatible chat and embeddings, task predictions"
+)
+@_arguments(_serve_arguments)
+def serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from kiban.serve.loading import check_model_dir
+    from kiban.serve.settings import BatchingOptions, Limits, ServeSettings, read_api_keys
+
+    logging.getLogger("kiban").setLevel(getattr(logging, args.log_level.upper()))
+    if args.default_max_tokens is None:
+        args.default_max_tokens = min(Limits().default_max_tokens, args.max_tokens)
+    limits = Limits(**{name: getattr(args, name) for name in Limits.__dataclass_fields__})
+    settings = ServeSettings(
+        host=args.host,
+        port=args.port,
+        api_keys=read_api_keys(args.api_keys_file) if args.api_keys_file else (),
+        rate_limit=args.rate_limit,
+        rate_burst=args.rate_burst,
+        limits=limits,
+        model_name=args.model_name,
+    )
+    options = BatchingOptions(
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        timeout_s=args.timeout_s,
+    )
+    check_model_dir(args.model_dir)  # a wrong directory is a one-line error before anything starts
+    if not settings.api_keys:
+        log.warning("no --api-keys-file: every route is open to anyone who can reach %s", settings.host)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    return asyncio.run(_run(args, settings, options))
+
+
+async def _run(args: argparse.Namespace, settings, options) -> int:
+    import asyncio
+
+    import uvicorn
+
+    from kiban.serve.app import create_app
+    from kiban.serve.engine import InferenceEngine, NotReady
+
+    engine = InferenceEngine(model_dir=args.model_dir, options=options)
+    app = create_app(engine, settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level,
+        access_log=not args.no_access_log,
+        limit_concurrency=args.max_connections,
+        timeout_graceful_shutdown=5,
+        server_header=False,
+    )
+    server = uvicorn.Server(config)
+    await engine.start()
+    failed = False
+
+    async def exit_if_loading_fails() -> None:
+        nonlocal failed
+        try:
+            await engine.wait_ready()
+            log.info("ready: serving %s on http://%s:%d", args.model_dir, settings.host, settings.port)
+        except NotReady as error:
+            log.error("the model could not be loaded, stopping: %s", error)
+            failed = True
+            server.should_exit = True
+
+    watcher = asyncio.create_task(exit_if_loading_fails())
+    try:
+        await server.serve()
+    finally:
+        watcher.cancel()
+        await engine.stop()
+    return 1 if failed else 0

@@ -1,0 +1,268 @@
+"""Task heads over the fused model's pooled states: the minimal interface the server loads.
+
+A head maps ``KibanModel.embed(...)`` output [B, H] (one pooled vector per input) to a task's
+outputs. It lives in its own folder, normally ``MODEL_DIR/heads/<task>/``:
+
+    head.json           HeadConfig: task, architecture, modality, kind, labels, input_dim, hidden_dim, version
+    head.safetensors    the weights (nothing is ever unpickled)
+
+``kind`` is "classification" (one logit per label; ``predict`` gives the argmax label and a
+probability per label) or "regression" (one output per label, i.e. per target; ``predict`` gives a
+value per target). Architectures are registered by name (``@register_head("pooled")``) so the
+task-heads work can add others without touching the loader.
+
+    head = PooledHead(HeadConfig(task="toxicity", modality="molecule", kind="classification",
+                                 labels=["non-toxic", "toxic"], input_dim=model_width))
+    head.save("runs/model/heads/toxicity")
+    heads = load_heads("runs/model")                 # task -> head, every folder under heads/
+    head.predict(model, ["CCO", "c1ccccc1"])         # [{"label": ..., "probabilities": {...}}, ...]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+__all__ = [
+    "HEAD_KINDS",
+    "HeadConfig",
+    "PooledHead",
+    "create_head",
+    "list_head_architectures",
+    "load_head",
+    "load_heads",
+    "register_head",
+]
+
+log = logging.getLogger(__name__)
+
+HEAD_KINDS = ("classification", "regression")
+CONFIG_FILE = "head.json"
+WEIGHTS_FILE = "head.safetensors"
+# Task names become URL path segments and folder names: keep them plain.
+_TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass
+class HeadConfig:
+    """Plain values describing a head; stored as ``head.json``.
+
+    task: the task's name (``[A-Za-z0-9][A-Za-z0-9_.-]*``, at most 64 characters).
+    modality: the input it reads: an encoder name ("protein", "molecule", ...) or "text".
+    kind: "classification" or "regression".
+    labels: class names (classification) or target names (regression); one output each.
+    input_dim: the width H of the pooled states (the LLM's hidden size).
+    hidden_dim: 0 for a linear head, else the width of one hidden layer (an MLP with GELU).
+    architecture: the registered head class that reads this config.
+    version: the head's own version, reported by the server.
+    """
+
+    task: str
+    modality: str
+    kind: str
+    labels: list[str]
+    input_dim: int
+    hidden_dim: int = 0
+    architecture: str = "pooled"
+    version: str = "1"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.labels = [str(label) for label in self.labels]
+        if not _TASK_NAME.match(self.task):
+            raise ValueError(f"head task name {self.task!r} must match {_TASK_NAME.pattern}")
+        if self.kind not in HEAD_KINDS:
+            raise ValueError(
+                f"head {self.task!r}: kind must be one of {', '.join(HEAD_KINDS)}, got {self.kind!r}"
+            )
+        if not self.labels or len(set(self.labels)) != len(self.labels):
+            raise ValueError(f"head {self.task!r}: labels must be non-empty and distinct, got {self.labels}")
+        if self.kind == "classification" and len(self.labels) < 2:
+            raise ValueError(f"head {self.task!r}: a classification head needs at least 2 labels")
+        if self.input_dim < 1 or self.hidden_dim < 0:
+            raise ValueError(f"head {self.task!r}: input_dim must be >= 1 and hidden_dim >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> HeadConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"head config has unknown field(s) {', '.join(unknown)}")
+        return cls(**values)
+
+
+# ----------------------------------------------------------------------------------------------
+# Registry
+
+_ARCHITECTURES: dict[str, Callable[[HeadConfig], PooledHead]] = {}
+
+
+def register_head(name: str) -> Callable:
+    """Class decorator: ``@register_head("pooled")``; the class is built as ``cls(config)``."""
+
+    def wrap(builder: Callable[[HeadConfig], PooledHead]) -> Callable[[HeadConfig], PooledHead]:
+        if name in _ARCHITECTURES:
+            raise ValueError(f"head architecture {name!r} is registered twice")
+        _ARCHITECTURES[name] = builder
+        return builder
+
+    return wrap
+
+
+def list_head_architectures() -> list[str]:
+    return sorted(_ARCHITECTURES)
+
+
+def create_head(config: HeadConfig) -> PooledHead:
+    try:
+        builder = _ARCHITECTURES[config.architecture]
+    except KeyError:
+        raise ValueError(
+            f"head {config.task!r}: unknown architecture {config.architecture!r}; "
+            f"registered: {', '.join(list_head_architectures())}"
+        ) from None
+    return builder(config)
+
+
+# ----------------------------------------------------------------------------------------------
+# The pooled head
+
+
+@register_head("pooled")
+class PooledHead(nn.Module):
+    """A linear layer (``hidden_dim`` 0) or a one-hidden-layer MLP: pooled states [B, H] -> [B, labels]."""
+
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        self.config = config
+        outputs = len(config.labels)
+        if config.hidden_dim:
+            self.net = nn.Sequential(
+                nn.Linear(config.input_dim, config.hidden_dim),
+                nn.GELU(),
+                nn.Linear(config.hidden_dim, outputs),
+            )
+        else:
+            self.net = nn.Sequential(nn.Linear(config.input_dim, outputs))
+
+    @property
+    def task(self) -> str:
+        return self.config.task
+
+    def forward(self, pooled: Tensor) -> Tensor:
+        """Logits (classification) or values (regression): [B, len(labels)]."""
+        return self.net(pooled)
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """This head's training loss (see ``kiban.tasks.objectives``: cross-entropy, or MSE with NaN targets masked)."""
+        from kiban.tasks.objectives import head_loss
+
+        return head_loss(self.config.kind, outputs, targets)
+
+    def metrics(self, outputs: Any, targets: Any) -> dict[str, Any]:
+        """This head's metrics of raw outputs [N, K] against targets (JSON-ready; see ``head_metrics``)."""
+        from kiban.tasks.objectives import head_metrics
+
+        return head_metrics(self.config.kind, outputs, targets, self.config.labels)
+
+    def outputs(self, pooled: Tensor) -> list[dict[str, Any]]:
+        """Readable outputs of pooled states [B, H]: one dict per row."""
+        with torch.no_grad():
+            raw = self(pooled.to(next(self.parameters()).dtype)).float()
+        labels = self.config.labels
+        if self.config.kind == "classification":
+            probabilities = raw.softmax(-1).tolist()
+            return [
+                {
+                    "label": labels[max(range(len(row)), key=row.__getitem__)],
+                    "probabilities": dict(zip(labels, row)),
+                }
+                for row in probabilities
+            ]
+        return [{"values": dict(zip(labels, row))} for row in raw.tolist()]
+
+    def predict(self, model: Any, items: Sequence[Any]) -> list[dict[str, Any]]:
+        """Run ``model.embed`` on raw inputs of this head's modality, then the head.
+
+        Classification rows: ``{"label": str, "probabilities": {label: float}}``; regression rows:
+        ``{"values": {target: float}}``. Bad inputs raise the model's ``InvalidInput``.
+        """
+        pooled = model.embed([(self.config.modality, item) for item in items])
+        return self.outputs(pooled)
+
+    # -- save / load -----------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        save_file(
+            {k: v.detach().contiguous() for k, v in self.state_dict().items()}, directory / WEIGHTS_FILE
+        )
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> PooledHead:
+        """Load a head saved by ``save`` (safetensors and JSON only)."""
+        return load_head(directory)
+
+
+def load_head(directory: str | Path) -> PooledHead:
+    """The head saved in ``directory`` (``head.json`` + ``head.safetensors``), built by its architecture."""
+    directory = Path(directory)
+    config_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+    if not config_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(f"{directory} is not a saved head (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    config = HeadConfig.from_dict(json.loads(config_file.read_text()))
+    head = create_head(config)
+    missing, unexpected = head.load_state_dict(load_file(weights_file), strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights_file} does not fit head {config.task!r}: missing {missing}, unexpected {unexpected}"
+        )
+    return head.eval()
+
+
+def load_heads(model_dir: str | Path, *, width: int | None = None) -> dict[str, PooledHead]:
+    """Every head under ``model_dir/heads/``: task name -> head (empty when there is no heads folder).
+
+    ``width``: the model's pooled width; a head whose ``input_dim`` differs is an error naming it.
+    A folder whose ``head.json`` names another task than the folder is an error too, so the URL a
+    client calls and the head that answers always agree.
+    """
+    root = Path(model_dir) / "heads"
+    heads: dict[str, PooledHead] = {}
+    if not root.is_dir():
+        return heads
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        head = load_head(folder)
+        if head.task != folder.name:
+            raise ValueError(
+                f"head folder {folder} holds task {head.task!r}; the folder must be named after the task"
+            )
+        if width is not None and head.config.input_dim != width:
+            raise ValueError(
+                f"head {head.task!r} reads {head.config.input_dim}-wide states; the model's are {width}-wide"
+            )
+        heads[head.task] = head
+        log.info(
+            "loaded head %s (%s, %s, %d labels)",
+            head.task,
+            head.config.modality,
+            head.config.kind,
+            len(head.config.labels),
+        )
+    return heads
