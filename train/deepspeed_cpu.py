@@ -1,0 +1,256 @@
+"""DeepSpeed ZeRO-2/3 on the CPU: a raw ``deepspeed.initialize`` loop, because Lightning's
+``DeepSpeedStrategy`` refuses any accelerator but CUDA.
+
+It reads the same YAML and the same ``hpc/presets/deepspeed_stage_*.json`` as the GPU path (with
+the run's batch, accumulation, clipping and precision filled in by ``hpc.presets.deepspeed_config``),
+runs gloo across the ranks that torchrun or ``srun`` started (rank and world size through
+Lightning's cluster environments), and keeps kiban's contracts: the same objectives, NaN guard,
+step log, atomic checkpoints (``state/`` is DeepSpeed's own checkpoint, plus ``data.json``, the
+position of the next batch), preemption handling and automatic resume. What it leaves out is
+Lightning's extras (loggers, validation loop); it exists to train and to prove the presets.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+import kiban
+from kiban.hpc.env import ClusterEnv
+from kiban.hpc.presets import deepspeed_config
+from kiban.hpc.requeue import clear_preemption, in_slurm_job, preemption_requested, requeue_job
+from kiban.train.callbacks import NonFiniteError, describe_non_finite
+from kiban.train.checkpoint import (
+    CheckpointError,
+    commit_checkpoint,
+    load_rng_state,
+    prepare_checkpoint,
+    prune_checkpoints,
+    save_rng_state,
+    verify_checkpoint,
+)
+from kiban.train.checkpointing import rng_file
+from kiban.train.config import TrainConfig
+from kiban.train.data import RecordsDataModule
+from kiban.train.objectives import fused_losses
+from kiban.train.optim import build_optimizer, build_scheduler
+
+__all__ = ["fit_deepspeed_cpu"]
+
+log = logging.getLogger(__name__)
+
+
+def fit_deepspeed_cpu(config: TrainConfig, *, cluster: ClusterEnv, resume: Path | None) -> int:
+    """Train with raw DeepSpeed on the CPU; returns the final global step."""
+    import deepspeed
+    import pytorch_lightning as pl
+
+    from kiban.fusion.model import KibanConfig, KibanModel, apply_freeze_policy
+
+    t = config.trainer
+    if cluster.kind == "local" and "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(_free_port())  # one process alone: any free port
+    for key, value in (
+        ("RANK", cluster.global_rank),
+        ("WORLD_SIZE", cluster.world_size),
+        ("LOCAL_RANK", cluster.local_rank),
+        ("MASTER_ADDR", cluster.main_address),
+        ("MASTER_PORT", cluster.main_port),
+    ):
+        os.environ.setdefault(key, str(value))  # what deepspeed.init_distributed reads
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    pl.seed_everything(config.seed, verbose=False)
+    ds_config = deepspeed_config(
+        t.strategy,
+        micro_batch_size=config.data.batch_size,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=t.gradient_clip_val,
+        precision=t.precision,
+    )
+    # Built whole, then partitioned by deepspeed.initialize: under zero.Init each submodule's
+    # parameters are sharded as soon as its __init__ returns, and fair-esm's ESM-2 then
+    # initialises a child's weight from the parent (an empty shard by then). See strategies.py.
+    model = KibanModel.from_config(KibanConfig.from_dict(config.model))
+    apply_freeze_policy(model, config.stage)
+    optimizer = build_optimizer(model.named_parameters(), config.optim)
+    scheduler = build_scheduler(optimizer, config.schedule, max_steps=t.max_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+
+    d = config.data
+    data = RecordsDataModule(
+        splits={"train": d.train},
+        modalities=list(config.model["encoders"]),
+        batch_size=d.batch_size,
+        num_workers=d.num_workers,
+        shuffle=d.shuffle,
+        bucket_pool=d.bucket_pool,
+        tiny_records=d.tiny_records,
+        seed=config.seed,
+    )
+    data.attach(model.processor, rank=rank, world_size=world)
+    root = Path(config.run.dir) / "checkpoints"
+    if resume is not None:
+        _restore(engine, data, resume, rank=rank)
+    step_log = Path(config.run.dir) / "metrics.jsonl"
+    checkpoint = _Saver(engine, data, root, config, rank=rank, world=world)
+    checkpoint.last_step = engine.global_steps
+    skipped, losses = 0, []
+    engine.train()
+    while engine.global_steps < t.max_steps:
+        for batch in data.loader("train"):
+            out = fused_losses(
+                engine.module,
+                batch.fused,
+                contrastive_weight=config.loss.contrastive_weight,
+                temperature=config.loss.temperature,
+            )
+            loss = float(out.loss.detach())
+            bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0])
+            dist.all_reduce(bad)  # every rank skips or stops together
+            if bad.item():
+                message = describe_non_finite(
+                    step=engine.global_steps + 1, loss=loss, grads=[], ids=batch.ids, rank=rank
+                )
+                if (
+                    config.callbacks.nan_guard.action == "skip"
+                    and skipped < config.callbacks.nan_guard.max_skips
+                ):
+                    skipped += 1
+                    log.warning("%s; skipping this batch", message)
+                    continue
+                raise NonFiniteError(f"{message}; stopping before the update")
+            lr = engine.get_lr()[0]
+            boundary = engine.is_gradient_accumulation_boundary()  # before step() moves the counter
+            engine.backward(out.loss)
+            engine.step()
+            losses.append(loss)
+            if not boundary:
+                continue
+            data.batch_consumed(batch)
+            loss, losses = sum(losses) / len(losses), []
+            step = engine.global_steps
+            if rank == 0:
+                norm = engine.get_global_grad_norm()
+                _append(
+                    step_log,
+                    {
+                        "step": step,
+                        "epoch": batch.epoch,
+                        "loss": loss,
+                        "grad_norm": None if norm is None else float(norm),
+                        "lr": lr,
+                        "ids": batch.ids,
+                        "samples": len(batch.ids),
+                        "tokens": out.tokens,
+                        "time": time.time(),
+                    },
+                )
+                if step % t.log_every_n_steps == 0:
+                    log.info("step %d: loss %.4f", step, loss)
+            if step % config.callbacks.checkpoint.every_n_steps == 0:
+                checkpoint.save(reason="periodic")
+            flag = torch.tensor([1.0 if preemption_requested() else 0.0])
+            dist.all_reduce(flag)
+            if flag.item():
+                if checkpoint.last_step != step:
+                    checkpoint.save(reason="preemption")
+                clear_preemption()
+                if rank == 0 and in_slurm_job():
+                    requeue_job()
+                return step
+            if step >= t.max_steps:
+                break
+    if checkpoint.last_step != engine.global_steps:
+        checkpoint.save(reason="end of training")
+    return engine.global_steps
+
+
+class _Saver:
+    """Atomic checkpoints of a DeepSpeed engine, in the same layout as the Lightning path."""
+
+    def __init__(
+        self, engine, data: RecordsDataModule, root: Path, config: TrainConfig, *, rank: int, world: int
+    ):
+        self.engine, self.data, self.root, self.config, self.rank, self.world = (
+            engine,
+            data,
+            root,
+            config,
+            rank,
+            world,
+        )
+        self.last_step = -1
+
+    def save(self, *, reason: str) -> None:
+        step = self.engine.global_steps
+        tmp = self.root / f"ckpt-{step:06d}.tmp"
+        if self.rank == 0:
+            prepare_checkpoint(self.root, step)
+            (tmp / "config.yaml").write_text(self.config.to_yaml())
+            (tmp / "data.json").write_text(json.dumps(self.data.state_dict()) + "\n")
+            meta = {
+                "step": step,
+                "world_size": self.world,
+                "strategy": f"raw DeepSpeed {self.config.trainer.strategy}",
+                "reason": reason,
+                "kiban_version": kiban.__version__,
+                "time": time.time(),
+            }
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
+        dist.barrier()
+        self.engine.save_checkpoint(str(tmp), tag="state")  # every rank writes its ZeRO shards
+        save_rng_state(tmp / rng_file(self.rank))
+        dist.barrier()
+        if self.rank == 0:
+            final = commit_checkpoint(tmp, step=step)
+            prune_checkpoints(self.root, keep_last=self.config.callbacks.checkpoint.keep_last)
+            log.info("saved checkpoint %s (%s)", final, reason)
+        dist.barrier()
+        self.last_step = step
+
+
+def _restore(engine, data: RecordsDataModule, path: Path, *, rank: int) -> None:
+    problem = [None]
+    if rank == 0:
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as error:
+            problem = [str(error)]
+        if problem[0] is None and not (path / "state").is_dir():
+            problem = [
+                f"checkpoint {path} holds no DeepSpeed state/ directory: it was written by a Lightning run; "
+                "resume it with that run's trainer.strategy"
+            ]
+    dist.broadcast_object_list(problem, src=0)
+    if problem[0]:
+        raise CheckpointError(problem[0])
+    engine.load_checkpoint(str(path), tag="state", load_optimizer_states=True, load_lr_scheduler_states=True)
+    data.load_state_dict(json.loads((path / "data.json").read_text()))
+    rng = path / rng_file(rank)
+    if rng.is_file():
+        load_rng_state(rng)
+    log.info("resumed from %s at step %d", path, engine.global_steps)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _append(path: Path, entry: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps(entry) + "\n")

@@ -1,0 +1,119 @@
+"""Training objectives of the align and instruct stages, kept out of the model (STYLE habit 8).
+
+next-token loss    cross-entropy on assistant tokens only (labels are -100 elsewhere), computed by
+                   the LLM on the fused sequence: text with every placeholder widened to its
+                   projected modality tokens.
+contrastive loss   symmetric InfoNCE (CLIP, Radford et al. 2021) between a record's pooled modality
+                   embedding and its pooled assistant text, each passed ALONE through the LLM and
+                   mean-pooled over its last hidden states — exactly what ``KibanModel.embed`` does,
+                   so the space this loss shapes is the one cross-modal search queries. In the
+                   align stage the LLM is frozen: the gradient reaches the projectors only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from kiban.encoders.base import ModalityTokens
+from kiban.fusion.merge import merge_modality_tokens
+from kiban.fusion.model import KibanModel
+from kiban.fusion.prompt import IGNORE_INDEX, FusedBatch
+
+__all__ = ["StepLosses", "contrastive_loss", "fused_losses"]
+
+
+@dataclass
+class StepLosses:
+    loss: Tensor  # what backward() sees
+    lm_loss: Tensor
+    contrastive: Tensor | None
+    tokens: int  # real (non-pad) positions of the fused sequences: text + modality tokens
+    padded_length: int  # L of the fused [B, L] batch
+
+
+def fused_losses(
+    model: KibanModel, batch: FusedBatch, *, contrastive_weight: float = 0.0, temperature: float = 0.07
+) -> StepLosses:
+    """The training loss of one batch. The model's own ``forward`` gives the next-token loss alone;
+    here the merge is spelled out so the encoded tokens serve both losses and the token count."""
+    # Encoders and projectors run outside autocast (in their own dtype): under bf16 autocast the
+    # molecule encoder's message passing mixes float32 and bfloat16 in index_add_ and fails. The
+    # LLM, where the FLOPs are, keeps the run's mixed precision.
+    with torch.autocast(batch.input_ids.device.type, enabled=False):
+        encoded = model.encode(batch)
+    text = model.llm.get_input_embeddings()(batch.input_ids.clamp(min=0))
+    embeds, mask, labels = merge_modality_tokens(
+        batch.input_ids, batch.attention_mask, batch.labels, text, encoded
+    )
+    lm_loss = model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    loss, contrastive = lm_loss, None
+    if contrastive_weight > 0:
+        contrastive = contrastive_loss(model, batch, encoded, temperature=temperature)
+        loss = lm_loss + contrastive_weight * contrastive
+    return StepLosses(
+        loss,
+        lm_loss.detach(),
+        None if contrastive is None else contrastive.detach(),
+        int(mask.sum()),
+        int(mask.shape[1]),
+    )
+
+
+def contrastive_loss(
+    model: KibanModel, batch: FusedBatch, encoded: dict[int, ModalityTokens], *, temperature: float
+) -> Tensor:
+    """InfoNCE over the rows of the batch: row r's modalities vs row r's assistant text.
+
+    encoded: slot id -> projected tokens [n_items, K, H], items in row-major order (``model.encode``).
+    Rows without a modality input or without assistant text take no part; fewer than two usable
+    rows give a zero loss that still touches the graph.
+    """
+    modality = _pooled_modalities(model, batch, encoded)  # [B, H], NaN-free; rows without input are zero
+    has_modality = (batch.input_ids < 0).any(1)
+    answer = batch.labels != IGNORE_INDEX
+    has_text = answer.any(1)
+    usable = has_modality & has_text
+    if int(usable.sum()) < 2:
+        return modality.sum() * 0.0
+    text = _pooled_text(model, batch.input_ids, answer)
+    m = F.normalize(modality[usable], dim=-1)
+    t = F.normalize(text[usable], dim=-1)
+    logits = m @ t.T / temperature
+    target = torch.arange(logits.shape[0], device=logits.device)
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
+def _llm_pool(model: KibanModel, embeds: Tensor, mask: Tensor) -> Tensor:
+    hidden = model.llm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    weights = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+
+
+def _pooled_modalities(model: KibanModel, batch: FusedBatch, encoded: dict[int, ModalityTokens]) -> Tensor:
+    """[B, H]: the mean of the LLM-pooled embeddings of each row's modality inputs."""
+    rows = batch.input_ids.shape[0]
+    width = model.llm.get_input_embeddings().embedding_dim
+    sums = batch.input_ids.new_zeros((rows, width), dtype=torch.float32)
+    counts = batch.input_ids.new_zeros((rows, 1), dtype=torch.float32)
+    for slot, tokens in encoded.items():
+        owner = torch.nonzero(batch.input_ids == slot)[:, 0]  # row of each item, row-major like the items
+        pooled = _llm_pool(model, tokens.embeddings, tokens.mask.long()).float()
+        sums = sums.index_add(0, owner, pooled)
+        counts = counts.index_add(0, owner, torch.ones_like(pooled[:, :1]))
+    return sums / counts.clamp(min=1.0)
+
+
+def _pooled_text(model: KibanModel, input_ids: Tensor, answer: Tensor) -> Tensor:
+    """[B, H]: each row's assistant tokens, alone and right-padded, through the LLM, mean-pooled."""
+    lengths = answer.sum(1)
+    ids = input_ids.new_zeros((input_ids.shape[0], int(lengths.max())))
+    mask = torch.zeros_like(ids)
+    for r in range(input_ids.shape[0]):
+        n = int(lengths[r])
+        ids[r, :n] = input_ids[r][answer[r]]
+        mask[r, :n] = 1
+    return _llm_pool(model, model.llm.get_input_embeddings()(ids), mask).float()
