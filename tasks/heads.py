@@ -167,7 +167,7 @@ class PooledHead(nn.Module):
         return self.net(pooled)
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """This head's training loss (see ``kiban.tasks.objectives``: cross-entropy, or MSE with NaN targets masked)."""
+        """This head's training loss: cross-entropy, or MSE with NaN targets masked (``kiban.tasks.objectives``)."""
         from kiban.tasks.objectives import head_loss
 
         return head_loss(self.config.kind, outputs, targets)
