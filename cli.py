@@ -168,4 +168,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run as ``python -m kiban.cli``: this module is ``__main__`` then, and subcommand modules register
+    # on ``kiban.cli``; dispatch through that one so that they are all found.
+    from kiban.cli import main as _main
+
+    sys.exit(_main())

@@ -344,13 +344,13 @@ class MoleculeEncoder(Encoder):
         h0 = self.W_i(torch.cat([x[source], bond_features.to(dtype)], dim=1))
         h = self.act(h0)
         for _ in range(self.config.depth - 1):
-            into_atom = x.new_zeros(x.shape[0], h.shape[1]).index_add_(0, target, h)
+            into_atom = h.new_zeros(x.shape[0], h.shape[1]).index_add_(0, target, h)
             message = into_atom[source] - h[reverse]  # everything entering v except the reverse bond w -> v
             h = self.dropout(self.act(h0 + self.W_h(message)))
-        into_atom = x.new_zeros(x.shape[0], h.shape[1]).index_add_(0, target, h)
-        atoms = self.dropout(self.act(self.W_o(torch.cat([x, into_atom], dim=1))))
+        into_atom = h.new_zeros(x.shape[0], h.shape[1]).index_add_(0, target, h)
+        atoms = self.dropout(self.act(self.W_o(torch.cat([x.to(h.dtype), into_atom], dim=1))))
 
-        atoms = atoms.reshape(batch, n_atoms, -1) * atom_mask.unsqueeze(-1).to(dtype)
+        atoms = atoms.reshape(batch, n_atoms, -1) * atom_mask.unsqueeze(-1).to(atoms.dtype)
         return ModalityTokens(atoms, atom_mask)
 
 

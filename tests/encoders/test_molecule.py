@@ -248,3 +248,11 @@ def test_esol_molecules_featurize():
     assert counts == [Chem.MolFromSmiles(s).GetNumHeavyAtoms() for s in smiles]
     tokens = _eval_encoder().encode(smiles[:64])
     assert torch.isfinite(tokens.embeddings).all()
+
+
+def test_encodes_under_bf16_autocast():
+    # message passing sums bf16 messages into atoms: the accumulator must follow the messages' dtype
+    encoder = create_encoder("molecule", preset="tiny")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = encoder.encode(["CCO", "c1ccccc1O"])
+    assert torch.isfinite(out.embeddings.float()).all()
