@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ClassVar, Collection, Protocol, Sequence
 
 import torch
@@ -129,6 +130,13 @@ class Encoder(nn.Module):
         Encoders whose config points at a weights file or directory override it.
         """
         return self.config
+
+    def export_assets(self, directory: Path) -> tuple[Any, tuple[str, ...]]:
+        """Write what rebuilding this encoder reads besides its weights (tokenizer, architecture
+        files) into ``directory``; return (the config that reads them from there, the names of its
+        path fields). ``save_pretrained`` stores those paths relative to the model folder, so a
+        saved model reads nothing from outside it. Default: nothing to write."""
+        return self.portable_config(), ()
 
     def forward(self, **batch: Tensor) -> ModalityTokens:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -39,6 +39,8 @@ and there is no N).
 
 from __future__ import annotations
 
+import dataclasses
+
 import itertools
 import logging
 import math
@@ -411,10 +413,15 @@ class DnaEncoder(Encoder):
             "boundary_ids", torch.tensor(self.featurizer.boundary_ids, dtype=torch.long), persistent=False
         )
 
-    def portable_config(self) -> DnaEncoderConfig:
-        """The config itself. With ``hf_path`` it still names the directory: the Hugging Face
-        tokenizer and architecture are read from it again, then saved weights replace its own."""
-        return self.config
+    def export_assets(self, directory: Path) -> tuple[DnaEncoderConfig, tuple[str, ...]]:
+        """With ``hf_path``: the Hugging Face model and tokenizer, so that a saved fused model
+        rebuilds this encoder from its own folder (its saved weights then replace these)."""
+        if self.config.hf_path is None:
+            return self.config, ()
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backbone.model.save_pretrained(directory)
+        self.featurizer.hf_tokenizer.save_pretrained(directory)
+        return dataclasses.replace(self.config, hf_path=str(directory)), ("hf_path",)
 
     def forward(self, tokens: Tensor) -> ModalityTokens:
         """tokens: [B, T] from the featurizer."""

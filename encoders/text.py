@@ -224,6 +224,15 @@ class TextEncoder(Encoder):
         sizes = {name: getattr(self.model.config, name) for name in _ARCHITECTURE_FIELDS}
         return dataclasses.replace(self.config, pretrained=False, **sizes)
 
+    def export_assets(self, directory: Path) -> tuple[TextEncoderConfig, tuple[str, ...]]:
+        """The tokenizer and the architecture's config.json (no weights), so that a saved model
+        rebuilds this encoder from its own folder."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.featurizer.tokenizer.save_pretrained(directory)
+        self.model.config.save_pretrained(directory)
+        config = dataclasses.replace(self.portable_config(), model_path=str(directory), tokenizer_path=None)
+        return config, ("model_path",)
+
     def forward(self, *, input_ids: Tensor, attention_mask: Tensor) -> ModalityTokens:
         """Encode a collated batch (see ``TextFeaturizer.collate``) into word-piece tokens [B, N, D]."""
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

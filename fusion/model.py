@@ -222,7 +222,7 @@ class KibanModel(nn.Module):
     def save_pretrained(self, directory: str | Path) -> Path:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        config = self._portable_config()
+        config = self._portable_config(directory)
         (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
         tensors, aliases = _unique_tensors({k: v for k, v in self.state_dict().items() if "lora_" not in k})
         save_file(tensors, directory / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
@@ -239,6 +239,9 @@ class KibanModel(nn.Module):
             raise FileNotFoundError(f"{directory} is not a saved kiban model (no config.json)")
         config = KibanConfig.from_dict(json.loads(config_file.read_text()))
         config.backbone = {**config.backbone, "tokenizer_path": str(directory / "tokenizer")}
+        for spec in config.encoders.values():
+            for name in spec.pop("relative_paths", ()):
+                spec["config"][name] = str(_inside(directory, spec["config"][name]))
         model = cls.from_config(config)
         model._load_weights(directory)
         return model
@@ -266,8 +269,9 @@ class KibanModel(nn.Module):
                 raise FileNotFoundError(f"config.json asks for LoRA adapters but {adapter} is missing")
             set_peft_model_state_dict(self.llm, load_file(adapter))
 
-    def _portable_config(self) -> KibanConfig:
-        """The config with every outside path replaced by the architecture it named."""
+    def _portable_config(self, directory: Path) -> KibanConfig:
+        """The config with every outside path replaced by the architecture it named, or by a copy
+        of the files it named under ``directory/encoders/<modality>`` (stored relative)."""
         llm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
         hf_config = llm.config.to_dict()
         hf_config.pop("quantization_config", None)
@@ -278,7 +282,13 @@ class KibanModel(nn.Module):
             gradient_checkpointing=backbone.gradient_checkpointing,
             lora=backbone.lora,
         )
-        encoders = {m: {"config": config_to_dict(e.portable_config())} for m, e in self.encoders.items()}
+        encoders = {}
+        for modality, encoder in self.encoders.items():
+            config, path_fields = encoder.export_assets(directory / "encoders" / modality)
+            values = config_to_dict(config)
+            for name in path_fields:
+                values[name] = str(Path(values[name]).relative_to(directory))
+            encoders[modality] = {"config": values, "relative_paths": list(path_fields)}
         projectors = {
             m: vars(p.config) if hasattr(p, "config") else (self.config.projectors.get(m, {}) if self.config else {})
             for m, p in self.projectors.items()
@@ -290,6 +300,14 @@ class KibanModel(nn.Module):
             default_projector=self.config.default_projector if self.config else {"kind": "mlp2"},
             max_length=self.config.max_length if self.config else None,
         )
+
+
+def _inside(directory: Path, relative: str) -> Path:
+    """``directory / relative``, refusing a path that leaves the model folder."""
+    path = (directory / relative).resolve()
+    if not path.is_relative_to(directory.resolve()):
+        raise ValueError(f"{directory}/config.json names {relative!r}, outside the model folder")
+    return path
 
 
 def _build_encoder(modality: str, spec: Mapping[str, Any]) -> Encoder:

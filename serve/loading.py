@@ -49,6 +49,10 @@ def check_model_dir(model_dir: str | Path) -> Path:
     if not config_file.is_file():
         raise FileNotFoundError(f"{root} is not a saved kiban model (no config.json)")
     config = json.loads(config_file.read_text())
+    # Files save_pretrained copied into the folder are named relative to it (``relative_paths``).
+    for spec in (config.get("encoders") or {}).values():
+        for name in spec.get("relative_paths", ()) if isinstance(spec, dict) else ():
+            spec["config"][name] = str(root / spec["config"][name])
     for where, value in _path_values(config):
         # Loaders resolve a relative path against the working directory, not the model's: refuse it too.
         target = Path(value).resolve()

@@ -261,3 +261,23 @@ def test_hugging_face_directory_with_both_strands(nucleotide_transformer_dir) ->
     encoder.train()
     encoder.encode([sequence]).pooled().sum().backward()
     assert [name for name, p in encoder.named_parameters() if p.requires_grad and p.grad is None] == []
+
+
+def test_a_fused_model_with_a_hugging_face_dna_encoder_saves_self_contained(nucleotide_transformer_dir, tmp_path_factory):
+    import shutil
+
+    from kiban.fusion import KibanModel
+    from kiban.tiny import tiny_config
+
+    config = tiny_config(["dna"])
+    config.encoders["dna"] = {"preset": "tiny", "hf_path": str(nucleotide_transformer_dir)}
+    model = KibanModel.from_config(config).eval()
+    records = [{"messages": [{"role": "user", "content": "Is <dna> a promoter?"}], "inputs": {"dna": ["ACGTACGTTTGACA"]}}]
+    with torch.no_grad():
+        before = model(model.prepare(records)).logits
+    saved = tmp_path_factory.mktemp("saved")
+    model.save_pretrained(saved)
+    shutil.rmtree(nucleotide_transformer_dir)  # the original directory is gone; the saved model has its own copy
+    loaded = KibanModel.from_pretrained(saved).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(loaded.prepare(records)).logits, before, atol=0, rtol=0)

@@ -146,3 +146,20 @@ def test_embed_pools_text_and_every_modality_into_the_llm_width():
     torch.testing.assert_close(model.embed(items[1:2])[0], vectors[1], atol=1e-5, rtol=1e-5)
     with pytest.raises(InvalidInput, match="no cell encoder"):
         model.embed([("cell", {"genes": ["CD3E"], "values": [1.0]})])
+
+
+def test_a_saved_model_reads_nothing_from_outside_its_folder(tmp_path):
+    # the text encoder's tokenizer and architecture are copied in, and named relative to the folder
+    model = tiny_model(["text", "molecule"]).eval()
+    records = [{"messages": [{"role": "user", "content": "Summarise <text> and <molecule>."}],
+                "inputs": {"text": ["Insulin lowers blood glucose."], "molecule": ["CCO"]}}]
+    with torch.no_grad():
+        before = model(model.prepare(records)).logits
+    model.save_pretrained(tmp_path / "a")
+    config = (tmp_path / "a" / "config.json").read_text()
+    assert '"model_path": "encoders/text"' in config and "site-packages" not in config
+    (tmp_path / "a").rename(tmp_path / "b")  # moved: still loads, from its new place only
+    loaded = KibanModel.from_pretrained(tmp_path / "b").eval()
+    assert loaded.encoders["text"].config.model_path == str((tmp_path / "b" / "encoders" / "text").resolve())
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(loaded.prepare(records)).logits, before, atol=0, rtol=0)
