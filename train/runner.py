@@ -58,7 +58,7 @@ def fit(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> FitResult:
         trainer, module, datamodule = _build(
             config, cluster=cluster, accelerator=accelerator, resume=resume, extra=callbacks
         )
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume / "state.ckpt") if resume else None)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume / "state.ckpt") if resume else None, weights_only=True)
         step = trainer.global_step
     complete = complete_checkpoints(run_dir / "checkpoints")
     return FitResult(run_dir, step, complete[-1][1] if complete else None)
@@ -111,7 +111,7 @@ def _evaluate(config: TrainConfig, stage: str, checkpoint: str | Path | None) ->
     )
     module.init_weights = False  # the checkpoint brings them
     run = trainer.validate if stage == "validate" else trainer.test
-    return run(module, datamodule=datamodule, ckpt_path=str(path / "state.ckpt"), verbose=False)
+    return run(module, datamodule=datamodule, ckpt_path=str(path / "state.ckpt"), verbose=False, weights_only=True)
 
 
 def _build(
