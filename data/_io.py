@@ -84,6 +84,21 @@ def numbered_lines(path: str | Path) -> Iterator[tuple[int, str]]:
             raise TruncatedFile(path, number, error) from None
 
 
+def row_fits_header(
+    row: list[str], header: list[str], *, record_id: str, location: str, rejects: Rejects
+) -> bool:
+    """True when a table row has as many fields as its header; otherwise the row is rejected."""
+    if len(row) == len(header):
+        return True
+    rejects.reject(
+        id=record_id,
+        location=location,
+        reason="malformed table row",
+        detail=f"the row has {len(row)} fields, the header {len(header)}",
+    )
+    return False
+
+
 def csv_rows(path: str | Path, *, delimiter: str, rejects: Rejects) -> Iterator[tuple[int, list[str]]]:
     """(line number where the row ends, fields) for every row, the header included.
 

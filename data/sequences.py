@@ -40,6 +40,7 @@ from kiban.data._io import (
     csv_rows,
     numbered_lines,
     pick_column,
+    row_fits_header,
     row_id,
     strip_gz,
     table_header,
@@ -380,13 +381,7 @@ def read_sequence_table(
     for line, row in _chain(pending, rows):
         location = f"{path}:line {line}"
         record_id = row_id(row, id_at, path, line)
-        if len(row) != len(header):
-            rejects.reject(
-                id=record_id,
-                location=location,
-                reason="malformed table row",
-                detail=f"the row has {len(row)} fields, the header {len(header)}",
-            )
+        if not row_fits_header(row, header, record_id=record_id, location=location, rejects=rejects):
             continue
         record = SeqRecord(Seq(row[column]), id=record_id, description="")
         checked = check_sequence(

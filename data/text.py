@@ -22,6 +22,7 @@ from kiban.data._io import (
     numbered_lines,
     open_text,
     pick_column,
+    row_fits_header,
     row_id,
     strip_gz,
     table_header,
@@ -180,14 +181,9 @@ def read_text_table(
     for line, row in rows:
         location = f"{path}:line {line}"
         record_id = row_id(row, id_at, path, line)
-        if len(row) != len(header):
-            rejects.reject(
-                id=record_id,
-                location=location,
-                reason="malformed table row",
-                detail=f"the row has {len(row)} fields, the header {len(header)}",
-            )
-        elif not row[column].strip():
+        if not row_fits_header(row, header, record_id=record_id, location=location, rejects=rejects):
+            continue
+        if not row[column].strip():
             rejects.reject(
                 id=record_id, location=location, reason="no text", detail=f"column {names[column]!r} is empty"
             )

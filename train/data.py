@@ -249,6 +249,21 @@ class RecordsDataModule(pl.LightningDataModule):
         self._rank: tuple[int, int] | None = None
         self._sources: dict[str, Any] = {}
 
+    @classmethod
+    def from_config(cls, config: Any, *, splits: Sequence[str]) -> "RecordsDataModule":
+        """The data module a TrainConfig's ``data`` section describes, for the named splits."""
+        d = config.data
+        return cls(
+            splits={name: getattr(d, name) for name in splits},
+            modalities=list(config.model["encoders"]),
+            batch_size=d.batch_size,
+            num_workers=d.num_workers,
+            shuffle=d.shuffle,
+            bucket_pool=d.bucket_pool,
+            tiny_records=d.tiny_records,
+            seed=config.seed,
+        )
+
     def attach(self, processor: KibanProcessor, *, rank: int, world_size: int) -> None:
         self._processor, self._rank = processor, (rank, world_size)
 

@@ -86,17 +86,7 @@ def fit_deepspeed_cpu(config: TrainConfig, *, cluster: ClusterEnv, resume: Path 
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
 
-    d = config.data
-    data = RecordsDataModule(
-        splits={"train": d.train},
-        modalities=list(config.model["encoders"]),
-        batch_size=d.batch_size,
-        num_workers=d.num_workers,
-        shuffle=d.shuffle,
-        bucket_pool=d.bucket_pool,
-        tiny_records=d.tiny_records,
-        seed=config.seed,
-    )
+    data = RecordsDataModule.from_config(config, splits=("train",))
     data.attach(model.processor, rank=rank, world_size=world)
     root = Path(config.run.dir) / "checkpoints"
     if resume is not None:

@@ -185,17 +185,7 @@ def _build(
     )
     module = KibanLightningModule(config=config)
     module.init_weights = resume is None
-    d = config.data
-    datamodule = RecordsDataModule(
-        splits={"train": d.train, "val": d.val, "test": d.test},
-        modalities=list(config.model["encoders"]),
-        batch_size=d.batch_size,
-        num_workers=d.num_workers,
-        shuffle=d.shuffle,
-        bucket_pool=d.bucket_pool,
-        tiny_records=d.tiny_records,
-        seed=config.seed,
-    )
+    datamodule = RecordsDataModule.from_config(config, splits=("train", "val", "test"))
     return trainer, module, datamodule
 
 
