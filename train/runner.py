@@ -58,10 +58,31 @@ def fit(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> FitResult:
         trainer, module, datamodule = _build(
             config, cluster=cluster, accelerator=accelerator, resume=resume, extra=callbacks
         )
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume / "state.ckpt") if resume else None, weights_only=True)
+        trainer.fit(
+            module,
+            datamodule=datamodule,
+            ckpt_path=str(resume / "state.ckpt") if resume else None,
+            weights_only=True,
+        )
         step = trainer.global_step
+        if trainer.is_global_zero and config.trainer.strategy in ("auto", "ddp"):
+            _export_model(module.model, run_dir / "model")
     complete = complete_checkpoints(run_dir / "checkpoints")
     return FitResult(run_dir, step, complete[-1][1] if complete else None)
+
+
+def _export_model(model: Any, target: Path) -> None:
+    """The trained model as ``save_pretrained`` writes it (what ``kiban serve`` and ``kiban
+    finetune --model`` read), replacing an older export only once the new one is complete. Only
+    where rank 0 holds whole weights (one process or DDP); sharded runs export from a checkpoint."""
+    import shutil
+
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    model.save_pretrained(staging)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    log.info("saved the trained model to %s (kiban serve %s)", target, target)
 
 
 def validate(config: TrainConfig, *, checkpoint: str | Path | None = None) -> list[dict[str, float]]:

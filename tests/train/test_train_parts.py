@@ -225,3 +225,17 @@ def test_bf16_mixed_precision_trains_every_modality():
     out.loss.backward()
     assert torch.isfinite(out.loss)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_fit_exports_the_trained_model_for_serving(train_config):
+    from kiban.fusion import KibanModel
+    from kiban.train.runner import fit
+
+    config = train_config("trainer.max_steps=2", "callbacks.checkpoint.every_n_steps=2", "trainer.val_check_interval=null")
+    result = fit(config)
+    exported = result.run_dir / "model"
+    assert (exported / "model.safetensors").is_file() and not exported.with_name("model.tmp").exists()
+    model = KibanModel.from_pretrained(exported).eval()
+    assert set(model.encoders) == set(config.model["encoders"])
+    answer = model.chat("Is <molecule> soluble?", molecule="CCO", max_new_tokens=3)
+    assert isinstance(answer, str)
