@@ -41,6 +41,20 @@ def _fit_predict(
         # log-probabilities as logits; classes absent from training stay at -inf-like
         logits[:, model.classes_] = np.log(np.clip(model.predict_proba(x_test), 1e-12, None))
         return logits
+    if kind == "multilabel":
+        # one classifier per task on its measured rows; logit of P(positive)
+        columns = []
+        for k in range(y_train.shape[1]):
+            known = ~np.isnan(y_train[:, k])
+            y = y_train[known, k].astype(int)
+            if len(np.unique(y)) < 2:  # a task with one class in training: its training rate
+                rate = float(np.clip(y.mean() if len(y) else 0.5, 1e-6, 1 - 1e-6))
+                columns.append(np.full(len(x_test), np.log(rate / (1 - rate))))
+                continue
+            model.fit(x_train[known], y)
+            p = np.clip(model.predict_proba(x_test)[:, list(model.classes_).index(1)], 1e-9, 1 - 1e-9)
+            columns.append(np.log(p / (1 - p)))
+        return np.stack(columns, 1)
     columns = []
     for k in range(y_train.shape[1]):
         known = ~np.isnan(y_train[:, k])
@@ -61,7 +75,7 @@ def fingerprint_model(
     from sklearn.ensemble import RandomForestRegressor
     from sklearn.linear_model import LogisticRegression
 
-    if kind == "classification":
+    if kind in ("classification", "multilabel"):
         model = LogisticRegression(C=0.1, max_iter=2000)
     else:
         model = RandomForestRegressor(n_estimators=200, random_state=seed, n_jobs=1)
@@ -95,7 +109,11 @@ def expression_logreg(
 
 
 def trivial(kind: str, y_train: np.ndarray, n_test: int, *, n_classes: int = 0) -> np.ndarray:
-    """Majority class (as a one-hot logit row) or the training mean of each target, for every test row."""
+    """Majority class (as a one-hot logit row), each task's training positive rate (as a logit;
+    multilabel) or the training mean of each target, for every test row."""
+    if kind == "multilabel":
+        rate = np.clip(np.nan_to_num(np.nanmean(y_train, 0), nan=0.5), 1e-6, 1 - 1e-6)
+        return np.tile(np.log(rate / (1 - rate)), (n_test, 1))
     if kind == "classification":
         logits = np.zeros((n_test, n_classes))
         logits[:, np.bincount(y_train.astype(int), minlength=n_classes).argmax()] = 1.0

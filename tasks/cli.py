@@ -23,7 +23,12 @@ def _options(setup):
 
 def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("task", help="the task's name (the head's folder and its /v1/predict/TASK route)")
-    parser.add_argument("--data", required=True, type=Path, help="a SMILES CSV/TSV or an .h5ad with labels")
+    parser.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="a SMILES CSV/TSV or an .h5ad with labels; for the task 'contacts', a folder of PDB/mmCIF files or a manifest.csv",
+    )
     parser.add_argument(
         "--labels",
         default="",
@@ -33,7 +38,7 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
         "--mode",
         default="probe",
         choices=("probe", "head", "lora"),
-        help="probe: linear head on frozen states; head: one hidden layer; lora: not yet",
+        help="probe: linear head on frozen states; head: one hidden layer; lora: LoRA adapters on the backbone trained with a linear head",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="output folder (default runs/finetune/TASK); must not exist"
@@ -46,7 +51,9 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--use-raw", action="store_true", help="h5ad: read adata.raw.X instead of X")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=200)
+    parser.add_argument(
+        "--epochs", type=int, default=None, help="passes over the training rows (default 200; lora: 10)"
+    )
 
 
 @command(
@@ -66,11 +73,20 @@ def finetune_command(args: argparse.Namespace) -> int:
         model=args.model,
         groups=args.groups,
         seed=args.seed,
-        epochs=args.epochs,
+        epochs=args.epochs if args.epochs is not None else (10 if args.mode == "lora" else 200),
         use_raw=args.use_raw,
         progress=sys.stderr.isatty(),
     )
     metrics = finetune(options)
+    if "kind" not in metrics:  # contacts: heads vs. the separation prior, nothing saved to load
+        for result in metrics["results"]:
+            m = result["metrics"]
+            print(
+                f"{result['model']:55s} "
+                + " ".join(f"{r} P@L {m[f'{r}_P@L']:.3f}" for r in ("short", "medium", "long"))
+            )
+        print(f"wrote {out} (metrics.json, plots/contact_map.png)", file=sys.stderr)
+        return 0
     for result in metrics["results"]:
         if result["split"] == "test":
             print(f"{result['model']:55s} {_headline(metrics['kind'], result['metrics'])}")
@@ -79,6 +95,15 @@ def finetune_command(args: argparse.Namespace) -> int:
 
 
 def _headline(kind: str, metrics: dict) -> str:
+    if kind == "multilabel":
+
+        def number(value: float | None) -> str:
+            return "n/a" if value is None else f"{value:.3f}"
+
+        return (
+            f"mean ROC-AUC {number(metrics['mean_roc_auc'])} mean PR-AUC {number(metrics['mean_pr_auc'])}"
+            f" over {metrics['tasks_scored']} task(s)"
+        )
     if kind == "classification":
         extra = f" ROC-AUC {metrics['roc_auc']:.3f}" if "roc_auc" in metrics else ""
         return f"accuracy {metrics['accuracy']:.3f} macro-F1 {metrics['macro_f1']:.3f}{extra}"

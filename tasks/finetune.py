@@ -13,8 +13,17 @@ nothing parses) leaves nothing behind. Output folder::
     predictions.csv      test rows: id, true and predicted values
     plots/*.png          parity (regression), ROC (binary), confusion matrix (classification)
     heads/<task>/        head.json + head.safetensors (``load_heads(out)`` / ``kiban serve`` layout)
-    model/               with ``--model tiny`` only: the tiny random model the head reads
+    model/               with ``--model tiny`` or ``--mode lora``: the model the head reads (lora: its
+                         adapters in model/lora/, peft's files)
     rejects.jsonl, counts.json   what the data check rejected, and why
+
+Labels: one column of classes or 0/1 -> classification; several columns all 0/1 (blanks = not
+measured, Tox21 style) -> a multi-task "multilabel" head, blanks masked in loss and metrics;
+numeric columns -> regression (blanks masked too).
+
+``kiban finetune contacts --data DIR_OR_MANIFEST``: a folder of PDB/mmCIF files (or its
+``manifest.csv``) -> the contact heads vs. the separation prior (``structure.evaluate_contacts``),
+metrics.json and plots/contact_map.png; no head is saved.
 
 Inputs: a SMILES table (CSV/TSV; ``--labels`` names one or more label columns) or an ``.h5ad``
 (labels from ``adata.obs``; ``--groups`` names a donor / batch column to hold out whole).
@@ -44,7 +53,8 @@ MODES = ("probe", "head", "lora")
 class FinetuneOptions:
     """labels: label column(s) (required for tables; h5ad default "cell_type"). model: "tiny" (a tiny
     random model, for smoke tests) or a ``save_pretrained`` folder. groups: h5ad obs column of
-    donors / batches held out whole. mode: probe (linear head), head (one hidden layer), lora (not yet)."""
+    donors / batches held out whole. mode: probe (linear head on frozen states), head (one hidden
+    layer), lora (LoRA adapters on the backbone trained with a linear head; ``kiban.tasks.lora``)."""
 
     task: str
     data: Path
@@ -80,22 +90,22 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
     """Run the whole pipeline; returns metrics.json's content. Bad input raises ValueError."""
     if options.mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {options.mode!r}")
-    if options.mode == "lora":
-        raise ValueError(
-            "--mode lora is not implemented yet; use probe or head (the frozen model's pooled states)"
-        )
     HeadConfig(
         task=options.task, modality="x", kind="regression", labels=["y"], input_dim=1
     )  # checks the name
     out = Path(options.out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"output folder {out} already exists and is not empty; choose another --out")
-    if not Path(options.data).is_file():
+    contacts = options.task == "contacts" and (
+        Path(options.data).is_dir() or Path(options.data).name == "manifest.csv"
+    )
+    if not contacts and not Path(options.data).is_file():
         raise FileNotFoundError(f"no such file: {options.data}")
+    files = structure_files(Path(options.data)) if contacts else []
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        result = _run(options, work)
+        result = _run_contacts(options, files, work) if contacts else _run(options, work)
         if out.exists():
             out.rmdir()
         work.rename(out)
@@ -119,17 +129,28 @@ def _run(options: FinetuneOptions, work: Path) -> dict[str, Any]:
         split = group_split(data.groups, seed=options.seed)
     else:
         split = random_split(len(data.ids), seed=options.seed)
-    features = embed_items(model, data.modality, data.items, progress=options.progress)
-    width = features.shape[1]
+    lora = options.mode == "lora"
+    if lora:
+        from kiban.tasks.lora import add_lora
+
+        add_lora(model)  # a no-op for the tiny model (built with adapters) or a model that has some
+        with torch.no_grad():
+            width = model.embed([(data.modality, data.items[0])]).shape[1]
+    else:
+        features = embed_items(model, data.modality, data.items, progress=options.progress)
+        width = features.shape[1]
     config = HeadConfig(
         task=options.task,
         modality=data.modality,
-        kind=data.kind,
+        # several 0/1 columns: a "multilabel" head, reported to the server as classification
+        kind="classification" if data.kind == "multilabel" else data.kind,
+        architecture="multilabel" if data.kind == "multilabel" else "pooled",
         labels=data.labels,
         input_dim=width,
-        hidden_dim=0 if options.mode == "probe" else 2 * width,
+        hidden_dim=2 * width if options.mode == "head" else 0,
         extra={
-            "model": RUN_MODEL if options.model == "tiny" else str(Path(options.model).resolve()),
+            # lora: the adapted model is saved in the run folder beside the head
+            "model": RUN_MODEL if options.model == "tiny" or lora else str(Path(options.model).resolve()),
             "trained_on": str(options.data),
             "mode": options.mode,
             "seed": options.seed,
@@ -141,13 +162,28 @@ def _run(options: FinetuneOptions, work: Path) -> dict[str, Any]:
     targets = torch.as_tensor(
         data.targets, dtype=torch.long if data.kind == "classification" else torch.float32
     )
-    fit_head(
-        head,
-        features[split.train],
-        targets[split.train],
-        valid=(features[split.valid], targets[split.valid]) if len(split.valid) else None,
-        settings=FitSettings(epochs=options.epochs, seed=options.seed, progress=options.progress),
-    )
+    if lora:
+        from kiban.tasks.lora import LoraFitSettings, fit_lora
+
+        fit_lora(
+            model,
+            head,
+            data.modality,
+            data.items,
+            targets,
+            split.train,
+            split.valid,
+            settings=LoraFitSettings(epochs=options.epochs, seed=options.seed, progress=options.progress),
+        )
+        features = embed_items(model, data.modality, data.items, progress=options.progress)
+    else:
+        fit_head(
+            head,
+            features[split.train],
+            targets[split.train],
+            valid=(features[split.valid], targets[split.valid]) if len(split.valid) else None,
+            settings=FitSettings(epochs=options.epochs, seed=options.seed, progress=options.progress),
+        )
     with torch.no_grad():
         outputs = {
             side: head(features[rows]).numpy()
@@ -195,8 +231,64 @@ def _run(options: FinetuneOptions, work: Path) -> dict[str, Any]:
         outputs=outputs["test"],
     )
     head.save(work / "heads" / options.task)
+    if options.model == "tiny" or lora:
+        # tiny: a few hundred kB, the run folder predicts on its own; lora: the adapters (model/lora/)
+        # belong to this head, so the adapted model is saved beside it
+        model.save_pretrained(work / "model")
+    return metrics
+
+
+def structure_files(data: Path) -> list[Path]:
+    """The PDB / mmCIF files of a folder, or those a ``manifest.csv`` (column ``file``) names beside it."""
+    if data.is_dir():
+        files = sorted(p for p in data.iterdir() if p.suffix.lower() in (".pdb", ".cif", ".mmcif"))
+    elif data.is_file():
+        import pandas as pd
+
+        frame = pd.read_csv(data)
+        if "file" not in frame.columns:
+            raise ValueError(f"{data}: a structure manifest needs a 'file' column")
+        files = [data.parent / name for name in frame["file"].astype(str)]
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise ValueError(f"{data}: {len(missing)} listed structure file(s) missing, e.g. {missing[0]}")
+    else:
+        raise FileNotFoundError(f"no such folder or manifest: {data}")
+    if not files:
+        raise ValueError(f"{data}: no .pdb / .cif structure files")
+    return files
+
+
+def _run_contacts(options: FinetuneOptions, files: list[Path], work: Path) -> dict[str, Any]:
+    """``kiban finetune contacts --data DIR_OR_MANIFEST``: the contact heads vs. the separation prior
+    (``structure.evaluate_contacts``), metrics.json and a contact-map plot; no head is saved."""
+    from kiban.tasks.structure import evaluate_contacts
+
     if options.model == "tiny":
-        model.save_pretrained(work / "model")  # a few hundred kB: the run folder predicts on its own
+        from kiban.encoders import create_encoder
+
+        torch.manual_seed(options.seed)
+        encoder = create_encoder("protein", preset="tiny").eval()
+    else:
+        from kiban.fusion import KibanModel
+
+        model = KibanModel.from_pretrained(options.model).eval()
+        if "protein" not in model.encoders:
+            raise ValueError(f"{options.model} has no protein encoder")
+        encoder = model.encoders["protein"]
+    report = evaluate_contacts(
+        encoder, files, seed=options.seed, epochs=options.epochs, plot=work / "plots" / "contact_map.png"
+    )
+    metrics = {
+        "task": "contacts",
+        "data": str(options.data),
+        "model": options.model,
+        "n": len(files),
+        **report,
+    }
+    (work / "metrics.json").write_text(
+        json.dumps(_finite(metrics), indent=2, default=_json_value, allow_nan=False) + "\n"
+    )
     return metrics
 
 
@@ -315,9 +407,21 @@ def _targets(raw: list[list[str]], columns: list[str], path: Path, *, force_clas
         index = {c: k for k, c in enumerate(classes)}
         return "classification", classes, np.array([index[n] for n in names]), keep
     if not numeric:
-        raise ValueError(f"{path}: several label columns must all be numeric (multi-target regression)")
+        raise ValueError(
+            f"{path}: several label columns must all be numeric (0/1: multi-task classification; else regression)"
+        )
     targets = np.array([[float(v) if v != "" else np.nan for v in row] for row in raw])
     keep = ~np.isnan(targets).all(1)
+    known_values = set(np.unique(targets[~np.isnan(targets)]).tolist())
+    if known_values <= {0.0, 1.0}:
+        # Tox21 / SIDER style: one binary task per column, a blank = not measured (masked in loss and metrics)
+        for k, column in enumerate(columns):
+            known = targets[keep, k][~np.isnan(targets[keep, k])]
+            if len(np.unique(known)) < 2:
+                raise ValueError(
+                    f"{path}: label column {column!r} has a single class; every task needs both 0 and 1"
+                )
+        return "multilabel", list(columns), targets[keep], keep
     for k, column in enumerate(columns):
         known = targets[keep, k][~np.isnan(targets[keep, k])]
         if len(np.unique(known)) < 2:
@@ -338,10 +442,16 @@ def _is_number(text: str) -> bool:
 
 
 def _model(options: FinetuneOptions) -> Any:
-    return build_model(options.model, Path(options.data), use_raw=options.use_raw, seed=options.seed)
+    return build_model(
+        options.model,
+        Path(options.data),
+        use_raw=options.use_raw,
+        seed=options.seed,
+        lora=options.mode == "lora",
+    )
 
 
-def build_model(spec: str, data: Path, *, use_raw: bool = False, seed: int = 0) -> Any:
+def build_model(spec: str, data: Path, *, use_raw: bool = False, seed: int = 0, lora: bool = False) -> Any:
     """A saved model folder, or "tiny": a tiny random model with the encoder ``data`` needs."""
     from kiban.fusion import KibanModel
 
@@ -364,7 +474,7 @@ def build_model(spec: str, data: Path, *, use_raw: bool = False, seed: int = 0) 
     torch.manual_seed(seed)
     config = KibanConfig(
         encoders=encoders,
-        backbone=tiny_backbone_config(),
+        backbone=tiny_backbone_config(lora=lora),
         default_projector={"kind": "mlp2", "num_tokens": 4, "depth": 1, "num_heads": 4},
     )
     return KibanModel.from_config(config).eval()
@@ -395,8 +505,12 @@ def _baselines(data: LabelledData, split: Any, seed: int) -> dict[str, dict[str,
     n_classes = len(data.labels) if data.kind == "classification" else 0
     y_train = data.targets[split.train]
     sides = {"valid": split.valid, "test": split.test}
+    trivial_name = {
+        "classification": "trivial (majority class)",
+        "multilabel": "trivial (training positive rate)",
+    }.get(data.kind, "trivial (training mean)")
     out = {
-        "trivial (majority class)" if n_classes else "trivial (training mean)": {
+        trivial_name: {
             side: B.trivial(data.kind, y_train, len(rows), n_classes=n_classes)
             for side, rows in sides.items()
         }
@@ -405,7 +519,7 @@ def _baselines(data: LabelledData, split: Any, seed: int) -> dict[str, dict[str,
         fingerprints = B.morgan_fingerprints(data.items)
         name = (
             "logistic regression on Morgan fingerprints"
-            if n_classes
+            if data.kind in ("classification", "multilabel")
             else "random forest on Morgan fingerprints"
         )
         both = np.concatenate([split.valid, split.test])
@@ -444,7 +558,13 @@ def _write_predictions(path: Path, data: LabelledData, rows: np.ndarray, outputs
 
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        if data.kind == "classification":
+        if data.kind == "multilabel":
+            writer.writerow(["id", *(f"true:{t}" for t in data.labels), *(f"p:{t}" for t in data.labels)])
+            for row, logits in zip(rows, outputs):
+                truth = ["" if np.isnan(v) else int(v) for v in data.targets[row]]
+                probabilities = (1 / (1 + np.exp(-logits))).tolist()
+                writer.writerow([data.ids[row], *truth, *(f"{p:.6g}" for p in probabilities)])
+        elif data.kind == "classification":
             writer.writerow(["id", "true", "predicted"])
             for row, logits in zip(rows, outputs):
                 writer.writerow(

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 __all__ = [
     "HEAD_KINDS",
     "HeadConfig",
+    "MultiLabelHead",
     "PooledHead",
     "create_head",
     "list_head_architectures",
@@ -218,6 +219,39 @@ class PooledHead(nn.Module):
     def load(cls, directory: str | Path) -> PooledHead:
         """Load a head saved by ``save`` (safetensors and JSON only)."""
         return load_head(directory)
+
+
+@register_head("multilabel")
+class MultiLabelHead(PooledHead):
+    """Multi-task binary classification (Tox21 / SIDER style): one independent logit per label.
+
+    ``kind`` stays "classification" (the server's schema knows two kinds) and ``architecture`` is
+    "multilabel". Targets are [B, K] floats, 1 / 0 / NaN (not measured); the loss is binary
+    cross-entropy over the measured entries only; ``outputs`` gives a sigmoid probability per label
+    (no single "label": the labels are not exclusive).
+    """
+
+    def __init__(self, config: HeadConfig) -> None:
+        if config.kind != "classification":
+            raise ValueError(
+                f"head {config.task!r}: a multilabel head is a classification head, got {config.kind!r}"
+            )
+        super().__init__(config)
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        from kiban.tasks.objectives import multilabel_loss
+
+        return multilabel_loss(outputs, targets)
+
+    def metrics(self, outputs: Any, targets: Any) -> dict[str, Any]:
+        from kiban.tasks.objectives import multilabel_metrics
+
+        return multilabel_metrics(outputs, targets, self.config.labels)
+
+    def outputs(self, pooled: Tensor) -> list[dict[str, Any]]:
+        with torch.no_grad():
+            raw = self(pooled.to(next(self.parameters()).dtype)).float().sigmoid()
+        return [{"probabilities": dict(zip(self.config.labels, row))} for row in raw.tolist()]
 
 
 def load_head(directory: str | Path) -> PooledHead:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from kiban.tasks import metrics as M
 from torch import Tensor
 
-__all__ = ["head_loss", "head_metrics"]
+__all__ = ["head_loss", "head_metrics", "multilabel_loss", "multilabel_metrics"]
 
 
 def head_loss(kind: str, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -76,3 +76,41 @@ def _regression(predicted: np.ndarray, y: np.ndarray) -> dict[str, Any]:
     }
     out["concordance_index"] = M.concordance_index(y, predicted) if len(np.unique(y)) > 1 else float("nan")
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Multi-task binary classification (architecture "multilabel"): several 0/1 labels, NaN = not measured
+
+
+def multilabel_loss(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Binary cross-entropy over measured entries only: outputs [B, K] logits, targets [B, K] 1/0/NaN."""
+    known = ~torch.isnan(targets)
+    if not known.any():
+        return outputs.sum() * 0.0
+    return F.binary_cross_entropy_with_logits(outputs[known], targets[known].float())
+
+
+def multilabel_metrics(outputs: np.ndarray, targets: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+    """Per task (measured rows only): n, positives, ROC-AUC, PR-AUC (None when a side has one class);
+    plus their means over the tasks where they are defined."""
+    outputs, targets = np.asarray(outputs, dtype=float), np.asarray(targets, dtype=float)
+    per_task: dict[str, Any] = {}
+    for k, label in enumerate(labels):
+        known = ~np.isnan(targets[:, k])
+        y, score = targets[known, k].astype(int), outputs[known, k]
+        entry: dict[str, Any] = {"n": int(known.sum()), "positives": int(y.sum())}
+        if len(np.unique(y)) == 2:
+            entry["roc_auc"] = M.roc_auc(y, score)
+            entry["pr_auc"] = M.pr_auc(y, score)
+        else:
+            entry["roc_auc"] = entry["pr_auc"] = None
+        per_task[label] = entry
+    defined = [e for e in per_task.values() if e["roc_auc"] is not None]
+    return {
+        "n": len(targets),
+        "measured_fraction": float((~np.isnan(targets)).mean()) if targets.size else 0.0,
+        "tasks_scored": len(defined),
+        "mean_roc_auc": float(np.mean([e["roc_auc"] for e in defined])) if defined else None,
+        "mean_pr_auc": float(np.mean([e["pr_auc"] for e in defined])) if defined else None,
+        "per_task": per_task,
+    }

@@ -30,6 +30,8 @@ def write_plots(
     folder.mkdir(parents=True, exist_ok=True)
     if kind == "regression":
         return [_parity(folder / "parity.png", labels, targets, outputs)]
+    if kind == "multilabel":
+        return [_roc_per_task(folder / "roc.png", labels, targets, outputs)]
     paths = [_confusion(folder / "confusion.png", labels, targets, outputs.argmax(1))]
     if len(labels) == 2 and len(np.unique(targets)) == 2:
         paths.append(_roc(folder / "roc.png", targets, outputs))
@@ -66,6 +68,32 @@ def _roc(path: Path, targets: np.ndarray, logits: np.ndarray) -> Path:
     axis.plot([0, 1], [0, 1], color="grey", linewidth=1, linestyle="--")
     axis.set(xlabel="false positive rate", ylabel="true positive rate", title="test ROC")
     axis.legend(loc="lower right")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path
+
+
+def _roc_per_task(path: Path, labels: Sequence[str], targets: np.ndarray, logits: np.ndarray) -> Path:
+    """One ROC curve per task over its measured test rows (tasks with one class there are skipped)."""
+    from kiban.tasks.metrics import roc_auc
+
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5, 5))
+    for k, label in enumerate(labels):
+        known = ~np.isnan(targets[:, k])
+        y, score = targets[known, k].astype(int), logits[known, k]
+        if len(np.unique(y)) < 2:
+            continue
+        order = np.argsort(-score, kind="mergesort")
+        ys = y[order]
+        tpr = np.r_[0, np.cumsum(ys) / ys.sum()]
+        fpr = np.r_[0, np.cumsum(1 - ys) / (1 - ys).sum()]
+        axis.plot(fpr, tpr, linewidth=1, label=f"{str(label)[:18]} {roc_auc(y, score):.2f}")
+    axis.plot([0, 1], [0, 1], color="grey", linewidth=1, linestyle="--")
+    axis.set(xlabel="false positive rate", ylabel="true positive rate", title="test ROC per task")
+    if axis.get_legend_handles_labels()[0]:
+        axis.legend(loc="lower right", fontsize=6)
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

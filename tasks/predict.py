@@ -64,7 +64,13 @@ def predict_file(
     handle = open(out, "w", newline="") if out else sys.stdout
     try:
         writer = csv.writer(handle)
-        if head.config.kind == "classification":
+        if head.config.architecture == "multilabel":
+            writer.writerow(["id", *(f"p:{label}" for label in head.config.labels)])
+            for record, row in zip(records, rows):
+                writer.writerow(
+                    [record.id, *(f"{row['probabilities'][name]:.6g}" for name in head.config.labels)]
+                )
+        elif head.config.kind == "classification":
             writer.writerow(["id", "label", *(f"p:{label}" for label in head.config.labels)])
             for record, row in zip(records, rows):
                 writer.writerow(

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 __all__ = [
     "AttentionContactHead",
     "ChainContacts",
+    "PairwiseContactHead",
     "apc",
     "contact_labels",
     "contact_metrics",
@@ -143,6 +144,80 @@ class AttentionContactHead(nn.Module):
         return history
 
 
+class PairwiseContactHead(nn.Module):
+    """Supervised pairwise head over per-residue encoder tokens: [L, D] -> contact logits [L, L].
+
+    Each residue is projected to ``project`` features a_i; a pair (i, j) reads the symmetric
+    features [a_i * a_j, |a_i - a_j|, a_i + a_j] (outer-product diagonal and concatenation) plus a
+    learned embedding of its binned sequence separation, through a one-hidden-layer MLP. Trained with
+    binary cross-entropy on PDB-derived labels over pairs with |i - j| >= ``min_separation``.
+    """
+
+    SEPARATION_BINS = (6, 9, 12, 16, 24, 32, 48, 64, 96, 128)
+
+    def __init__(self, in_features: int, *, project: int = 32, hidden: int = 64) -> None:
+        super().__init__()
+        self.project = nn.Sequential(nn.LayerNorm(in_features), nn.Linear(in_features, project))
+        self.separation = nn.Embedding(len(self.SEPARATION_BINS) + 1, 3 * project)
+        self.mlp = nn.Sequential(nn.Linear(3 * project, hidden), nn.GELU(), nn.Linear(hidden, 1))
+
+    def _pairs(self, tokens: Tensor, i: Tensor, j: Tensor) -> Tensor:
+        a = self.project(tokens.float())
+        left, right = a[i], a[j]
+        bins = torch.bucketize(
+            (j - i).abs(), torch.tensor(self.SEPARATION_BINS, device=tokens.device), right=True
+        )
+        features = torch.cat([left * right, (left - right).abs(), left + right], -1) + self.separation(bins)
+        return self.mlp(features).squeeze(-1)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """tokens [L, D] of one protein -> symmetric logits [L, L]."""
+        length = len(tokens)
+        i, j = torch.meshgrid(torch.arange(length), torch.arange(length), indexing="ij")
+        return self._pairs(tokens, i.reshape(-1), j.reshape(-1)).reshape(length, length)
+
+    def fit(
+        self,
+        examples: Sequence[tuple[Tensor, np.ndarray, np.ndarray]],
+        *,
+        min_separation: int = 6,
+        epochs: int = 100,
+        lr: float = 3e-3,
+        weight_decay: float = 1e-2,
+        seed: int = 0,
+    ) -> list[float]:
+        """Train on (tokens [L, D], contacts [L, L], valid [L, L]) per protein, one protein a step;
+        pairs with |i - j| >= ``min_separation`` and valid labels only. Returns the mean loss per epoch."""
+        pairs = []
+        for tokens, contacts, valid in examples:
+            i, j = np.triu_indices(len(contacts), k=min_separation)
+            keep = valid[i, j]
+            pairs.append(
+                (
+                    tokens.detach().float(),
+                    torch.as_tensor(i[keep]),
+                    torch.as_tensor(j[keep]),
+                    torch.as_tensor(contacts[i[keep], j[keep]], dtype=torch.float32),
+                )
+            )
+        generator = torch.Generator().manual_seed(seed)
+        optimiser = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay)
+        history = []
+        self.train()
+        for _ in range(epochs):
+            total = 0.0
+            for k in torch.randperm(len(pairs), generator=generator).tolist():
+                tokens, i, j, y = pairs[k]
+                loss = nn.functional.binary_cross_entropy_with_logits(self._pairs(tokens, i, j), y)
+                optimiser.zero_grad()
+                loss.backward()
+                optimiser.step()
+                total += float(loss.detach())
+            history.append(total / max(len(pairs), 1))
+        self.eval()
+        return history
+
+
 def separation_prior(
     examples: Sequence[tuple[np.ndarray, np.ndarray]], *, max_separation: int = 1024
 ) -> np.ndarray:
@@ -180,8 +255,12 @@ def evaluate_contacts(
     seed: int = 0,
     max_length: int = 400,
     epochs: int = 200,
+    pairwise_epochs: int = 30,
+    plot: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Contact head vs. separation prior over a set of structures, split by structure.
+    """Contact heads (attention logistic regression; supervised pairwise MLP on the encoder's
+    per-residue tokens, ``pairwise_epochs`` passes) vs. separation prior, split by structure.
+    ``plot``: a PNG path for the first test structure's contact map (pairwise head vs. true).
 
     Chains longer than ``max_length`` or with non-standard residues are skipped (and counted). The
     structures are split length-stratified (``splits.length_stratified_split``, no validation side);
@@ -190,7 +269,7 @@ def evaluate_contacts(
     """
     from kiban.tasks.splits import length_stratified_split
 
-    examples, names, skipped = [], [], 0
+    examples, residue_tokens, names, skipped = [], [], [], 0
     for path in files:
         labels = contact_labels(path)
         if len(labels.sequence) > max_length or "X" in labels.sequence:
@@ -198,8 +277,9 @@ def evaluate_contacts(
             continue
         tokens = encoder.featurizer.collate([encoder.featurizer(labels.sequence)])["tokens"]
         with torch.no_grad():
-            attentions = encoder(tokens, return_attentions=True).attentions[0]
-        examples.append((attention_features(attentions), labels.contacts, labels.valid))
+            out = encoder(tokens, return_attentions=True)
+        examples.append((attention_features(out.attentions[0]), labels.contacts, labels.valid))
+        residue_tokens.append(out.embeddings[0])
         names.append(Path(path).name)
     if len(examples) < 4:
         raise ValueError(f"need at least 4 usable structures, got {len(examples)} ({skipped} skipped)")
@@ -209,8 +289,15 @@ def evaluate_contacts(
     head = AttentionContactHead(examples[0][0].shape[-1])
     head.fit(train, epochs=epochs)
     prior = separation_prior([(c, v) for _, c, v in train])
+    pairwise = PairwiseContactHead(residue_tokens[0].shape[-1])
+    pairwise.fit(
+        [(residue_tokens[i], examples[i][1], examples[i][2]) for i in split.train],
+        epochs=pairwise_epochs,
+        seed=seed,
+    )
     per_model: dict[str, list[dict[str, float]]] = {
         "attention logistic regression": [],
+        "pairwise MLP on encoder tokens": [],
         "sequence-separation prior": [],
     }
     for i in split.test:
@@ -218,6 +305,16 @@ def evaluate_contacts(
         with torch.no_grad():
             scores = head(features).sigmoid().numpy()
         per_model["attention logistic regression"].append(contact_metrics(scores, contacts, valid))
+        with torch.no_grad():
+            pair_scores = pairwise(residue_tokens[i]).sigmoid().numpy()
+        per_model["pairwise MLP on encoder tokens"].append(contact_metrics(pair_scores, contacts, valid))
+        if plot is not None and i == split.test[0]:
+            from kiban.tasks.plots import contact_map_plot
+
+            Path(plot).parent.mkdir(parents=True, exist_ok=True)
+            contact_map_plot(
+                Path(plot), pair_scores, contacts, title=f"{names[i]}: pairwise head (upper) / true (lower)"
+            )
         per_model["sequence-separation prior"].append(
             contact_metrics(prior_scores(prior, len(contacts)), contacts, valid)
         )

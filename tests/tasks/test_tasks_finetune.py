@@ -224,7 +224,7 @@ def test_existing_output_is_not_overwritten(esol_csv, tmp_path, capsys):
     assert _leftovers(out) == ["keep.txt"]
 
 
-def test_h5ad_missing_label_column_and_lora_mode(pbmc_counts_h5ad, tmp_path, capsys):
+def test_h5ad_missing_label_column(pbmc_counts_h5ad, tmp_path, capsys):
     _fails_cleanly(
         capsys,
         tmp_path,
@@ -234,16 +234,4 @@ def test_h5ad_missing_label_column_and_lora_mode(pbmc_counts_h5ad, tmp_path, cap
         "--labels",
         "celltype",
         message="adata.obs has no label column 'celltype'; columns: bulk_labels, phase",
-    )
-    _fails_cleanly(
-        capsys,
-        tmp_path,
-        "x",
-        "--data",
-        str(pbmc_counts_h5ad),
-        "--labels",
-        "bulk_labels",
-        "--mode",
-        "lora",
-        message="--mode lora is not implemented yet",
     )

@@ -20,6 +20,19 @@ from kiban.tasks.training import FitSettings, fit_head
 @pytest.mark.parametrize("kind", ["classification", "regression"])
 def test_every_head_trains(architecture, kind, tmp_path):
     labels = ["a", "b", "c"]
+    if architecture == "multilabel" and kind != "classification":
+        with pytest.raises(ValueError, match="multilabel"):
+            create_head(
+                HeadConfig(
+                    task="t",
+                    modality="molecule",
+                    kind=kind,
+                    labels=labels,
+                    input_dim=8,
+                    architecture=architecture,
+                )
+            )
+        return
     head = create_head(
         HeadConfig(
             task="t",
@@ -33,6 +46,9 @@ def test_every_head_trains(architecture, kind, tmp_path):
     )
     x = torch.randn(16, 8)
     y = torch.randint(0, 3, (16,)) if kind == "classification" else torch.randn(16, 3)
+    if architecture == "multilabel":  # several 0/1 tasks, NaN = not measured
+        y = torch.randint(0, 2, (16, 3)).float()
+        y[::4, 1] = float("nan")
     loss = head.loss(head(x), y)
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in head.parameters())

@@ -112,12 +112,16 @@ def test_evaluate_contacts_splits_by_structure(structures):
     torch.manual_seed(0)
     encoder = create_encoder("protein", preset="tiny").eval()
     files = sorted(structures.glob("foldseek_d1*.pdb"))[:8] or sorted(structures.glob("*.pdb"))[:8]
-    report = evaluate_contacts(encoder, files, max_length=200, epochs=30)
+    report = evaluate_contacts(encoder, files, max_length=200, epochs=30, pairwise_epochs=5)
     sizes = report["split"]["sizes"]
     assert report["split"]["method"] == "length-stratified" and sizes["valid"] == 0
     assert sizes["train"] + sizes["test"] + report["skipped"] == len(files)
     assert len(report["test_structures"]) == sizes["test"] >= 1
     models = {r["model"] for r in report["results"]}
-    assert models == {"attention logistic regression", "sequence-separation prior"}
+    assert models == {
+        "attention logistic regression",
+        "pairwise MLP on encoder tokens",
+        "sequence-separation prior",
+    }
     for result in report["results"]:
         assert all(0.0 <= v <= 1.0 for v in result["metrics"].values())
