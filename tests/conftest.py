@@ -14,3 +14,12 @@ torch.set_num_threads(2)
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Property tests run the same examples on every CI run (a failure reproduces exactly);
+# `pytest --hypothesis-profile=explore` searches afresh with more examples.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile("ci")
