@@ -72,7 +72,7 @@ class Measure(pl.Callback):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--config", default=str(ROOT / "configs" / "quickstart.yaml"))
+    parser.add_argument("--config", default=str(ROOT / "configs" / "smoke.yaml"))
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     parser.add_argument("--steps", type=int, default=30, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the measurement")
@@ -83,7 +83,7 @@ def main() -> None:
     from kiban.train.flops import peak_flops
     from kiban.train.runner import fit
 
-    overrides = FIXED if args.config.endswith("quickstart.yaml") else []
+    overrides = FIXED if args.config.endswith("smoke.yaml") else []
     with tempfile.TemporaryDirectory() as run_dir:
         config = load_config(
             args.config,

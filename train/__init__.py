@@ -2,11 +2,11 @@
 
     from kiban.train import load_config, fit
 
-    config = load_config("configs/quickstart.yaml", ["trainer.max_steps=50"])
+    config = load_config("configs/smoke.yaml", ["trainer.max_steps=50"])
     result = fit(config)            # resumes from the newest complete checkpoint in run.dir
-    result.checkpoint               # runs/quickstart/checkpoints/ckpt-000050
+    result.checkpoint               # runs/smoke/checkpoints/ckpt-000050
 
-The same is ``kiban fit --config configs/quickstart.yaml trainer.max_steps=50``; ``kiban validate``
+The same is ``kiban fit --config configs/smoke.yaml trainer.max_steps=50``; ``kiban validate``
 and ``kiban test`` evaluate a checkpoint. docs/training.md has the YAML schema, the strategies and
 presets, Slurm submission, resume and the MFU formula.
 

@@ -1,6 +1,6 @@
 """``kiban fit | validate | test --config RUN.yaml [KEY.PATH=VALUE ...]`` (LightningCLI-style).
 
-Overrides follow the config file: ``kiban fit --config configs/quickstart.yaml trainer.max_steps=5
+Overrides follow the config file: ``kiban fit --config configs/smoke.yaml trainer.max_steps=5
 run.dir=/scratch/run1``; each value is read as YAML. ``--print-config`` prints the resolved config
 and exits. The config is checked before any work starts; a bad field ends with one line naming it.
 """

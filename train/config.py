@@ -4,7 +4,7 @@ One file describes a run end to end (see docs/training.md for every key)::
 
     seed: 0
     stage: align                # align | instruct | full
-    run:       {dir: runs/quickstart, resume: auto}
+    run:       {dir: runs/smoke, resume: auto}
     model:     {encoders: ..., backbone: ..., projectors: ..., default_projector: ...}   # KibanConfig
     data:      {train: tiny, val: null, batch_size: 2, num_workers: 0}
     loss:      {contrastive_weight: 0.0, temperature: 0.07}

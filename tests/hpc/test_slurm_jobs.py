@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 KIBAN = str(Path(sys.executable).with_name("kiban"))
 
 
@@ -16,7 +16,7 @@ def _submit(cluster, run_dir, *overrides):
         KIBAN,
         "slurm",
         "submit",
-        str(QUICKSTART),
+        str(SMOKE),
         "--nodes",
         "1",
         "--gpus-per-node",

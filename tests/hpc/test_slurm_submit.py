@@ -8,11 +8,11 @@ import pytest
 from kiban.cli import main
 from kiban.hpc.slurm import SlurmError, SlurmJob, render_sbatch
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 
 
 def _submit(capsys, *args):
-    code = main(["slurm", "submit", str(QUICKSTART), *args])
+    code = main(["slurm", "submit", str(SMOKE), *args])
     out = capsys.readouterr()
     return code, out.out, out.err
 
@@ -54,7 +54,7 @@ def test_dry_run_prints_a_short_script_that_sruns_kiban_fit_with_preemption_and_
     (srun,) = [line for line in lines if line.startswith("srun")]  # one entry point, one config
     kiban = Path(sys.executable).with_name("kiban")
     assert (
-        srun == f"srun --kill-on-bad-exit=1 {kiban} fit --config {QUICKSTART} "
+        srun == f"srun --kill-on-bad-exit=1 {kiban} fit --config {SMOKE} "
         f"run.dir={tmp_path} trainer.max_steps=50"
     )
     assert not (tmp_path / "slurm").exists(), "a dry run writes nothing"
@@ -62,7 +62,7 @@ def test_dry_run_prints_a_short_script_that_sruns_kiban_fit_with_preemption_and_
 
 def test_cpu_nodes_take_their_task_count_from_ntasks_per_node():
     script = render_sbatch(
-        SlurmJob(config=str(QUICKSTART), nodes=1, gpus_per_node=0, ntasks_per_node=2), kiban="kiban"
+        SlurmJob(config=str(SMOKE), nodes=1, gpus_per_node=0, ntasks_per_node=2), kiban="kiban"
     )
     assert "#SBATCH --ntasks-per-node=2" in script and "--gpus-per-node" not in script
 

@@ -1,4 +1,4 @@
-"""Shared helpers for the training tests: the shipped quickstart config with overrides."""
+"""Shared helpers for the training tests: the shipped smoke config (configs/smoke.yaml) with overrides."""
 
 from pathlib import Path
 
@@ -6,7 +6,7 @@ import pytest
 
 from kiban.train.config import load_config
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 
 # Randomness everywhere a resume could lose it: LoRA and attention dropout (torch RNG in the
 # model) and DNA reverse-complement augmentation (RNG inside the featurizer).
@@ -34,9 +34,9 @@ def random_run():
 
 @pytest.fixture
 def train_config(tmp_path):
-    """``train_config(*overrides)``: the quickstart YAML, run dir under tmp_path, plus overrides."""
+    """``train_config(*overrides)``: the smoke YAML, run dir under tmp_path, plus overrides."""
 
     def make(*overrides, run_dir=None):
-        return load_config(QUICKSTART, [f"run.dir={run_dir or tmp_path / 'run'}", *overrides])
+        return load_config(SMOKE, [f"run.dir={run_dir or tmp_path / 'run'}", *overrides])
 
     return make

@@ -21,7 +21,7 @@ from kiban.train.checkpoint import (
 )
 from kiban.train.runner import fit
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 
 
 def _save(root, step, payload=b"weights"):
@@ -122,7 +122,7 @@ def test_a_run_killed_in_the_middle_of_a_save_resumes_from_the_last_complete_che
         str(Path(sys.executable).with_name("kiban")),
         "fit",
         "--config",
-        str(QUICKSTART),
+        str(SMOKE),
         f"run.dir={run_dir}",
         "trainer.max_steps=6",
         "callbacks.checkpoint.every_n_steps=2",

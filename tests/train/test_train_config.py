@@ -26,7 +26,7 @@ def test_every_shipped_training_config_parses_and_validates(path, tmp_path):
     assert load_config(path, [f"run.dir={tmp_path}"]).to_yaml()  # and it round-trips to YAML
 
 
-def test_the_quickstart_config_builds_its_model_and_runs_on_this_cpu(train_config):
+def test_the_smoke_config_builds_its_model_and_runs_on_this_cpu(train_config):
     from kiban.train.module import KibanLightningModule
 
     config = train_config()
@@ -85,7 +85,7 @@ def test_the_fit_command_fails_in_a_second_with_one_line_naming_the_field(tmp_pa
             str(kiban),
             "fit",
             "--config",
-            str(CONFIGS / "quickstart.yaml"),
+            str(CONFIGS / "smoke.yaml"),
             f"run.dir={tmp_path}",
             "model.encoders.protien={preset: tiny}",
         ],

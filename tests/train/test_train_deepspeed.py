@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-QUICKSTART = Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 KIBAN = str(Path(sys.executable).with_name("kiban"))
 
@@ -22,7 +22,7 @@ def _fit(run_dir, strategy, max_steps):
         KIBAN,
         "fit",
         "--config",
-        str(QUICKSTART),
+        str(SMOKE),
         f"run.dir={run_dir}",
         f"trainer.strategy={strategy}",
         f"trainer.max_steps={max_steps}",
