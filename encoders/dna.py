@@ -35,12 +35,19 @@ forward k-mer boundaries (leftover single bases come first on the reverse strand
 embeddings are therefore invariant to encoding a sequence or its reverse complement (exactly for
 bases and overlapping k-mers, and for non-overlapping k-mers when the length is a multiple of k
 and there is no N).
+
+Masked-LM head (``mlm_head=True``, off by default so configs saved before it existed rebuild the
+same parameters). The built-in transformer gets BERT's / ESM-2's head (dense, GELU, LayerNorm,
+projection onto the vocabulary, its own output matrix); a Hugging Face directory is then read with
+``AutoModelForMaskedLM`` and must hold that head's weights. ``masked_lm_logits(tokens)`` reads it
+on the forward strand; ``[MASK]`` (``featurizer.mask_id``) marks the hidden tokens. The head is
+in ``never_trained``: fusion never trains it (it stays what masked-LM pretraining made it), and
+variant scoring (``kiban.tasks.variants``) reads it in eval.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
 import itertools
 import logging
 import math
@@ -50,8 +57,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-
 from kiban.encoders.base import (
     Encoder,
     InvalidInput,
@@ -61,12 +66,14 @@ from kiban.encoders.base import (
     register_encoder,
     register_preset,
 )
+from torch import Tensor, nn
 
 __all__ = [
     "SPECIAL_TOKENS",
     "DnaEncoder",
     "DnaEncoderConfig",
     "DnaFeaturizer",
+    "DnaLmHead",
     "DnaTransformer",
     "reverse_complement",
 ]
@@ -113,6 +120,8 @@ class DnaEncoderConfig:
         transformer.
     hf_path: a local Hugging Face model directory (model + tokenizer) to use instead of the
         transformer; the tokenization and transformer fields are then ignored.
+    mlm_head: give the encoder a masked-language-model head (for zero-shot variant scoring);
+        with ``hf_path`` the directory must hold a masked-LM model with its head weights.
     """
 
     tokenization: str = "kmer"
@@ -129,6 +138,7 @@ class DnaEncoderConfig:
     dropout: float = 0.1
     positions: str = "learned"
     hf_path: str | None = None
+    mlm_head: bool = False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,13 +186,16 @@ class DnaFeaturizer:
             tokens = [*SPECIAL_TOKENS, *_BASES]
             if tokenization == "kmer":
                 tokens += ["".join(kmer) for kmer in itertools.product("ACGT", repeat=k)]
+            self.tokens = tokens
             self.vocab = {token: i for i, token in enumerate(tokens)}
             self.pad_id, self.unk_id = self.vocab["[PAD]"], self.vocab["[UNK]"]
             self.cls_id, self.sep_id = self.vocab["[CLS]"], self.vocab["[SEP]"]
+            self.mask_id: int | None = self.vocab["[MASK]"]
             self.boundary_ids = (self.pad_id, self.cls_id, self.sep_id)
         else:
             self.vocab = dict(hf_tokenizer.get_vocab())
             self.pad_id, self.unk_id = hf_tokenizer.pad_token_id, hf_tokenizer.unk_token_id
+            self.mask_id = hf_tokenizer.mask_token_id
             names = ("pad_token_id", "cls_token_id", "sep_token_id", "eos_token_id", "bos_token_id")
             ids = (getattr(hf_tokenizer, name, None) for name in names)
             self.boundary_ids = tuple(sorted({i for i in ids if i is not None}))
@@ -190,6 +203,17 @@ class DnaFeaturizer:
     @property
     def vocab_size(self) -> int:
         return max(self.vocab.values()) + 1
+
+    def sequence(self, item: Any, *, item_id: Any = None) -> str:
+        """The cleaned sequence an item's tokens are read from: upper case over ACGTN (``U`` as
+        ``T``, ambiguity codes as ``N``). Raises ``InvalidInput`` as ``__call__`` does."""
+        return self._sequence(item, item_id)[0]
+
+    def token_strings(self, ids: Sequence[int]) -> list[str]:
+        """The vocabulary entries of token ids (``[7, 16]`` -> ``["G", "ACG"]``)."""
+        if self.hf_tokenizer is not None:
+            return list(self.hf_tokenizer.convert_ids_to_tokens(list(ids)))
+        return [self.tokens[i] for i in ids]
 
     def rc_table(self) -> list[int]:
         """For every token id, the id of its reverse complement (special tokens map to themselves)."""
@@ -341,6 +365,37 @@ class _HuggingFaceBackbone(nn.Module):
         return self.model(input_ids=tokens, attention_mask=(~padding).long()).last_hidden_state
 
 
+class DnaLmHead(nn.Module):
+    """The masked-LM head of BERT and ESM-2: hidden [B, T, width] -> logits [B, T, vocab_size].
+
+    dense -> GELU -> LayerNorm -> projection onto the vocabulary. The projection has its own
+    matrix rather than being tied to the token embedding: the whole head is ``never_trained``, so
+    fusion training (which may update the embedding) cannot move what it predicts.
+    """
+
+    def __init__(self, *, width: int, vocab_size: int) -> None:
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.layer_norm = nn.LayerNorm(width)
+        self.decoder = nn.Linear(width, vocab_size)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return self.decoder(self.layer_norm(nn.functional.gelu(self.dense(hidden))))
+
+
+class _HuggingFaceLmHead(nn.Module):
+    """A Hugging Face masked-LM head (``EsmForMaskedLM.lm_head``, ``BertForMaskedLM.cls`` ...) kept
+    under its own attribute name, so that ``export_assets`` can put it back into a masked-LM model."""
+
+    def __init__(self, attribute: str, head: nn.Module) -> None:
+        super().__init__()
+        self.attribute = attribute
+        self.add_module(attribute, head)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return getattr(self, self.attribute)(hidden)
+
+
 # ----------------------------------------------------------------------------------------------
 # Encoder
 
@@ -370,8 +425,12 @@ class DnaEncoder(Encoder):
         if config.strand not in ("forward", "both"):
             raise ValueError(f"strand must be 'forward' or 'both', got {config.strand!r}")
         self.config = config
+        self.lm_head: nn.Module | None = None
+        never_trained = []
         if config.hf_path is not None:
-            model, tokenizer, max_length = _load_hugging_face(config.hf_path, max_length=config.max_length)
+            model, head, tokenizer, max_length = _load_hugging_face(
+                config.hf_path, max_length=config.max_length, mlm_head=config.mlm_head
+            )
             self.featurizer = DnaFeaturizer(
                 max_length=max_length,
                 truncate=config.truncate,
@@ -381,10 +440,10 @@ class DnaEncoder(Encoder):
             self.backbone: nn.Module = _HuggingFaceBackbone(model)
             self.output_dim = model.config.hidden_size
             if getattr(model, "contact_head", None) is not None:
-                # ESM's protein contact head: the DNA tokens never use it (fusion's "full" stage
-                # re-freezes these prefixes after unfreezing everything).
-                self.never_trained = ("backbone.model.contact_head.",)
-                model.contact_head.requires_grad_(False)
+                # ESM's protein contact head: the DNA tokens never use it.
+                never_trained.append("backbone.model.contact_head.")
+            if head is not None:
+                self.lm_head = head
         else:
             self.featurizer = DnaFeaturizer(
                 tokenization=config.tokenization,
@@ -406,6 +465,18 @@ class DnaEncoder(Encoder):
                 positions=config.positions,
             )
             self.output_dim = config.width
+            if config.mlm_head:
+                self.lm_head = DnaLmHead(width=config.width, vocab_size=self.featurizer.vocab_size)
+        if self.lm_head is not None:
+            never_trained.append("lm_head.")
+        # The tokens never pass through these: frozen, so that every trainable parameter gets a
+        # gradient (DDP's unused-parameter check), and fusion's "full" stage re-freezes them after
+        # unfreezing everything. A Hugging Face head's output matrix tied to the word embedding
+        # is named under ``backbone.`` (registered first) and so stays trainable, as in ESM-2.
+        self.never_trained = tuple(never_trained)
+        for name, parameter in self.named_parameters():
+            if name.startswith(self.never_trained):
+                parameter.requires_grad_(False)
         self.register_buffer(
             "rc_ids", torch.tensor(self.featurizer.rc_table(), dtype=torch.long), persistent=False
         )
@@ -419,9 +490,27 @@ class DnaEncoder(Encoder):
         if self.config.hf_path is None:
             return self.config, ()
         directory.mkdir(parents=True, exist_ok=True)
-        self.backbone.model.save_pretrained(directory)
+        model = self.backbone.model
+        if self.lm_head is not None:
+            model = _masked_lm_model(model, self.lm_head)
+        model.save_pretrained(directory)
         self.featurizer.hf_tokenizer.save_pretrained(directory)
         return dataclasses.replace(self.config, hf_path=str(directory)), ("hf_path",)
+
+    def masked_lm_logits(self, tokens: Tensor) -> Tensor:
+        """Masked-LM logits [B, T, V] at every position of ``tokens`` [B, T] (featurizer ids, with
+        ``featurizer.mask_id`` at the hidden positions; V is the head's vocabulary size).
+
+        Reads the strand it is given: ``strand="both"`` averages embeddings, not predictions (the
+        reverse strand's token at a position is the complement), so callers that want both
+        strands score the reverse complement separately, as ``kiban.tasks.variants`` does.
+        """
+        if self.lm_head is None:
+            raise ValueError(
+                "this DNA encoder has no masked-LM head: build it with mlm_head=True (with hf_path, "
+                "a directory holding a masked-LM model such as EsmForMaskedLM)"
+            )
+        return self.lm_head(self.backbone(tokens, tokens.eq(self.featurizer.pad_id)))
 
     def forward(self, tokens: Tensor) -> ModalityTokens:
         """tokens: [B, T] from the featurizer."""
@@ -453,18 +542,25 @@ def _left_pack(hidden: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
     return embeddings.masked_fill(~mask.unsqueeze(-1), 0.0), mask
 
 
-def _load_hugging_face(path: str, *, max_length: int) -> tuple[nn.Module, Any, int]:
-    """Model, tokenizer and the usable max_length from a local Hugging Face directory."""
+def _load_hugging_face(
+    path: str, *, max_length: int, mlm_head: bool
+) -> tuple[nn.Module, nn.Module | None, Any, int]:
+    """Base model, masked-LM head (with ``mlm_head``), tokenizer and the usable max_length from a
+    local Hugging Face directory."""
     import transformers
 
     location = Path(path).expanduser()
     if not location.is_dir():
         raise FileNotFoundError(f"dna hf_path {str(path)!r} is not a local directory")
     hf_config = transformers.AutoConfig.from_pretrained(location, local_files_only=True)
-    # BERT-like encoders add a pooler that masked-LM checkpoints lack (it would be random) and the
-    # tokens never use; leaving it out keeps every trainable parameter in the gradient path.
-    extra = {"add_pooling_layer": False} if hf_config.model_type in ("esm", "bert", "roberta") else {}
-    model = transformers.AutoModel.from_pretrained(location, local_files_only=True, **extra)
+    head = None
+    if mlm_head:
+        model, head = _load_masked_lm(location)
+    else:
+        # BERT-like encoders add a pooler that masked-LM checkpoints lack (it would be random) and
+        # the tokens never use; leaving it out keeps every trainable parameter in the gradient path.
+        extra = {"add_pooling_layer": False} if hf_config.model_type in ("esm", "bert", "roberta") else {}
+        model = transformers.AutoModel.from_pretrained(location, local_files_only=True, **extra)
     tokenizer = transformers.AutoTokenizer.from_pretrained(location, local_files_only=True)
     # Absolute position tables bound the length; past it the model would fail deep inside torch.
     if getattr(hf_config, "position_embedding_type", "absolute") == "absolute":
@@ -477,7 +573,46 @@ def _load_hugging_face(path: str, *, max_length: int) -> tuple[nn.Module, Any, i
                 "dna: %s holds at most %d tokens; max_length %d lowered to it", path, capacity, max_length
             )
             max_length = capacity
-    return model, tokenizer, max_length
+    return model, head, tokenizer, max_length
+
+
+def _load_masked_lm(location: Path) -> tuple[nn.Module, _HuggingFaceLmHead]:
+    """(base model, head) of the ``AutoModelForMaskedLM`` in ``location``; its head weights must be
+    there (a head transformers would initialise at random is refused). The base model is the one
+    ``AutoModel`` would give without a pooler, so parameter names match the head-less encoder's."""
+    import transformers
+
+    try:
+        model, info = transformers.AutoModelForMaskedLM.from_pretrained(
+            location, local_files_only=True, output_loading_info=True
+        )
+    except ValueError as error:  # a model type with no masked-LM class
+        raise ValueError(f"dna hf_path {str(location)!r} has no masked-LM model: {error}") from None
+    prefix = model.base_model_prefix
+    heads = [(name, module) for name, module in model.named_children() if name != prefix]
+    if len(heads) != 1:
+        found = ", ".join(name for name, _ in heads) or "none"
+        raise ValueError(f"dna hf_path {str(location)!r}: expected one masked-LM head module, found {found}")
+    name, head = heads[0]
+    missing = [key for key in info["missing_keys"] if key.startswith(f"{name}.")]
+    if missing:
+        raise ValueError(
+            f"dna hf_path {str(location)!r} holds no masked-LM head weights (missing {', '.join(missing[:4])}); "
+            "use a masked-LM checkpoint or set mlm_head=False"
+        )
+    return model.base_model, _HuggingFaceLmHead(name, head)
+
+
+def _masked_lm_model(base: nn.Module, head: _HuggingFaceLmHead) -> nn.Module:
+    """A Hugging Face masked-LM model made of this encoder's own base model and head (for
+    ``save_pretrained``); its skeleton is built on the meta device, so nothing is allocated twice."""
+    import transformers
+
+    with torch.device("meta"):
+        model = transformers.AutoModelForMaskedLM.from_config(base.config)
+    setattr(model, model.base_model_prefix, base)
+    setattr(model, head.attribute, getattr(head, head.attribute))
+    return model
 
 
 # ----------------------------------------------------------------------------------------------
