@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -184,15 +185,31 @@ class KibanModel(nn.Module):
         )
         return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
 
+    @property
+    def num_layers(self) -> int:
+        """How many decoder layers the backbone has: the largest ``layer`` that ``embed`` accepts."""
+        return len(_layers(_decoder(self.llm)))
+
     @torch.no_grad()
-    def embed(self, items: Sequence[tuple[str, Any]]) -> Tensor:
+    def embed(self, items: Sequence[tuple[str, Any]], *, layer: int | None = None) -> Tensor:
         """Pooled fused states [B, H] for single inputs: ``("protein", "MKT...")``, ``("text", "a passage")``.
 
         Each input goes alone through the LLM (a modality as its placeholder's tokens, text as its own
-        tokens, no chat template); the last hidden states are mean-pooled over the input's positions.
+        tokens, no chat template); the hidden states are mean-pooled over the input's positions.
         Text and every modality thus land in one space, the LLM's; the contrastive align loss is what
         makes that space shared in meaning.
+
+        layer: which hidden states are pooled, numbered as Hugging Face's ``hidden_states[layer]``
+        (``output_hidden_states=True``). ``None``: the final states (last decoder layer, then the
+        backbone's final norm). ``k`` in ``1..num_layers``: the output of decoder layer ``k`` (the
+        residual stream, no final norm), and the forward stops there: layers ``k+1..`` never run, so
+        a small ``k`` costs a fraction of the full forward. ``k == num_layers`` is the final normed
+        states, exactly as ``None`` (Hugging Face ties its last hidden state to the normed output).
+        A row's vector does not depend on the other rows in the batch.
         """
+        # type(), not isinstance(): True is an int, but no layer
+        if layer is not None and not (type(layer) is int and 1 <= layer <= self.num_layers):
+            raise ValueError(f"embed: layer must be None or an integer in 1..{self.num_layers}, got {layer!r}")
         records = []
         for modality, item in items:
             if modality == "text" and "text" not in self.encoders:
@@ -208,7 +225,7 @@ class KibanModel(nn.Module):
             record.labels = [IGNORE_INDEX] * len(record.input_ids)
         batch = self.processor.collate(records).to(self.device)
         embeds, mask, _ = self.embed_inputs(batch)
-        hidden = self.llm(inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+        hidden = _hidden_states(_decoder(self.llm), embeds, mask, layer=layer)
         weights = mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
@@ -300,6 +317,58 @@ class KibanModel(nn.Module):
             default_projector=self.config.default_projector if self.config else {"kind": "mlp2"},
             max_length=self.config.max_length if self.config else None,
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading the backbone's hidden states part-way
+
+
+def _decoder(llm: nn.Module) -> nn.Module:
+    """The backbone's decoder stack (embeddings, ``layers``, final norm; no LM head), under LoRA too:
+    peft injects its adapters into the base model's modules, so calling the decoder keeps them."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    return base.get_decoder()
+
+
+def _layers(decoder: nn.Module) -> nn.ModuleList:
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(decoder).__name__} has no decoder layers at .layers: embed cannot stop in it")
+    return layers
+
+
+class _Stopped(Exception):
+    """Raised by the hook on decoder layer k to end the forward there, carrying that layer's output."""
+
+    def __init__(self, hidden: Tensor) -> None:
+        super().__init__()
+        self.hidden = hidden
+
+
+def _hidden_states(decoder: nn.Module, embeds: Tensor, mask: Tensor, *, layer: int | None) -> Tensor:
+    """Hugging Face's ``hidden_states[layer]`` of the decoder [B, L, H], running layers 1..layer only.
+
+    The decoder's own forward does everything before the layers (causal + padding mask, rotary
+    position embeddings, any embedding scaling), so it stays right for every architecture; a forward
+    hook on layer ``layer`` then ends it by raising. The hook acts only in the thread that set it: a
+    server thread generating with the same backbone at the same time runs straight through it.
+    """
+    if layer is None or layer == len(_layers(decoder)):
+        return decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+    owner = threading.get_ident()
+
+    def stop(module: nn.Module, args: Any, output: Any) -> None:
+        if threading.get_ident() == owner:
+            raise _Stopped(output[0] if isinstance(output, tuple) else output)
+
+    handle = _layers(decoder)[layer - 1].register_forward_hook(stop)
+    try:
+        decoder(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
+    except _Stopped as stopped:
+        return stopped.hidden
+    finally:
+        handle.remove()
+    raise RuntimeError(f"decoder layer {layer} never ran")  # pragma: no cover - the hook always fires
 
 
 def _inside(directory: Path, relative: str) -> Path:
