@@ -54,6 +54,7 @@ from kiban.serve.schemas import (
     error_payload,
 )
 from kiban.serve.settings import ServeSettings
+from kiban.tasks.predict import input_modalities
 
 __all__ = ["create_app"]
 
@@ -222,17 +223,23 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
         body: PredictRequest,
         task: str = Path(description="a task listed under 'heads' by GET /v1/models", max_length=64),
     ) -> PredictResponse:
+        """A task head's answer per input; its shape follows the head's kind (see Prediction)."""
         model_name = check_model(body.model)
         head = engine.heads.get(task)
         if head is None:
             raise UnknownTask(
                 f"no task head named {task!r} is loaded (tasks: {', '.join(sorted(engine.heads)) or 'none'})"
             )
+        options = _contact_options(body, task=task, kind=head.config.kind)
         engine.check_capacity()
         items = await run_in_threadpool(
-            decode.predict_items, body, modality=head.config.modality, limits=limits, modalities=modalities()
+            decode.predict_items,
+            body,
+            reads=input_modalities(head.config),
+            limits=limits,
+            modalities=modalities(),
         )
-        rows = await engine.predict(task, items)
+        rows = await engine.predict(task, items, **options)
         return PredictResponse(
             task=task, model=model_name, data=[Prediction(index=i, **row) for i, row in enumerate(rows)]
         )
@@ -243,6 +250,7 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
             HeadInfo(
                 task=task,
                 modality=head.config.modality,
+                inputs=input_modalities(head.config),
                 kind=head.config.kind,
                 labels=head.config.labels,
                 version=str(head.config.version),
@@ -305,6 +313,21 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
 
 # ----------------------------------------------------------------------------------------------
 # Encoding
+
+
+def _contact_options(body: PredictRequest, *, task: str, kind: str) -> dict[str, int]:
+    """``top_k`` / ``min_separation`` for a contact head's ``predict``; a 422 for any other head."""
+    options = {
+        name: value
+        for name, value in (("top_k", body.top_k), ("min_separation", body.min_separation))
+        if value is not None
+    }
+    if options and kind != "contact":
+        raise decode.RequestError(
+            f"{' and '.join(options)} apply to contact heads only; task {task!r} is a {kind} head",
+            param=next(iter(options)),
+        )
+    return options
 
 
 def _usage(answer: Completion) -> Usage:

@@ -8,6 +8,10 @@ model has, and how OpenAI-style parts map onto kiban placeholders.
 A chat message's parts are joined with single spaces; each non-text part becomes its placeholder
 (``<protein>``, ``<molecule>``, ...) in place and its input is bound in order, so
 ``[text "Does", protein, text "bind", molecule, text "?"]`` reads ``Does <protein> bind <molecule> ?``.
+
+A predict request's input is one item of the head's modality (a bare string, or a typed part), or,
+for a pair head (modality ``protein+molecule``), a two-item array of them in that order, decoded to
+a ``(protein, molecule)`` tuple; a pair counts as one input against ``max_inputs``.
 """
 
 from __future__ import annotations
@@ -191,27 +195,63 @@ def embedding_items(
 
 
 def predict_items(
-    request: PredictRequest, *, modality: str, limits: Limits, modalities: Sequence[str]
+    request: PredictRequest, *, reads: Sequence[str], limits: Limits, modalities: Sequence[str]
 ) -> list[Any]:
-    """Raw items for a head reading ``modality``; a bare string is an item of that modality."""
+    """Raw items for a head whose one input is of the modalities ``reads``: one modality (a bare
+    string is an item of it) or two for a pair head, whose every input is a two-item array of them
+    in order (a tuple item). The request's inputs count against ``max_inputs``, a pair as one."""
+    if len(request.inputs) > limits.max_inputs:
+        raise _over("inputs", len(request.inputs), "inputs", "max_inputs", limits.max_inputs, param="inputs")
+    known = [*modalities, "text"]
+    chars = [0]  # text characters so far (bare strings included), against max_text_chars
     items = []
-    for i, (kind, item) in enumerate(
-        _items(request.inputs, name="inputs", limits=limits, modalities=[*modalities, "text"])
-    ):
-        if kind == "text" and isinstance(request.inputs[i], str):
-            kind = modality  # a bare string: a sequence, SMILES or passage for this head
-            if modality in ("protein", "dna", "molecule") and len(item) > limits.max_sequence_length:
-                raise _over(
-                    f"inputs[{i}] ({modality})",
-                    len(item),
-                    "characters",
-                    "max_sequence_length",
-                    limits.max_sequence_length,
-                    param=f"inputs[{i}]",
-                )
-        if kind != modality:
-            raise RequestError(
-                f"inputs[{i}] is a {kind} input, but this task reads {modality} inputs", param=f"inputs[{i}]"
+    for i, entry in enumerate(request.inputs):
+        where = f"inputs[{i}]"
+        if isinstance(entry, list) != (len(reads) == 2):
+            wanted = (
+                f"({reads[0]}, {reads[1]}) pairs: send each input as a two-item array [{reads[0]}, {reads[1]}]"
+                if len(reads) == 2
+                else f"single {reads[0]} inputs, not arrays"
             )
-        items.append(item)
+            raise RequestError(f"{where}: this task reads {wanted}", param=where)
+        if isinstance(entry, list):
+            items.append(
+                tuple(
+                    _predict_item(part, f"{where}[{k}]", reads[k], chars, limits=limits, modalities=known)
+                    for k, part in enumerate(entry)
+                )
+            )
+        else:
+            items.append(_predict_item(entry, where, reads[0], chars, limits=limits, modalities=known))
     return items
+
+
+def _predict_item(
+    entry: Any, where: str, modality: str, chars: list[int], *, limits: Limits, modalities: Sequence[str]
+) -> Any:
+    kind, item = _part_item(entry, where=where, limits=limits, modalities=modalities)
+    if kind == "text":
+        chars[0] += len(item)
+        if chars[0] > limits.max_text_chars:
+            raise _over(
+                "the text of inputs",
+                chars[0],
+                "characters",
+                "max_text_chars",
+                limits.max_text_chars,
+                param="inputs",
+            )
+    if kind == "text" and isinstance(entry, str):
+        kind = modality  # a bare string: a sequence, SMILES or passage for this head
+        if modality in ("protein", "dna", "molecule") and len(item) > limits.max_sequence_length:
+            raise _over(
+                f"{where} ({modality})",
+                len(item),
+                "characters",
+                "max_sequence_length",
+                limits.max_sequence_length,
+                param=where,
+            )
+    if kind != modality:
+        raise RequestError(f"{where} is a {kind} input, but this task reads {modality} inputs", param=where)
+    return item

@@ -7,7 +7,8 @@ program::
     await engine.start()
     answer = await engine.generate(record, max_tokens=64)          # Completion
     vectors = await engine.embed([("protein", "MKT..."), ("text", "a passage")])   # [B, H] tensor
-    rows = await engine.predict("toxicity", ["CCO"])
+    rows = await engine.predict("toxicity", ["CCO"])               # any head: see kiban.tasks.predict
+    rows = await engine.predict("contacts", ["MKT..."], top_k=20)  # options a head's predict takes
     async for piece in engine.stream(record, max_tokens=64): ...   # str deltas, then the Completion
     await engine.stop()
 
@@ -29,7 +30,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,7 @@ class _Job:
     future: asyncio.Future
     deadline: float  # loop.time() by which it must be answered
     max_tokens: int = 0
+    options: dict[str, Any] = field(default_factory=dict)  # predict: keyword options of head.predict
     sink: asyncio.Queue | None = None  # streamed text deltas (generate with stream=True)
     cancelled: bool = False  # set on the loop, read by the worker: a plain flag is enough
 
@@ -92,9 +94,11 @@ class InferenceEngine:
     """Owns a ``KibanModel`` (given, or loaded from ``model_dir`` by ``start``) and its task heads.
 
     model / model_dir: exactly one. With ``model_dir`` the model and ``heads/`` are loaded in the
-    worker thread after ``start`` (``ready`` turns True when done), through ``load_model_dir``:
-    safetensors and JSON only, from that directory only.
-    heads: task name -> head (``kiban.tasks.PooledHead``) when ``model`` is given.
+    worker thread after ``start`` (``ready`` turns True when done): ``check_model_dir`` first, then
+    safetensors and JSON only, from that directory only; every head is checked against the model
+    (``kiban.tasks.predict.check_head_fits``).
+    heads: task name -> head when ``model`` is given: anything with ``config`` and
+    ``predict(model, items, **options)`` (pooled, multilabel, per-residue, contact and pair heads).
     """
 
     def __init__(
@@ -172,10 +176,8 @@ class InferenceEngine:
             raise NotReady(self.load_error or "the engine is not started")
 
     def _load(self) -> None:
-        from kiban.serve.loading import load_model_dir
-
         try:
-            model, heads = load_model_dir(self.model_dir)
+            model, heads = _load_model_dir(self.model_dir)
         except Exception as error:  # noqa: BLE001 - any load failure is reported by /readyz and the CLI
             self.load_error = f"{type(error).__name__}: {error}"
             log.error("loading %s failed: %s", self.model_dir, self.load_error)
@@ -225,13 +227,15 @@ class InferenceEngine:
         job = self._submit("embed", ("embed",), list(items))
         return await self._wait(job)
 
-    async def predict(self, task: str, items: Sequence[Any]) -> list[dict[str, Any]]:
-        """A task head's outputs for raw inputs of the head's modality (see ``PooledHead.outputs``)."""
+    async def predict(self, task: str, items: Sequence[Any], **options: Any) -> list[dict[str, Any]]:
+        """A task head's outputs (``head.predict``) for raw inputs of the head's modality, or
+        (protein, molecule) tuples for a pair head; ``options`` go to ``head.predict`` (contact
+        heads: ``top_k``, ``min_separation``). Requests with equal options share a batch."""
         if task not in self.heads:
             known = ", ".join(sorted(self.heads)) or "none"
             raise UnknownTask(f"no task head named {task!r} is loaded (tasks: {known})")
-        modality = self.heads[task].config.modality
-        job = self._submit("predict", ("predict", task), [(modality, item) for item in items])
+        key = ("predict", task, tuple(sorted(options.items())))
+        job = self._submit("predict", key, list(items), options=options)
         return await self._wait(job)
 
     def _finished(self, completion: Completion) -> Completion:
@@ -258,6 +262,7 @@ class InferenceEngine:
         rows: list[Any],
         *,
         max_tokens: int = 0,
+        options: dict[str, Any] | None = None,
         sink: asyncio.Queue | None = None,
     ) -> _Job:
         if not self.ready:
@@ -272,6 +277,7 @@ class InferenceEngine:
             loop.create_future(),
             loop.time() + self.options.timeout_s,
             max_tokens=max_tokens,
+            options=dict(options or {}),
             sink=sink,
         )
         try:
@@ -402,17 +408,19 @@ class InferenceEngine:
                 self.model, [job.rows[0] for job in chunk], controls, temperature=temperature, top_p=top_p
             )
         rows = [row for job in chunk for row in job.rows]
-        pooled = []
+        answers: list[Any] = []
         with torch.inference_mode():
             for part in _split(rows, self.options.max_batch):
                 self.stats.on_batch(kind, len(part))
-                pooled.append(self.model.embed(part))
-            pooled = torch.cat(pooled)
-            if kind == "predict":
-                pooled = self.heads[chunk[0].key[1]].outputs(pooled)
+                if kind == "predict":  # the jobs of a chunk share their task and options (the key)
+                    answers.extend(self.heads[chunk[0].key[1]].predict(self.model, part, **chunk[0].options))
+                else:
+                    answers.append(self.model.embed(part))
+        if kind == "embed":
+            answers = torch.cat(answers)
         out, start = [], 0
         for job in chunk:
-            out.append(pooled[start : start + len(job.rows)])
+            out.append(answers[start : start + len(job.rows)])
             start += len(job.rows)
         return out
 
@@ -450,6 +458,20 @@ class InferenceEngine:
             self._loop.call_soon_threadsafe(settle)
         else:
             settle()
+
+
+def _load_model_dir(model_dir: Path) -> tuple[Any, dict[str, Any]]:
+    """(model, heads) of a saved model folder: ``kiban.serve.loading.check_model_dir`` (nothing
+    outside the folder is read), ``KibanModel.from_pretrained``, then every head under ``heads/``,
+    each checked against the model by its own rule (a pooled head: the model's width; a
+    per-residue or contact head: the protein encoder's width; a pair head: both encoders)."""
+    from kiban.fusion.model import KibanModel
+    from kiban.serve.loading import check_model_dir
+    from kiban.tasks.predict import load_model_heads
+
+    root = check_model_dir(model_dir)
+    model = KibanModel.from_pretrained(root).eval()
+    return model, load_model_heads(root, model)
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

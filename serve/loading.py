@@ -68,15 +68,9 @@ def load_model_dir(model_dir: str | Path) -> tuple[Any, dict[str, Any]]:
     """(model in eval mode, task name -> head) from a directory written by ``save_pretrained``
     (plus ``heads/<task>/`` folders written by ``PooledHead.save``)."""
     from kiban.fusion.model import KibanModel
-    from kiban.tasks.heads import load_heads
+    from kiban.tasks.predict import load_model_heads
 
     root = check_model_dir(model_dir)
     model = KibanModel.from_pretrained(root).eval()
-    heads = load_heads(root, width=model.llm.get_input_embeddings().embedding_dim)
-    for task, head in heads.items():
-        if head.config.modality not in (*model.encoders, "text"):
-            raise ValueError(
-                f"head {task!r} reads {head.config.modality} inputs, but the model has no "
-                f"{head.config.modality} encoder (it has: {', '.join(model.encoders)})"
-            )
+    heads = load_model_heads(root, model)  # each head checked against the model by its own rule
     return model, heads

@@ -20,6 +20,7 @@ __all__ = [
     "ChatCompletion",
     "ChatCompletionChunk",
     "ChatCompletionRequest",
+    "ContactPair",
     "ContentPart",
     "DnaPart",
     "EmbeddingRequest",
@@ -31,6 +32,7 @@ __all__ = [
     "PredictRequest",
     "PredictResponse",
     "ProteinPart",
+    "ResiduePrediction",
     "TextPart",
 ]
 
@@ -243,21 +245,77 @@ class EmbeddingResponse(_Model):
     usage: EmbeddingUsage
 
 
+PairItem = Annotated[
+    list[InputItem],
+    Field(
+        min_length=2,
+        max_length=2,
+        description="one input of a pair head: [protein, molecule] (the order of the head's 'inputs' in "
+        "GET /v1/models), each a bare string or a typed input",
+    ),
+]
+
+
 class PredictRequest(_Model):
-    inputs: list[InputItem] = Field(
+    inputs: list[InputItem | PairItem] = Field(
         min_length=1,
-        description="raw inputs of the head's modality: strings (sequence, SMILES, text) or typed inputs",
+        description="raw inputs of the head's modality: strings (sequence, SMILES, text) or typed inputs; "
+        "for a pair head (two 'inputs' in GET /v1/models), two-item arrays [protein, molecule]; "
+        "at most max_inputs items",
     )
     model: str | None = None
+    top_k: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="contact heads only: the most probable residue pairs to return per protein "
+        "(default: the protein's length L)",
+    )
+    min_separation: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000,
+        description="contact heads only: the smallest |i - j| of a returned pair (default: the head's, 6)",
+    )
+
+
+class ResiduePrediction(_Model):
+    """One residue of a per-residue head's answer."""
+
+    position: int = Field(description="1-based position in the sequence")
+    residue: str = Field(description="the residue's one-letter code")
+    label: str = Field(description="the most probable state (e.g. C, E or H)")
+    probabilities: dict[str, float] = Field(description="state -> probability")
+
+
+class ContactPair(_Model):
+    """One residue pair of a contact head's answer."""
+
+    i: int = Field(description="1-based position of the first residue (i < j)")
+    j: int = Field(description="1-based position of the second residue")
+    probability: float = Field(description="probability that the two residues are in contact (Cβ–Cβ < 8 Å)")
 
 
 class Prediction(_Model):
+    """One input's answer; which fields are present depends on the head's kind (GET /v1/models)."""
+
     index: int
     label: str | None = Field(default=None, description="classification: the most probable label")
     probabilities: dict[str, float] | None = Field(
-        default=None, description="classification: label -> probability"
+        default=None,
+        description="classification: label -> probability (they sum to 1); multilabel: label -> "
+        "independent probability",
     )
-    values: dict[str, float] | None = Field(default=None, description="regression: target -> value")
+    values: dict[str, float] | None = Field(
+        default=None, description="regression (pair heads too): target -> value"
+    )
+    residues: list[ResiduePrediction] | None = Field(
+        default=None, description="residue_classification: one entry per residue, in sequence order"
+    )
+    length: int | None = Field(default=None, description="contact: the protein's length L")
+    contacts: list[ContactPair] | None = Field(
+        default=None, description="contact: the top_k most probable pairs, most probable first"
+    )
 
 
 class PredictResponse(_Model):
@@ -273,11 +331,24 @@ class PredictResponse(_Model):
 
 class HeadInfo(_Model):
     task: str
-    modality: str
-    kind: Literal["classification", "regression"]
+    modality: str = Field(description="what the head reads: an encoder name, 'text', or 'protein+molecule'")
+    inputs: list[str] = Field(
+        default_factory=list,
+        description="the modalities of one input: one, or two for a pair head (send [protein, molecule])",
+    )
+    kind: Literal["classification", "regression", "multilabel", "residue_classification", "contact"] = Field(
+        description="classification: label + probabilities; regression: values; multilabel: a probability "
+        "per label; residue_classification: residues; contact: length + contacts"
+    )
     labels: list[str]
     version: str
     endpoint: str
+
+    @model_validator(mode="after")
+    def _inputs_from_modality(self) -> HeadInfo:
+        if not self.inputs:
+            self.inputs = self.modality.split("+")
+        return self
 
 
 class ModelCard(_Model):

@@ -1,4 +1,6 @@
-"""``kiban finetune`` and ``kiban predict``: a user's labelled file to a saved head, and back."""
+"""``kiban finetune`` and ``kiban predict``: a user's labelled file to a saved head, and back.
+
+See ``kiban.tasks.finetune`` for the data types and ``kiban.tasks.predict`` for what each head writes."""
 
 from __future__ import annotations
 
@@ -27,18 +29,37 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         required=True,
         type=Path,
-        help="a SMILES CSV/TSV or an .h5ad with labels; for the task 'contacts', a folder of PDB/mmCIF files or a manifest.csv",
+        help="a SMILES CSV/TSV, an .h5ad, a folder of PDB/mmCIF files (or its manifest.csv), a per-residue "
+        "state table (sequence + ss3) or a drug-target pairs table",
+    )
+    parser.add_argument(
+        "--type",
+        default="auto",
+        choices=("auto", "molecules", "cells", "contacts", "secondary", "dti"),
+        help="what --data holds; auto: a folder or manifest.csv -> contacts, .h5ad -> cells, --drugs/--targets "
+        "or SMILES + sequence columns -> dti, sequence + ss3/ss8 columns -> secondary, else a SMILES table",
     )
     parser.add_argument(
         "--labels",
-        default="",
-        help="label column(s), comma-separated (h5ad: an obs column; default cell_type)",
+        action="append",
+        default=[],
+        metavar="COLUMN",
+        help="a label column; repeat for several (a value that is no column is split on commas: a,b,c). "
+        "h5ad: an obs column (default cell_type); secondary: the state column (default ss3); dti: the affinity",
+    )
+    parser.add_argument(
+        "--labels-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="label columns, one name per line (for many columns, or names with commas)",
     )
     parser.add_argument(
         "--mode",
         default="probe",
         choices=("probe", "head", "lora"),
-        help="probe: linear head on frozen states; head: one hidden layer; lora: LoRA adapters on the backbone trained with a linear head",
+        help="probe: linear head on frozen states; head: one hidden layer; lora: LoRA adapters on the backbone "
+        "trained with a linear head (molecules, cells). Per-residue and contact heads have their own architecture",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="output folder (default runs/finetune/TASK); must not exist"
@@ -47,12 +68,35 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
         "--model", default="tiny", help="a saved kiban model folder, or 'tiny' (random, for smoke tests)"
     )
     parser.add_argument(
-        "--groups", default=None, help="h5ad obs column of donors / batches to hold out whole"
+        "--groups",
+        default=None,
+        help="a column of groups held out whole: h5ad obs donors / batches; dti drug_id or target_id (cold split)",
     )
     parser.add_argument("--use-raw", action="store_true", help="h5ad: read adata.raw.X instead of X")
+    parser.add_argument("--drugs", type=Path, default=None, help="dti: a table of drug_id, smiles")
+    parser.add_argument("--targets", type=Path, default=None, help="dti: a table of target_id, sequence")
+    parser.add_argument(
+        "--max-rows", type=int, default=None, help="use at most this many rows (seeded sample)"
+    )
+    parser.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="drop proteins longer than this (default 400 residues for secondary and contacts, 1000 for dti)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--epochs", type=int, default=None, help="passes over the training rows (default 200; lora: 10)"
+        "--layer",
+        type=int,
+        default=None,
+        help="pooled heads: read the backbone's states after this decoder layer (default: the final "
+        "states); a small layer stops the forward early (see benchmarks/README.md)",
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="passes over the training data (default 200; lora: 10; secondary: 10; contacts: 30)",
     )
 
 
@@ -64,63 +108,101 @@ def finetune_command(args: argparse.Namespace) -> int:
     from kiban.tasks.finetune import FinetuneOptions, finetune
 
     out = args.out or Path("runs") / "finetune" / args.task
+    labels = list(args.labels)
+    if args.labels_file is not None:
+        if not args.labels_file.is_file():
+            raise FileNotFoundError(f"no such labels file: {args.labels_file}")
+        # one exact column name per line: commas inside a name are part of it
+        labels += [line.strip() for line in args.labels_file.read_text().splitlines() if line.strip()]
     options = FinetuneOptions(
         task=args.task,
         data=args.data,
         out=out,
-        labels=[c.strip() for c in args.labels.split(",") if c.strip()],
+        labels=labels,
         mode=args.mode,
         model=args.model,
         groups=args.groups,
         seed=args.seed,
-        epochs=args.epochs if args.epochs is not None else (10 if args.mode == "lora" else 200),
+        epochs=args.epochs,
         use_raw=args.use_raw,
         progress=sys.stderr.isatty(),
+        type=args.type,
+        drugs=args.drugs,
+        targets=args.targets,
+        max_rows=args.max_rows,
+        max_length=args.max_length,
+        layer=args.layer,
     )
     metrics = finetune(options)
-    if "kind" not in metrics:  # contacts: heads vs. the separation prior, nothing saved to load
-        for result in metrics["results"]:
-            m = result["metrics"]
-            print(
-                f"{result['model']:55s} "
-                + " ".join(f"{r} P@L {m[f'{r}_P@L']:.3f}" for r in ("short", "medium", "long"))
-            )
-        print(f"wrote {out} (metrics.json, plots/contact_map.png)", file=sys.stderr)
-        return 0
     for result in metrics["results"]:
         if result["split"] == "test":
-            print(f"{result['model']:55s} {_headline(metrics['kind'], result['metrics'])}")
-    print(f"wrote {out} (metrics.json, predictions.csv, plots/, heads/{args.task}/)", file=sys.stderr)
+            print(f"{result['model']:55s} {_HEADLINES[metrics['kind']](result['metrics'])}")
+    written = ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()))
+    print(f"wrote {out} ({written}); head in heads/{args.task}/", file=sys.stderr)
     return 0
 
 
-def _headline(kind: str, metrics: dict) -> str:
-    if kind == "multilabel":
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
-        def number(value: float | None) -> str:
-            return "n/a" if value is None else f"{value:.3f}"
 
-        return (
-            f"mean ROC-AUC {number(metrics['mean_roc_auc'])} mean PR-AUC {number(metrics['mean_pr_auc'])}"
-            f" over {metrics['tasks_scored']} task(s)"
-        )
-    if kind == "classification":
-        extra = f" ROC-AUC {metrics['roc_auc']:.3f}" if "roc_auc" in metrics else ""
-        return f"accuracy {metrics['accuracy']:.3f} macro-F1 {metrics['macro_f1']:.3f}{extra}"
-    return "; ".join(
-        f"{t[:20]}: RMSE {m['rmse']:.3f} Spearman {m['spearman']:.3f}" for t, m in metrics.items()
+def _multilabel(metrics: dict) -> str:
+    return (
+        f"mean ROC-AUC {_number(metrics['mean_roc_auc'])} mean PR-AUC {_number(metrics['mean_pr_auc'])}"
+        f" over {metrics['tasks_scored']} task(s)"
     )
+
+
+def _classification(metrics: dict) -> str:
+    extra = f" ROC-AUC {metrics['roc_auc']:.3f}" if "roc_auc" in metrics else ""
+    return f"accuracy {metrics['accuracy']:.3f} macro-F1 {metrics['macro_f1']:.3f}{extra}"
+
+
+def _regression(metrics: dict) -> str:
+    return "; ".join(
+        f"{t[:20]}: RMSE {m['rmse']:.3f} Spearman {_number(m['spearman'])} CI {_number(m['concordance_index'])}"
+        for t, m in metrics.items()
+    )
+
+
+def _residues(metrics: dict) -> str:
+    return f"per-residue accuracy {metrics['accuracy']:.3f} macro-F1 {metrics['macro_f1']:.3f}"
+
+
+def _contacts(metrics: dict) -> str:
+    return " ".join(f"{r} P@L {_number(metrics[f'{r}_P@L'])}" for r in ("short", "medium", "long"))
+
+
+# metrics.json "kind" -> the one-line summary of a test result
+_HEADLINES = {
+    "multilabel": _multilabel,
+    "classification": _classification,
+    "regression": _regression,
+    "residue_classification": _residues,
+    "contact": _contacts,
+}
 
 
 def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("head", type=Path, help="a saved head folder (head.json + head.safetensors)")
     parser.add_argument(
-        "--data", required=True, type=Path, help="a SMILES CSV/.smi or an .h5ad of the head's modality"
+        "--data",
+        required=True,
+        type=Path,
+        help="inputs of the head's modality: a SMILES CSV/.smi, a FASTA or sequence table (protein heads, "
+        "per-residue and contact heads too), an .h5ad, or a pairs table (pair heads)",
     )
     parser.add_argument(
         "--model", default=None, help="the model the head was trained on (default: the one in head.json)"
     )
     parser.add_argument("--out", type=Path, default=None, help="CSV of predictions (default: stdout)")
+    parser.add_argument(
+        "--top-k", type=int, default=None, help="contact heads: pairs per protein (default: its length)"
+    )
+    parser.add_argument("--drugs", type=Path, default=None, help="pair heads: a table of drug_id, smiles")
+    parser.add_argument(
+        "--targets", type=Path, default=None, help="pair heads: a table of target_id, sequence"
+    )
 
 
 @command("predict", help="predict with a saved head on a file of inputs")
@@ -128,7 +210,17 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
 def predict_command(args: argparse.Namespace) -> int:
     from kiban.tasks.predict import predict_file
 
-    predict_file(args.head, args.data, model=args.model, out=args.out)
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    predict_file(
+        args.head,
+        args.data,
+        model=args.model,
+        out=args.out,
+        top_k=args.top_k,
+        drugs=args.drugs,
+        targets=args.targets,
+    )
     return 0
 
 

@@ -1,32 +1,48 @@
 """``kiban finetune``: from a user's labelled file to a trained, evaluated and saved head.
 
     data check (kiban.data readers; rejects.jsonl + counts.json) -> labels -> honest split
-    -> pooled states of the frozen model -> head fitted (progress bar) -> the same split scored
+    -> states of the frozen model -> head fitted (progress bar) -> the same split scored
     for the head, a specialist's baseline and the trivial predictor -> metrics.json, plots, head
 
 Everything is written into a hidden temporary folder beside ``out`` and renamed to ``out`` only
 when the run succeeds, so a failed run (a missing label column, a single class, a file where
 nothing parses) leaves nothing behind. Output folder::
 
-    metrics.json         task, kind, labels, split (method, seed, sizes), results: one entry per
-                         (model, split side), each naming its side, split method and seed
-    predictions.csv      test rows: id, true and predicted values
-    plots/*.png          parity (regression), ROC (binary), confusion matrix (classification)
+    metrics.json         task, type, kind, labels, split (method, seed, sizes), results: one entry
+                         per (model, split side), each naming its side, split method and seed
+    predictions.csv      test rows: id, true and predicted values (not for contacts)
+    plots/*.png          parity (regression), ROC (binary), confusion matrix (classification,
+                         per-residue states), contact_map.png (contacts)
     heads/<task>/        head.json + head.safetensors (``load_heads(out)`` / ``kiban serve`` layout)
     model/               with ``--model tiny`` or ``--mode lora``: the model the head reads (lora: its
                          adapters in model/lora/, peft's files)
     rejects.jsonl, counts.json   what the data check rejected, and why
 
-Labels: one column of classes or 0/1 -> classification; several columns all 0/1 (blanks = not
-measured, Tox21 style) -> a multi-task "multilabel" head, blanks masked in loss and metrics;
-numeric columns -> regression (blanks masked too).
+Data types (``--type``; ``auto`` tells them apart as listed, first match wins):
 
-``kiban finetune contacts --data DIR_OR_MANIFEST``: a folder of PDB/mmCIF files (or its
-``manifest.csv``) -> the contact heads vs. the separation prior (``structure.evaluate_contacts``),
-metrics.json and plots/contact_map.png; no head is saved.
+    contacts    a folder of PDB / mmCIF files, or its ``manifest.csv`` -> the supervised pairwise
+                contact head (saved; architecture "contact") vs. ESM-2's attention logistic
+                regression and the sequence-separation prior, split by structure
+    cells       an ``.h5ad`` (labels from ``adata.obs``; ``--groups`` a donor / batch column)
+    dti         a table of (drug, target) pairs with a numeric label (``--labels``): SMILES and
+                sequence columns, or ``drug_id`` / ``target_id`` with ``--drugs`` / ``--targets``
+                id tables (Davis / KIBA); pair head vs. a random forest on drug Morgan FP + target
+                one-hot + composition and the mean; random split, or ``--groups drug_id`` /
+                ``target_id`` for cold drugs / targets
+    secondary   a table with ``sequence`` and a per-residue state column (``ss3``, or ``ss8``, or
+                ``--labels COL``) -> per-residue head (architecture "residue") vs. amino-acid
+                propensity and the majority state, split by protein (length-stratified)
+    molecules   a SMILES table (CSV/TSV; ``--labels`` names one or more label columns)
 
-Inputs: a SMILES table (CSV/TSV; ``--labels`` names one or more label columns) or an ``.h5ad``
-(labels from ``adata.obs``; ``--groups`` names a donor / batch column to hold out whole).
+Labels (molecules, cells): one column of classes or 0/1 -> classification; several columns all
+0/1 (blanks = not measured, Tox21 style) -> a multi-task head of kind "multilabel", blanks masked
+in loss and metrics; numeric columns -> regression (blanks masked too). Each ``--labels`` value
+is one column name; a value that is no column is read as a comma-separated list of columns (the
+older form), so names with commas (SIDER's) are given one per ``--labels`` or in a labels file.
+
+``--max-rows`` samples that many rows (proteins, pairs, structures, molecules, cells; seeded) and
+``--max-length`` drops proteins longer than that (defaults: 400 residues for secondary structure
+and contacts, 1000 for pairs), so a first run stays small.
 """
 
 from __future__ import annotations
@@ -34,6 +50,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,17 +61,41 @@ from kiban.tasks.heads import HeadConfig, create_head
 from kiban.tasks.predict import RUN_MODEL
 from kiban.tasks.training import FitSettings, fit_head
 
-__all__ = ["FinetuneOptions", "LabelledData", "build_model", "embed_items", "finetune", "load_labelled"]
+__all__ = [
+    "DATA_TYPES",
+    "FinetuneOptions",
+    "LabelledData",
+    "build_model",
+    "data_type",
+    "embed_items",
+    "finetune",
+    "load_labelled",
+    "resolve_labels",
+]
 
 MODES = ("probe", "head", "lora")
+DATA_TYPES = ("molecules", "cells", "contacts", "secondary", "dti")
+# passes over the training data when --epochs is not given (contacts: the pairwise head's passes)
+DEFAULT_EPOCHS = {"molecules": 200, "cells": 200, "contacts": 30, "secondary": 10, "dti": 200}
+LORA_EPOCHS = 10
+DEFAULT_MAX_LENGTH = {"contacts": 400, "secondary": 400, "dti": 1000}
+SS_COLUMNS = ("ss3", "ss8")
 
 
 @dataclass
 class FinetuneOptions:
-    """labels: label column(s) (required for tables; h5ad default "cell_type"). model: "tiny" (a tiny
-    random model, for smoke tests) or a ``save_pretrained`` folder. groups: h5ad obs column of
-    donors / batches held out whole. mode: probe (linear head on frozen states), head (one hidden
-    layer), lora (LoRA adapters on the backbone trained with a linear head; ``kiban.tasks.lora``)."""
+    """labels: label column names (required for tables; h5ad default "cell_type"; secondary
+    default ss3); see ``resolve_labels``. model: "tiny" (a tiny random model, for smoke tests) or
+    a ``save_pretrained`` folder. groups: a column of groups held out whole (h5ad obs: donors /
+    batches; pairs: drug_id / target_id). mode: probe (linear head on frozen states), head (one
+    hidden layer), lora (LoRA adapters on the backbone trained with a linear head;
+    ``kiban.tasks.lora``; molecules and cells only); per-residue and contact heads have their own
+    architecture. type: one of ``DATA_TYPES`` or "auto". epochs: None for the type's default.
+    drugs / targets: id tables of a pairs file. max_rows / max_length: caps (see the module doc).
+    layer: which backbone layer's states a pooled head reads (``KibanModel.embed``; None = the final
+    states; a small k stops the forward after layer k, far faster). loaded_model: the model
+    ``model`` names, already loaded (saves loading it again; ``model`` still names it in the
+    outputs). save_features: also write ``features.npz`` (ids and the pooled states the head read)."""
 
     task: str
     data: Path
@@ -64,9 +105,22 @@ class FinetuneOptions:
     model: str = "tiny"
     groups: str | None = None
     seed: int = 0
-    epochs: int = 200
+    epochs: int | None = None
     use_raw: bool = False
     progress: bool = True
+    type: str = "auto"
+    drugs: Path | None = None
+    targets: Path | None = None
+    max_rows: int | None = None
+    max_length: int | None = None
+    layer: int | None = None
+    loaded_model: Any = None
+    save_features: bool = False
+
+    def epochs_for(self, data_type: str) -> int:
+        if self.epochs is not None:
+            return self.epochs
+        return LORA_EPOCHS if self.mode == "lora" else DEFAULT_EPOCHS[data_type]
 
 
 @dataclass
@@ -90,22 +144,32 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
     """Run the whole pipeline; returns metrics.json's content. Bad input raises ValueError."""
     if options.mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {options.mode!r}")
+    for flag, value in (
+        ("--max-rows", options.max_rows),
+        ("--max-length", options.max_length),
+        ("--epochs", options.epochs),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} must be at least 1, got {value}")
     HeadConfig(
         task=options.task, modality="x", kind="regression", labels=["y"], input_dim=1
     )  # checks the name
     out = Path(options.out)
     if out.exists() and any(out.iterdir()):
         raise ValueError(f"output folder {out} already exists and is not empty; choose another --out")
-    contacts = options.task == "contacts" and (
-        Path(options.data).is_dir() or Path(options.data).name == "manifest.csv"
-    )
-    if not contacts and not Path(options.data).is_file():
-        raise FileNotFoundError(f"no such file: {options.data}")
-    files = structure_files(Path(options.data)) if contacts else []
+    source = data_type(options)
+    if options.mode == "lora" and source not in ("molecules", "cells"):
+        raise ValueError(f"--mode lora fine-tunes on SMILES tables and h5ad files, not on {source} data")
+    if options.groups is not None and source in ("contacts", "secondary"):
+        raise ValueError(
+            f"--groups does not apply to {source} data (it is split by protein, length-stratified)"
+        )
+    if (options.drugs or options.targets) and source != "dti":
+        raise ValueError(f"--drugs / --targets apply to drug–target pair tables, not to {source} data")
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     try:
-        result = _run_contacts(options, files, work) if contacts else _run(options, work)
+        result = _RUNNERS[source](options, work)
         if out.exists():
             out.rmdir()
         work.rename(out)
@@ -113,6 +177,98 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
         shutil.rmtree(work, ignore_errors=True)
         raise
     return result
+
+
+def data_type(options: FinetuneOptions) -> str:
+    """The data type of ``options.data``: ``options.type`` when given, else told from the path and
+    a table's header (see the module docstring). A missing path is a FileNotFoundError."""
+    data = Path(options.data)
+    if options.type not in ("auto", *DATA_TYPES):
+        raise ValueError(f"--type must be auto or one of {', '.join(DATA_TYPES)}, got {options.type!r}")
+    folder_ok = options.type in ("auto", "contacts")
+    if not data.is_file() and not (folder_ok and data.is_dir()):
+        raise FileNotFoundError(f"no such {'file or folder' if folder_ok else 'file'}: {data}")
+    if options.type != "auto":
+        return options.type
+    if data.is_dir() or data.name == "manifest.csv":
+        return "contacts"
+    if data.suffix == ".h5ad":
+        return "cells"
+    if options.drugs is not None or options.targets is not None:
+        return "dti"
+    columns = _header(data) if data.suffix in (".csv", ".tsv") else []
+    from kiban.tasks.dti import SEQUENCE_COLUMNS, SMILES_COLUMNS
+
+    if "sequence" in columns and any(c in columns for c in SS_COLUMNS):
+        return "secondary"
+    if any(c in columns for c in SMILES_COLUMNS) and any(c in columns for c in SEQUENCE_COLUMNS):
+        return "dti"
+    return "molecules"
+
+
+def _header(path: Path) -> list[str]:
+    import csv
+
+    with path.open(newline="") as handle:
+        row = next(csv.reader(handle, delimiter="\t" if path.suffix == ".tsv" else ","), [])
+    return [c.strip() for c in row]
+
+
+def resolve_labels(requested: list[str], columns: list[str], *, missing: str) -> list[str]:
+    """The label columns ``requested`` names, in order, without repeats.
+
+    Each value is a column name; a value that is no column is read as a comma-separated list of
+    columns (``--labels a,b``). Unknown names raise ValueError ``"{missing} 'x'; columns: ..."``:
+    the pieces that are no column, or the whole value when none of its pieces is one (a
+    mistyped name that contains commas).
+    """
+    chosen, unknown = [], []
+    for value in requested:
+        if value in columns:
+            chosen.append(value)
+            continue
+        pieces = [p.strip() for p in value.split(",") if p.strip()]
+        absent = [p for p in pieces if p not in columns]
+        if not absent:
+            chosen.extend(pieces)
+        else:
+            unknown.extend(absent if len(absent) < len(pieces) else [value])
+    if unknown:
+        raise ValueError(
+            f"{missing} {', '.join(map(repr, unknown))}; columns: {', '.join(map(str, columns))}"
+        )
+    return list(dict.fromkeys(chosen))
+
+
+def _one_label(options: FinetuneOptions, columns: list[str], path: Path, *, what: str) -> str:
+    labels = resolve_labels(options.labels, columns, missing=f"{path}: no label column")
+    if len(labels) != 1:
+        raise ValueError(f"{path}: name exactly one {what} column with --labels (got {len(labels)})")
+    return labels[0]
+
+
+def _sample(n: int, max_rows: int | None, seed: int) -> np.ndarray:
+    """Row indices: all, or ``max_rows`` of them drawn with ``seed`` (kept in file order)."""
+    if max_rows is None or max_rows >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False))
+
+
+def _write_json(path: Path, values: dict[str, Any]) -> None:
+    # strict JSON: an undefined metric (Spearman of a constant prediction) is null, not NaN
+    path.write_text(json.dumps(_finite(values), indent=2, default=_json_value, allow_nan=False) + "\n")
+
+
+def _bar(items: Any, *, progress: bool, desc: str, unit: str) -> Any:
+    if not progress:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=unit, leave=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Molecules and cells: pooled heads
 
 
 def _run(options: FinetuneOptions, work: Path) -> dict[str, Any]:
@@ -123,6 +279,7 @@ def _run(options: FinetuneOptions, work: Path) -> dict[str, Any]:
     model = _model(options)
     with rejects_log(work) as rejects:
         data = load_labelled(options, model=model, rejects=rejects)
+    data = _subsample(data, options.max_rows, options.seed)
     if data.modality == "molecule":
         split = scaffold_split(data.items, seed=options.seed)
     elif data.groups is not None:
@@ -130,24 +287,25 @@ def _run(options: FinetuneOptions, work: Path) -> dict[str, Any]:
     else:
         split = random_split(len(data.ids), seed=options.seed)
     lora = options.mode == "lora"
+    epochs = options.epochs_for("cells" if data.modality == "cell" else "molecules")
     if lora:
         from kiban.tasks.lora import add_lora
 
         add_lora(model)  # a no-op for the tiny model (built with adapters) or a model that has some
         with torch.no_grad():
-            width = model.embed([(data.modality, data.items[0])]).shape[1]
+            width = model.embed([(data.modality, data.items[0])], layer=options.layer).shape[1]
     else:
-        features = embed_items(model, data.modality, data.items, progress=options.progress)
+        features = embed_items(model, data.modality, data.items, progress=options.progress, layer=options.layer)
         width = features.shape[1]
     config = HeadConfig(
         task=options.task,
         modality=data.modality,
-        # several 0/1 columns: a "multilabel" head, reported to the server as classification
-        kind="classification" if data.kind == "multilabel" else data.kind,
+        kind=data.kind,
         architecture="multilabel" if data.kind == "multilabel" else "pooled",
         labels=data.labels,
         input_dim=width,
         hidden_dim=2 * width if options.mode == "head" else 0,
+        layer=options.layer,
         extra={
             # lora: the adapted model is saved in the run folder beside the head
             "model": RUN_MODEL if options.model == "tiny" or lora else str(Path(options.model).resolve()),
@@ -173,16 +331,16 @@ def _run(options: FinetuneOptions, work: Path) -> dict[str, Any]:
             targets,
             split.train,
             split.valid,
-            settings=LoraFitSettings(epochs=options.epochs, seed=options.seed, progress=options.progress),
+            settings=LoraFitSettings(epochs=epochs, seed=options.seed, progress=options.progress),
         )
-        features = embed_items(model, data.modality, data.items, progress=options.progress)
+        features = embed_items(model, data.modality, data.items, progress=options.progress, layer=options.layer)
     else:
         fit_head(
             head,
             features[split.train],
             targets[split.train],
             valid=(features[split.valid], targets[split.valid]) if len(split.valid) else None,
-            settings=FitSettings(epochs=options.epochs, seed=options.seed, progress=options.progress),
+            settings=FitSettings(epochs=epochs, seed=options.seed, progress=options.progress),
         )
     with torch.no_grad():
         outputs = {
@@ -209,6 +367,7 @@ def _run(options: FinetuneOptions, work: Path) -> dict[str, Any]:
             )
     metrics = {
         "task": options.task,
+        "type": "cells" if data.modality == "cell" else "molecules",
         "kind": data.kind,
         "labels": data.labels,
         "data": str(options.data),
@@ -218,11 +377,10 @@ def _run(options: FinetuneOptions, work: Path) -> dict[str, Any]:
         "split": split.describe(),
         "results": results,
     }
-    # strict JSON: an undefined metric (Spearman of a constant prediction) is null, not NaN
-    (work / "metrics.json").write_text(
-        json.dumps(_finite(metrics), indent=2, default=_json_value, allow_nan=False) + "\n"
-    )
+    _write_json(work / "metrics.json", metrics)
     _write_predictions(work / "predictions.csv", data, split.test, outputs["test"])
+    if options.save_features:
+        np.savez(work / "features.npz", ids=np.array(data.ids), features=features.numpy())
     plots.write_plots(
         work / "plots",
         kind=data.kind,
@@ -236,6 +394,42 @@ def _run(options: FinetuneOptions, work: Path) -> dict[str, Any]:
         # belong to this head, so the adapted model is saved beside it
         model.save_pretrained(work / "model")
     return metrics
+
+
+def _subsample(data: LabelledData, max_rows: int | None, seed: int) -> LabelledData:
+    rows = _sample(len(data.ids), max_rows, seed)
+    if len(rows) == len(data.ids):
+        return data
+    return LabelledData(
+        data.modality,
+        [data.ids[i] for i in rows],
+        [data.items[i] for i in rows],
+        data.kind,
+        data.labels,
+        data.targets[rows],
+        data.groups[rows] if data.groups is not None else None,
+        {**data.extra, "max_rows": max_rows},
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Proteins: contacts and per-residue states
+
+
+def _saved_model(options: FinetuneOptions, model: Any, work: Path) -> str:
+    """The head's ``extra["model"]``: the run's own tiny model (saved here), or the model folder."""
+    if options.model == "tiny":
+        model.save_pretrained(work / "model")
+        return RUN_MODEL
+    return str(Path(options.model).resolve())
+
+
+def _protein_model(options: FinetuneOptions, modalities: tuple[str, ...] = ("protein",)) -> Any:
+    model = build_model(options.model, Path(options.data), seed=options.seed, modalities=modalities)
+    missing = [m for m in modalities if m not in model.encoders]
+    if missing:
+        raise ValueError(f"{options.model} has no {' or '.join(missing)} encoder")
+    return model
 
 
 def structure_files(data: Path) -> list[Path]:
@@ -259,37 +453,338 @@ def structure_files(data: Path) -> list[Path]:
     return files
 
 
-def _run_contacts(options: FinetuneOptions, files: list[Path], work: Path) -> dict[str, Any]:
-    """``kiban finetune contacts --data DIR_OR_MANIFEST``: the contact heads vs. the separation prior
-    (``structure.evaluate_contacts``), metrics.json and a contact-map plot; no head is saved."""
-    from kiban.tasks.structure import evaluate_contacts
+def _run_contacts(options: FinetuneOptions, work: Path) -> dict[str, Any]:
+    """Structures -> the supervised pairwise contact head, saved, beside ESM-2's attention logistic
+    regression and the separation prior (``structure.fit_contact_heads``); metrics.json and a
+    contact-map plot of the first test chain."""
+    from kiban.data import rejects_log
+    from kiban.tasks.structure import ContactMapHead, fit_contact_heads
 
-    if options.model == "tiny":
-        from kiban.encoders import create_encoder
-
-        torch.manual_seed(options.seed)
-        encoder = create_encoder("protein", preset="tiny").eval()
-    else:
-        from kiban.fusion import KibanModel
-
-        model = KibanModel.from_pretrained(options.model).eval()
-        if "protein" not in model.encoders:
-            raise ValueError(f"{options.model} has no protein encoder")
-        encoder = model.encoders["protein"]
-    report = evaluate_contacts(
-        encoder, files, seed=options.seed, epochs=options.epochs, plot=work / "plots" / "contact_map.png"
+    files = structure_files(Path(options.data))
+    files = [files[i] for i in _sample(len(files), options.max_rows, options.seed)]
+    max_length = options.max_length or DEFAULT_MAX_LENGTH["contacts"]
+    model = _protein_model(options)
+    encoder = model.encoders["protein"]
+    with rejects_log(work) as rejects:
+        report, pairwise = fit_contact_heads(
+            encoder,
+            files,
+            seed=options.seed,
+            max_length=max_length,
+            pairwise_epochs=options.epochs_for("contacts"),
+            plot=work / "plots" / "contact_map.png",
+            progress=options.progress,
+            rejects=rejects,
+        )
+    head = ContactMapHead(
+        HeadConfig(
+            task=options.task,
+            modality="protein",
+            kind="contact",
+            architecture="contact",
+            labels=["contact"],
+            input_dim=encoder.output_dim,
+            hidden_dim=pairwise.mlp[0].out_features,
+            extra={
+                "project": pairwise.project[1].out_features,
+                "min_separation": 6,
+                "contact_distance": 8.0,
+                "trained_on": str(options.data),
+                "seed": options.seed,
+                "max_length": max_length,
+            },
+        )
     )
+    head.net.load_state_dict(pairwise.state_dict())
+    head.config.extra["model"] = _saved_model(options, model, work)
+    head.save(work / "heads" / options.task)
     metrics = {
-        "task": "contacts",
+        "task": options.task,
+        "type": "contacts",
+        "kind": "contact",
         "data": str(options.data),
         "model": options.model,
         "n": len(files),
+        "max_length": max_length,
         **report,
     }
-    (work / "metrics.json").write_text(
-        json.dumps(_finite(metrics), indent=2, default=_json_value, allow_nan=False) + "\n"
-    )
+    _write_json(work / "metrics.json", metrics)
     return metrics
+
+
+def _run_secondary(options: FinetuneOptions, work: Path) -> dict[str, Any]:
+    """A per-residue state table -> the residue head (conv window 7 over protein tokens), saved,
+    beside the amino-acid propensity table and the majority state, split by protein."""
+    from kiban.data import rejects_log
+    from kiban.tasks import plots
+    from kiban.tasks.secondary import (
+        ResidueClassifierHead,
+        propensity_baseline,
+        q3_metrics,
+        read_residue_table,
+    )
+    from kiban.tasks.splits import length_stratified_split
+    from kiban.tasks.structure import protein_tokens
+
+    path = Path(options.data)
+    columns = _header(path)
+    if options.labels:
+        label = _one_label(options, columns, path, what="per-residue state")
+    else:
+        label = next((c for c in SS_COLUMNS if c in columns), None)
+        if label is None:
+            raise ValueError(
+                f"{path}: no per-residue state column ({' / '.join(SS_COLUMNS)}); name it with --labels. "
+                f"Columns: {', '.join(columns)}"
+            )
+    max_length = options.max_length or DEFAULT_MAX_LENGTH["secondary"]
+    with rejects_log(work) as rejects:
+        ids, sequences, states = read_residue_table(
+            path, label_column=label, max_length=max_length, rejects=rejects
+        )
+    rows = _sample(len(ids), options.max_rows, options.seed)
+    ids, sequences, states = [ids[i] for i in rows], [sequences[i] for i in rows], [states[i] for i in rows]
+    if len(ids) < 5:
+        report = rejects.report()
+        raise ValueError(
+            f"{path}: {len(ids)} usable protein(s), need at least 5 ({report.rejected} rejected: "
+            f"{', '.join(f'{k}: {v}' for k, v in report.by_reason.items()) or 'none'})"
+        )
+    classes = sorted(set("".join(states)))
+    if len(classes) < 2:
+        raise ValueError(f"{path}: column {label!r} has a single state ({classes[0]}); nothing to learn")
+    index = {c: k for k, c in enumerate(classes)}
+    targets = [np.array([index[c] for c in s]) for s in states]
+    split = length_stratified_split([len(s) for s in sequences], valid=0.1, test=0.2, seed=options.seed)
+    model = _protein_model(options)
+    encoder = model.encoders["protein"]
+    tokens = [
+        protein_tokens(encoder, s)
+        for s in _bar(
+            sequences, progress=options.progress, desc=f"encoding {len(sequences)} proteins", unit="protein"
+        )
+    ]
+    config = HeadConfig(
+        task=options.task,
+        modality="protein",
+        kind="residue_classification",
+        architecture="residue",
+        labels=classes,
+        input_dim=encoder.output_dim,
+        hidden_dim=64,
+        extra={
+            "window": 7,
+            "label_column": label,
+            "trained_on": str(options.data),
+            "seed": options.seed,
+            "max_length": max_length,
+        },
+    )
+    torch.manual_seed(options.seed)
+    head = ResidueClassifierHead(config)
+    history = head.net.fit(
+        [(tokens[i], torch.as_tensor(targets[i])) for i in split.train],
+        epochs=options.epochs_for("secondary"),
+        seed=options.seed,
+        progress=options.progress,
+    )
+    majority, table = propensity_baseline(
+        [sequences[i] for i in split.train], [targets[i] for i in split.train], n_classes=len(classes)
+    )
+    results, test_outputs = [], None
+    for side, side_rows in (("valid", split.valid), ("test", split.test)):
+        if not len(side_rows):
+            continue
+        where = {"split": side, "split_method": split.method, "seed": split.seed}
+        true = np.concatenate([targets[i] for i in side_rows])
+        with torch.no_grad():
+            logits = torch.cat([head(tokens[i]) for i in side_rows]).numpy()
+        propensity = np.concatenate([[table.get(r, majority) for r in sequences[i]] for i in side_rows])
+        for name, predicted in (
+            ("residue head (conv window 7) on protein tokens", logits.argmax(1)),
+            ("amino-acid propensity (most frequent state per residue type)", propensity),
+            ("trivial (majority state)", np.full(len(true), majority)),
+        ):
+            results.append({"model": name, **where, "metrics": q3_metrics(true, predicted, states=classes)})
+        if side == "test":
+            test_outputs = (true, logits)
+    metrics = {
+        "task": options.task,
+        "type": "secondary",
+        "kind": "residue_classification",
+        "labels": classes,
+        "label_column": label,
+        "data": str(options.data),
+        "modality": "protein",
+        "model": options.model,
+        "n": len(ids),
+        "max_length": max_length,
+        "seed": options.seed,
+        "split": split.describe(),
+        "train_loss": history,
+        "results": results,
+    }
+    _write_json(work / "metrics.json", metrics)
+    import csv
+
+    with (work / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "sequence", "true", "predicted"])
+        for i in split.test:
+            with torch.no_grad():
+                predicted = head(tokens[i]).argmax(-1).tolist()
+            writer.writerow([ids[i], sequences[i], states[i], "".join(classes[k] for k in predicted)])
+    true, logits = test_outputs
+    plots.write_plots(work / "plots", kind="classification", labels=classes, targets=true, outputs=logits)
+    head.config.extra["model"] = _saved_model(options, model, work)
+    head.save(work / "heads" / options.task)
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Drug–target pairs
+
+
+def _run_dti(options: FinetuneOptions, work: Path) -> dict[str, Any]:
+    """A pairs table -> the pair head over pooled protein ‖ molecule states, saved, beside a random
+    forest (100 trees, 30 % of features per split) on drug Morgan FP + target one-hot + amino-acid
+    composition, and the training mean."""
+    from kiban.data import rejects_log
+    from kiban.tasks import plots
+    from kiban.tasks.baselines import trivial
+    from kiban.tasks.dti import PAIR_MODALITIES, pair_features, read_pairs, target_fingerprint_baseline
+    from kiban.tasks.splits import group_split, random_split
+
+    path = Path(options.data)
+    label = _one_label(options, _header(path), path, what="affinity label")
+    max_length = options.max_length or DEFAULT_MAX_LENGTH["dti"]
+    with rejects_log(work) as rejects:
+        table = read_pairs(
+            path,
+            label=label,
+            rejects=rejects,
+            drugs=options.drugs,
+            targets=options.targets,
+            max_length=max_length,
+        )
+    if options.groups is not None and options.groups not in table.columns:
+        raise ValueError(
+            f"{path}: no group column {options.groups!r}; columns: {', '.join(c for c in table.columns)}"
+        )
+    table = table.iloc[_sample(len(table), options.max_rows, options.seed)].reset_index(drop=True)
+    if len(table) < 10:
+        report = rejects.report()
+        raise ValueError(
+            f"{path}: {len(table)} usable pair(s), need at least 10 ({report.rejected} rejected: "
+            f"{', '.join(f'{k}: {v}' for k, v in report.by_reason.items()) or 'none'})"
+        )
+    y = table[label].to_numpy(dtype=float)
+    if len(np.unique(y)) < 2:
+        raise ValueError(f"{path}: label column {label!r} has a single value; nothing to learn")
+    if options.groups is not None:
+        split = group_split(table[options.groups].astype(str).to_numpy(), seed=options.seed)
+    else:
+        split = random_split(len(table), seed=options.seed)
+    model = _protein_model(options, PAIR_MODALITIES)
+    features = pair_features(model, list(table["sequence"]), list(table["smiles"]), progress=options.progress)
+    width = features.shape[1]
+    config = HeadConfig(
+        task=options.task,
+        modality="+".join(PAIR_MODALITIES),
+        kind="regression",
+        architecture="pair",
+        labels=[label],
+        input_dim=width,
+        hidden_dim=width if options.mode == "head" else 0,
+        extra={
+            "trained_on": str(options.data),
+            "mode": options.mode,
+            "seed": options.seed,
+            "max_length": max_length,
+            "groups": options.groups,
+        },
+    )
+    torch.manual_seed(options.seed)
+    head = create_head(config)
+    targets = torch.as_tensor(y, dtype=torch.float32).unsqueeze(1)
+    fit_head(
+        head,
+        features[split.train],
+        targets[split.train],
+        valid=(features[split.valid], targets[split.valid]) if len(split.valid) else None,
+        settings=FitSettings(epochs=options.epochs_for("dti"), seed=options.seed, progress=options.progress),
+    )
+    sides = [(side, rows) for side, rows in (("valid", split.valid), ("test", split.test)) if len(rows)]
+    both = np.concatenate([rows for _, rows in sides])
+    forest = target_fingerprint_baseline(
+        list(table["target_id"]),
+        list(table["smiles"]),
+        y,
+        split,
+        seed=options.seed,
+        rows=both,
+        sequences=list(table["sequence"]),
+        n_estimators=100,
+        max_features=0.3,
+    )
+    results, start, outputs = [], 0, {}
+    for side, rows in sides:
+        where = {"split": side, "split_method": split.method, "seed": split.seed}
+        with torch.no_grad():
+            outputs[side] = head(features[rows]).numpy()
+        truth = y[rows][:, None]
+        for name, predicted in (
+            (f"pair head ({options.mode}, {options.model})", outputs[side]),
+            (
+                "random forest on drug Morgan FP + target one-hot + composition",
+                forest[start : start + len(rows), None],
+            ),
+            ("trivial (training mean)", trivial("regression", y[split.train][:, None], len(rows))),
+        ):
+            results.append({"model": name, **where, "metrics": head.metrics(predicted, truth)})
+        start += len(rows)
+    metrics = {
+        "task": options.task,
+        "type": "dti",
+        "kind": "regression",
+        "labels": [label],
+        "data": str(options.data),
+        "modality": config.modality,
+        "n": len(table),
+        "drugs": int(table["drug_id"].nunique()),
+        "targets": int(table["target_id"].nunique()),
+        "max_length": max_length,
+        "seed": options.seed,
+        "split": split.describe(),
+        "results": results,
+    }
+    _write_json(work / "metrics.json", metrics)
+    import csv
+
+    with (work / "predictions.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "drug_id", "target_id", f"true:{label}", f"predicted:{label}"])
+        for row, value in zip(split.test, outputs["test"][:, 0]):
+            writer.writerow([table["id"][row], table["drug_id"][row], table["target_id"][row], y[row], value])
+    plots.write_plots(
+        work / "plots",
+        kind="regression",
+        labels=[label],
+        targets=y[split.test][:, None],
+        outputs=outputs["test"],
+    )
+    head.config.extra["model"] = _saved_model(options, model, work)
+    head.save(work / "heads" / options.task)
+    return metrics
+
+
+_RUNNERS: dict[str, Callable[[FinetuneOptions, Path], dict[str, Any]]] = {
+    "molecules": _run,
+    "cells": _run,
+    "contacts": _run_contacts,
+    "secondary": _run_secondary,
+    "dti": _run_dti,
+}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -309,15 +804,11 @@ def _load_molecules(options: FinetuneOptions, *, rejects: Any) -> LabelledData:
 
     path = Path(options.data)
     if not options.labels:
-        raise ValueError(f"{path}: name the label column(s) with --labels COL[,COL...]")
+        raise ValueError(f"{path}: name the label column(s) with --labels COL (repeatable) or --labels-file")
     columns = [
         c.strip() for c in pd.read_csv(path, nrows=0, sep="\t" if path.suffix == ".tsv" else ",").columns
     ]
-    missing = [c for c in options.labels if c not in columns]
-    if missing:
-        raise ValueError(
-            f"{path}: no label column {', '.join(map(repr, missing))}; columns: {', '.join(columns)}"
-        )
+    label_columns = resolve_labels(options.labels, columns, missing=f"{path}: no label column")
     records = list(read_smiles(path, rejects=rejects))
     if not records:
         report = rejects.report()
@@ -327,8 +818,8 @@ def _load_molecules(options: FinetuneOptions, *, rejects: Any) -> LabelledData:
             else ""
         )
         raise ValueError(f"{path}: no valid molecule: {report.rejected} row(s) rejected{example}")
-    raw = [[r.fields.get(c, "").strip() for c in options.labels] for r in records]
-    kind, labels, targets, keep = _targets(raw, options.labels, path)
+    raw = [[r.fields.get(c, "").strip() for c in label_columns] for r in records]
+    kind, labels, targets, keep = _targets(raw, label_columns, path)
     records = [r for r, k in zip(records, keep) if k]
     return LabelledData(
         "molecule",
@@ -337,7 +828,7 @@ def _load_molecules(options: FinetuneOptions, *, rejects: Any) -> LabelledData:
         kind,
         labels,
         targets,
-        extra={"label_columns": options.labels},
+        extra={"label_columns": label_columns},
     )
 
 
@@ -346,16 +837,17 @@ def _load_cells(options: FinetuneOptions, *, model: Any, rejects: Any) -> Labell
     from kiban.data import read_h5ad
 
     path = Path(options.data)
-    label = options.labels[0] if options.labels else "cell_type"
-    if len(options.labels) > 1:
-        raise ValueError("an h5ad fine-tune takes one label column (cell type / state / disease)")
     adata = anndata.read_h5ad(path, backed="r")
     obs = adata.obs.copy()
     adata.file.close()
-    if label not in obs.columns:
-        raise ValueError(
-            f"{path}: adata.obs has no label column {label!r}; columns: {', '.join(map(str, obs.columns))}"
-        )
+    names = resolve_labels(
+        options.labels or ["cell_type"],
+        [str(c) for c in obs.columns],
+        missing=f"{path}: adata.obs has no label column",
+    )
+    if len(names) > 1:
+        raise ValueError("an h5ad fine-tune takes one label column (cell type / state / disease)")
+    label = names[0]
     if options.groups is not None and options.groups not in obs.columns:
         raise ValueError(
             f"{path}: adata.obs has no group column {options.groups!r}; columns: {', '.join(map(str, obs.columns))}"
@@ -442,6 +934,8 @@ def _is_number(text: str) -> bool:
 
 
 def _model(options: FinetuneOptions) -> Any:
+    if options.loaded_model is not None:
+        return options.loaded_model
     return build_model(
         options.model,
         Path(options.data),
@@ -451,8 +945,17 @@ def _model(options: FinetuneOptions) -> Any:
     )
 
 
-def build_model(spec: str, data: Path, *, use_raw: bool = False, seed: int = 0, lora: bool = False) -> Any:
-    """A saved model folder, or "tiny": a tiny random model with the encoder ``data`` needs."""
+def build_model(
+    spec: str,
+    data: Path,
+    *,
+    use_raw: bool = False,
+    seed: int = 0,
+    lora: bool = False,
+    modalities: tuple[str, ...] = ("molecule",),
+) -> Any:
+    """A saved model folder, or "tiny": a tiny random model with the encoder ``data`` needs (an
+    h5ad: a cell encoder over the file's genes; else the tiny encoders of ``modalities``)."""
     from kiban.fusion import KibanModel
 
     if spec != "tiny":
@@ -470,7 +973,7 @@ def build_model(spec: str, data: Path, *, use_raw: bool = False, seed: int = 0, 
         adata.file.close()
         encoders = {"cell": {"preset": "tiny", "gene_vocab": tuple(vocab)}}
     else:
-        encoders = {"molecule": {"preset": "tiny"}}
+        encoders = {m: {"preset": "tiny"} for m in modalities}
     torch.manual_seed(seed)
     config = KibanConfig(
         encoders=encoders,
@@ -481,9 +984,16 @@ def build_model(spec: str, data: Path, *, use_raw: bool = False, seed: int = 0, 
 
 
 def embed_items(
-    model: Any, modality: str, items: list[Any], *, batch_size: int = 64, progress: bool = True
+    model: Any,
+    modality: str,
+    items: list[Any],
+    *,
+    batch_size: int = 64,
+    layer: int | None = None,
+    progress: bool = True,
 ) -> torch.Tensor:
-    """Pooled fused states [N, H] of the frozen model, in batches (with a progress bar)."""
+    """Pooled fused states [N, H] of the frozen model, in batches (with a progress bar); ``layer``
+    as ``KibanModel.embed``'s."""
     batches = range(0, len(items), batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -491,7 +1001,10 @@ def embed_items(
         batches = tqdm(batches, desc=f"embedding {len(items)} {modality} inputs", unit="batch", leave=False)
     with torch.no_grad():
         return torch.cat(
-            [model.embed([(modality, item) for item in items[i : i + batch_size]]).float() for i in batches]
+            [
+                model.embed([(modality, item) for item in items[i : i + batch_size]], layer=layer).float()
+                for i in batches
+            ]
         )
 
 

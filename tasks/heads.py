@@ -3,13 +3,22 @@
 A head maps ``KibanModel.embed(...)`` output [B, H] (one pooled vector per input) to a task's
 outputs. It lives in its own folder, normally ``MODEL_DIR/heads/<task>/``:
 
-    head.json           HeadConfig: task, architecture, modality, kind, labels, input_dim, hidden_dim, version
+    head.json           HeadConfig: task, architecture, modality, kind, labels, input_dim,
+                        hidden_dim, version, layer
     head.safetensors    the weights (nothing is ever unpickled)
 
 ``kind`` is "classification" (one logit per label; ``predict`` gives the argmax label and a
 probability per label) or "regression" (one output per label, i.e. per target; ``predict`` gives a
-value per target). Architectures are registered by name (``@register_head("pooled")``) so the
-task-heads work can add others without touching the loader.
+value per target); "multilabel" gives a probability per label (``MultiLabelHead``). Heads over
+per-residue tokens ("residue_classification", "contact") and over (protein, molecule) pairs live in
+``kiban.tasks.secondary``, ``.structure`` and ``.dti``. Architectures are registered by name
+(``@register_head("pooled")``) so the task-heads work can add others without touching the loader.
+
+``layer`` says which of the backbone's hidden states the head was fitted on, and so which ones every
+caller must pool for it: ``model.embed(items, layer=head.config.layer)``. ``None`` (the default, and
+what a ``head.json`` written before the field existed loads as) is the final normed states; ``k`` is
+the output of decoder layer ``k`` (see ``KibanModel.embed``), where the forward stops: a head at
+layer ``k`` pays for ``k`` of the backbone's layers, not all of them.
 
     head = PooledHead(HeadConfig(task="toxicity", modality="molecule", kind="classification",
                                  labels=["non-toxic", "toxic"], input_dim=model_width))
@@ -47,7 +56,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-HEAD_KINDS = ("classification", "regression")
+# multilabel: independent 0/1 labels; residue_classification: one class per residue of a protein;
+# contact: a probability per residue pair (architectures of kiban.tasks.secondary / .structure)
+HEAD_KINDS = ("classification", "regression", "multilabel", "residue_classification", "contact")
 CONFIG_FILE = "head.json"
 WEIGHTS_FILE = "head.safetensors"
 # Task names become URL path segments and folder names: keep them plain.
@@ -60,12 +71,14 @@ class HeadConfig:
 
     task: the task's name (``[A-Za-z0-9][A-Za-z0-9_.-]*``, at most 64 characters).
     modality: the input it reads: an encoder name ("protein", "molecule", ...) or "text".
-    kind: "classification" or "regression".
+    kind: one of ``HEAD_KINDS``; a legacy "classification" + architecture "multilabel" loads as "multilabel".
     labels: class names (classification) or target names (regression); one output each.
     input_dim: the width H of the pooled states (the LLM's hidden size).
     hidden_dim: 0 for a linear head, else the width of one hidden layer (an MLP with GELU).
     architecture: the registered head class that reads this config.
     version: the head's own version, reported by the server.
+    layer: the backbone hidden states the head reads, as ``KibanModel.embed(..., layer=)``: None for
+        the final states, k >= 1 for the output of decoder layer k (checked against the model by embed).
     """
 
     task: str
@@ -77,9 +90,12 @@ class HeadConfig:
     architecture: str = "pooled"
     version: str = "1"
     extra: dict[str, Any] = field(default_factory=dict)
+    layer: int | None = None
 
     def __post_init__(self) -> None:
         self.labels = [str(label) for label in self.labels]
+        if self.kind == "classification" and self.architecture == "multilabel":
+            self.kind = "multilabel"  # head.json written before the kind existed
         if not _TASK_NAME.match(self.task):
             raise ValueError(f"head task name {self.task!r} must match {_TASK_NAME.pattern}")
         if self.kind not in HEAD_KINDS:
@@ -88,10 +104,13 @@ class HeadConfig:
             )
         if not self.labels or len(set(self.labels)) != len(self.labels):
             raise ValueError(f"head {self.task!r}: labels must be non-empty and distinct, got {self.labels}")
-        if self.kind == "classification" and len(self.labels) < 2:
+        if self.kind in ("classification", "residue_classification") and len(self.labels) < 2:
             raise ValueError(f"head {self.task!r}: a classification head needs at least 2 labels")
         if self.input_dim < 1 or self.hidden_dim < 0:
             raise ValueError(f"head {self.task!r}: input_dim must be >= 1 and hidden_dim >= 0")
+        layer = self.layer
+        if layer is not None and (isinstance(layer, bool) or not isinstance(layer, int) or layer < 1):
+            raise ValueError(f"head {self.task!r}: layer must be None or an integer >= 1, got {self.layer!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,7 +146,17 @@ def list_head_architectures() -> list[str]:
     return sorted(_ARCHITECTURES)
 
 
+# Modules that register the heads over other states than pooled ones (per-residue, contact, pair);
+# imported on first use so that ``load_head`` knows every built-in architecture.
+_BUILTIN_MODULES = ("kiban.tasks.secondary", "kiban.tasks.structure", "kiban.tasks.dti")
+
+
 def create_head(config: HeadConfig) -> PooledHead:
+    if config.architecture not in _ARCHITECTURES:
+        import importlib
+
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(module)
     try:
         builder = _ARCHITECTURES[config.architecture]
     except KeyError:
@@ -196,12 +225,12 @@ class PooledHead(nn.Module):
         return [{"values": dict(zip(labels, row))} for row in raw.tolist()]
 
     def predict(self, model: Any, items: Sequence[Any]) -> list[dict[str, Any]]:
-        """Run ``model.embed`` on raw inputs of this head's modality, then the head.
+        """Run ``model.embed`` on raw inputs of this head's modality, at this head's ``layer``, then the head.
 
         Classification rows: ``{"label": str, "probabilities": {label: float}}``; regression rows:
         ``{"values": {target: float}}``. Bad inputs raise the model's ``InvalidInput``.
         """
-        pooled = model.embed([(self.config.modality, item) for item in items])
+        pooled = model.embed([(self.config.modality, item) for item in items], layer=self.config.layer)
         return self.outputs(pooled)
 
     # -- save / load -----------------------------------------------------------------------------
@@ -225,16 +254,16 @@ class PooledHead(nn.Module):
 class MultiLabelHead(PooledHead):
     """Multi-task binary classification (Tox21 / SIDER style): one independent logit per label.
 
-    ``kind`` stays "classification" (the server's schema knows two kinds) and ``architecture`` is
-    "multilabel". Targets are [B, K] floats, 1 / 0 / NaN (not measured); the loss is binary
-    cross-entropy over the measured entries only; ``outputs`` gives a sigmoid probability per label
-    (no single "label": the labels are not exclusive).
+    ``kind`` and ``architecture`` are both "multilabel" (older head.json files say kind
+    "classification"; they load as "multilabel"). Targets are [B, K] floats, 1 / 0 / NaN (not
+    measured); the loss is binary cross-entropy over the measured entries only; ``outputs`` gives a
+    sigmoid probability per label (no single "label": the labels are not exclusive).
     """
 
     def __init__(self, config: HeadConfig) -> None:
-        if config.kind != "classification":
+        if config.kind != "multilabel":
             raise ValueError(
-                f"head {config.task!r}: a multilabel head is a classification head, got {config.kind!r}"
+                f"head {config.task!r}: a multilabel head has kind 'multilabel', got {config.kind!r}"
             )
         super().__init__(config)
 

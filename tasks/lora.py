@@ -23,12 +23,12 @@ from torch import Tensor
 __all__ = ["LoraFitSettings", "add_lora", "fit_lora", "lora_parameters", "pooled_states"]
 
 
-def pooled_states(model: Any, modality: str, items: Sequence[Any]) -> Tensor:
-    """Pooled fused states [B, H] of raw inputs, with gradients (``KibanModel.embed`` without no_grad)."""
+def pooled_states(model: Any, modality: str, items: Sequence[Any], *, layer: int | None = None) -> Tensor:
+    """Pooled fused states [B, H] of raw inputs at ``layer`` (as ``KibanModel.embed``), with gradients."""
     embed = getattr(type(model).embed, "__wrapped__", None)
     if embed is None:  # pragma: no cover - torch's no_grad decorator keeps __wrapped__
         raise RuntimeError("KibanModel.embed has no undecorated function to call with gradients")
-    return embed(model, [(modality, item) for item in items])
+    return embed(model, [(modality, item) for item in items], layer=layer)
 
 
 def add_lora(model: Any, settings: Any = None) -> Any:
@@ -101,7 +101,7 @@ def fit_lora(
         model.eval()
         initial = torch.cat(
             [
-                pooled_states(model, modality, [items[i] for i in rows.tolist()]).float()
+                pooled_states(model, modality, [items[i] for i in rows.tolist()], layer=head.config.layer).float()
                 for rows in train.split(64)
             ]
         )
@@ -119,7 +119,8 @@ def fit_lora(
         t_mean = t_std = None
 
     def forward(rows: list[int]) -> Tensor:
-        return head((pooled_states(model, modality, [items[i] for i in rows]).float() - mean) / std)
+        states = pooled_states(model, modality, [items[i] for i in rows], layer=head.config.layer)
+        return head((states.float() - mean) / std)
 
     optimiser = torch.optim.AdamW(
         [{"params": head.parameters(), "lr": settings.lr_head}, {"params": adapters, "lr": settings.lr_lora}],

@@ -1,22 +1,86 @@
-"""Predicting with a saved head on a file: the Python side of ``kiban predict``.
+"""Predicting with a saved head on a file: the Python side of ``kiban predict``, and the head
+checks ``kiban serve`` shares.
 
 The model comes from ``--model``, else from the head's ``extra["model"]``: a model folder, or
 ``"run:model"`` for the tiny model ``kiban finetune --model tiny`` saved beside ``heads/`` in its
-run folder (so a smoke-test run is self-contained and ``kiban serve RUN`` loads it too).
+run folder (so a smoke-test run is self-contained; to serve it, copy ``RUN/heads`` into
+``RUN/model`` and run ``kiban serve RUN/model``).
+
+Heads and what ``kiban predict`` reads and writes (CSV, to ``--out`` or stdout):
+
+    classification      SMILES table / FASTA / h5ad -> id, label, p:LABEL...
+    regression          the same inputs               -> id, TARGET...
+    multilabel          the same inputs               -> id, p:LABEL...
+    residue_classification   FASTA / sequence table -> id, position, residue, label, p:STATE...
+    contact             FASTA / sequence table        -> id, i, j, separation, probability (top-k per protein)
+    pair head (protein+molecule)   pairs table         -> id, drug_id, target_id, TARGET...
+
+Importing this module registers the "residue", "contact" and "pair" architectures (they live in
+``kiban.tasks.secondary``, ``.structure`` and ``.dti``), so ``load_head`` finds every kind.
 """
 
 from __future__ import annotations
 
 import csv
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kiban.tasks.heads import PooledHead, load_head
+from kiban.tasks import dti, secondary, structure  # noqa: F401 - registers the pair / residue / contact heads
+from kiban.tasks.heads import PooledHead, load_head, load_heads
 
-__all__ = ["RUN_MODEL", "model_for_head", "predict_file", "read_inputs"]
+__all__ = [
+    "RUN_MODEL",
+    "check_head_fits",
+    "input_modalities",
+    "load_model_heads",
+    "model_for_head",
+    "predict_file",
+    "read_inputs",
+]
 
 RUN_MODEL = "run:model"
+
+
+def input_modalities(config: Any) -> list[str]:
+    """The modalities of one input of a head: ``["molecule"]``, or ``["protein", "molecule"]`` for a
+    pair head (``modality="protein+molecule"``)."""
+    return config.modality.split("+")
+
+
+def check_head_fits(head: Any, model: Any) -> None:
+    """Raise ValueError, naming the head, when it cannot read ``model``'s states.
+
+    Heads over other states than the pooled fused ones (protein tokens, pair features) check
+    themselves (``check_model``); a pooled head needs its modality's encoder (or text) and the
+    model's width.
+    """
+    if hasattr(head, "check_model"):
+        head.check_model(model)
+        return
+    modality = head.config.modality
+    if modality not in (*model.encoders, "text"):
+        raise ValueError(
+            f"head {head.task!r} reads {modality} inputs, but the model has no {modality} encoder "
+            f"(it has: {', '.join(model.encoders)})"
+        )
+    layer = head.config.layer
+    if layer is not None and layer > model.num_layers:
+        raise ValueError(f"head {head.task!r} reads layer {layer}; the model has {model.num_layers} layers")
+    width = model.llm.get_input_embeddings().embedding_dim
+    if head.config.input_dim != width:
+        raise ValueError(
+            f"head {head.task!r} reads {head.config.input_dim}-wide states; the model's are {width}-wide"
+        )
+
+
+def load_model_heads(model_dir: str | Path, model: Any) -> dict[str, Any]:
+    """Every head under ``model_dir/heads/`` (task -> head), each checked against ``model``."""
+    heads = load_heads(model_dir)
+    for head in heads.values():
+        check_head_fits(head, model)
+    return heads
 
 
 def model_for_head(head_dir: Path, head: PooledHead, model: str | None = None) -> Any:
@@ -30,60 +94,77 @@ def model_for_head(head_dir: Path, head: PooledHead, model: str | None = None) -
     return KibanModel.from_pretrained(spec).eval()
 
 
+_SEQUENCE_READERS = ("fasta", "genbank", "sequence-table")
+
+
 def read_inputs(
     path: Path, modality: str, model: Any, *, use_raw: bool = False, rejects: Any = None
 ) -> list[Any]:
-    """Records of a file for a head of ``modality`` (SMILES table / .smi, or h5ad matched to the
-    vocabulary; ``use_raw`` reads ``raw.X``, as the head was trained when its extra says so)."""
-    from kiban.data import read, read_h5ad
+    """Records of a file for a head of ``modality`` (SMILES table / .smi, FASTA or sequence table
+    read as that modality, or h5ad matched to the vocabulary; ``use_raw`` reads ``raw.X``, as the
+    head was trained when its extra says so)."""
+    from kiban.data import detect_kind, read, read_h5ad
 
     if modality == "cell":
         vocab = model.encoders["cell"].featurizer.vocab
         return list(read_h5ad(path, vocab=vocab, use_raw=use_raw, rejects=rejects))
+    if modality in ("protein", "dna") and detect_kind(path) in _SEQUENCE_READERS:
+        # a FASTA of short peptides could pass for DNA: the head says what the sequences are
+        return list(read(path, rejects=rejects, modality=modality))
     return [r for r in read(path, rejects=rejects) if r.modality == modality]
 
 
 def predict_file(
-    head_dir: str | Path, data: str | Path, *, model: str | None = None, out: str | Path | None = None
+    head_dir: str | Path,
+    data: str | Path,
+    *,
+    model: str | None = None,
+    out: str | Path | None = None,
+    top_k: int | None = None,
+    drugs: str | Path | None = None,
+    targets: str | Path | None = None,
 ) -> int:
-    """Write id + prediction rows as CSV (to ``out`` or stdout); returns the number of rows."""
+    """Write prediction rows as CSV (to ``out`` or stdout; columns by head kind, see the module
+    docstring); returns the number of inputs predicted. ``top_k``: contact heads, pairs per protein
+    (default: its length). ``drugs`` / ``targets``: pair heads, id tables for a pairs file that
+    names drugs and targets by id."""
     from kiban.data import Rejects
-    from kiban.tasks.finetune import embed_items
 
     head_dir = Path(head_dir)
     head = load_head(head_dir)
     fused = model_for_head(head_dir, head, model)
+    check_head_fits(head, fused)
     rejects = Rejects()
-    use_raw = bool(head.config.extra.get("use_raw", False))
-    records = read_inputs(Path(data), head.config.modality, fused, use_raw=use_raw, rejects=rejects)
-    if not records:
+    limit = _protein_limit(fused)
+    if len(input_modalities(head.config)) == 2:
+        table = dti.read_pairs(
+            data, label=None, rejects=rejects, drugs=drugs, targets=targets, max_length=limit
+        )
+        ids, items = list(table["id"]), list(zip(table["sequence"], table["smiles"]))
+        extra = [{"drug_id": d, "target_id": t} for d, t in zip(table["drug_id"], table["target_id"])]
+    else:
+        use_raw = bool(head.config.extra.get("use_raw", False))
+        records = read_inputs(Path(data), head.config.modality, fused, use_raw=use_raw, rejects=rejects)
+        if head.config.modality == "protein" and limit is not None:
+            records = _within(records, limit, rejects)
+        ids, items, extra = [r.id for r in records], [r.item for r in records], [{}] * len(records)
+    if not items:
         raise ValueError(
             f"{data}: no usable {head.config.modality} input ({rejects.rejected} rejected: {dict(rejects.by_reason)})"
         )
-    rows = head.outputs(embed_items(fused, head.config.modality, [r.item for r in records], progress=False))
+    options = {"top_k": top_k} if head.config.kind == "contact" else {}
+    # a pair head embeds each distinct protein and drug once per call: give it the whole file
+    rows = _predict(
+        head,
+        fused,
+        items,
+        batch_size=len(items) if len(input_modalities(head.config)) == 2 else 64,
+        **options,
+    )
     handle = open(out, "w", newline="") if out else sys.stdout
     try:
         writer = csv.writer(handle)
-        if head.config.architecture == "multilabel":
-            writer.writerow(["id", *(f"p:{label}" for label in head.config.labels)])
-            for record, row in zip(records, rows):
-                writer.writerow(
-                    [record.id, *(f"{row['probabilities'][name]:.6g}" for name in head.config.labels)]
-                )
-        elif head.config.kind == "classification":
-            writer.writerow(["id", "label", *(f"p:{label}" for label in head.config.labels)])
-            for record, row in zip(records, rows):
-                writer.writerow(
-                    [
-                        record.id,
-                        row["label"],
-                        *(f"{row['probabilities'][name]:.6g}" for name in head.config.labels),
-                    ]
-                )
-        else:
-            writer.writerow(["id", *head.config.labels])
-            for record, row in zip(records, rows):
-                writer.writerow([record.id, *(f"{row['values'][t]:.6g}" for t in head.config.labels)])
+        _WRITERS[head.config.kind](writer, head.config.labels, ids, rows, extra)
     finally:
         if out:
             handle.close()
@@ -91,4 +172,99 @@ def predict_file(
         print(
             f"kiban predict: {rejects.rejected} input(s) rejected: {dict(rejects.by_reason)}", file=sys.stderr
         )
-    return len(records)
+    return len(items)
+
+
+def _protein_limit(model: Any) -> int | None:
+    """The longest protein the model's encoder reads (None: it crops longer ones, or has none)."""
+    if "protein" not in model.encoders:
+        return None
+    featurizer = model.encoders["protein"].featurizer
+    return None if featurizer.truncate else featurizer.max_length
+
+
+def _within(records: list[Any], limit: int, rejects: Any) -> list[Any]:
+    """Records of at most ``limit`` residues; longer ones are rejected (one long protein in a FASTA
+    would otherwise fail the whole file in the encoder)."""
+    kept = []
+    for record in records:
+        length = len(str(record.item).strip())
+        if length > limit:
+            rejects.accepted -= 1  # the reader counted it as accepted
+            rejects.reject(
+                id=record.id,
+                location=record.location,
+                reason="too long",
+                detail=f"{length} residues, over the protein encoder's max_length {limit}",
+            )
+        else:
+            kept.append(record)
+    return kept
+
+
+def _predict(head: Any, model: Any, items: list[Any], *, batch_size: int = 64, **options: Any) -> list[dict]:
+    """``head.predict`` in batches (pooled heads embed a batch at once), with a bar on a terminal."""
+    batches = range(0, len(items), batch_size)
+    if sys.stderr.isatty():
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"predicting {len(items)} inputs", unit="batch", leave=False)
+    return [
+        row for start in batches for row in head.predict(model, items[start : start + batch_size], **options)
+    ]
+
+
+def _number(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _write_classification(writer, labels, ids, rows, extra) -> None:
+    writer.writerow(["id", "label", *(f"p:{label}" for label in labels)])
+    for ident, row in zip(ids, rows):
+        writer.writerow([ident, row["label"], *(_number(row["probabilities"][name]) for name in labels)])
+
+
+def _write_multilabel(writer, labels, ids, rows, extra) -> None:
+    writer.writerow(["id", *(f"p:{label}" for label in labels)])
+    for ident, row in zip(ids, rows):
+        writer.writerow([ident, *(_number(row["probabilities"][name]) for name in labels)])
+
+
+def _write_regression(writer, labels, ids, rows, extra) -> None:
+    keys = list(extra[0]) if extra else []  # pair heads: drug_id, target_id
+    writer.writerow(["id", *keys, *labels])
+    for ident, more, row in zip(ids, extra, rows):
+        writer.writerow([ident, *(more[k] for k in keys), *(_number(row["values"][t]) for t in labels)])
+
+
+def _write_residues(writer, labels, ids, rows, extra) -> None:
+    writer.writerow(["id", "position", "residue", "label", *(f"p:{label}" for label in labels)])
+    for ident, row in zip(ids, rows):
+        for residue in row["residues"]:
+            writer.writerow(
+                [
+                    ident,
+                    residue["position"],
+                    residue["residue"],
+                    residue["label"],
+                    *(_number(residue["probabilities"][name]) for name in labels),
+                ]
+            )
+
+
+def _write_contacts(writer, labels, ids, rows, extra) -> None:
+    writer.writerow(["id", "i", "j", "separation", "probability"])
+    for ident, row in zip(ids, rows):
+        for contact in row["contacts"]:
+            i, j = contact["i"], contact["j"]
+            writer.writerow([ident, i, j, j - i, _number(contact["probability"])])
+
+
+# head kind -> CSV writer(writer, labels, ids, rows, extra columns per row)
+_WRITERS: dict[str, Callable[..., None]] = {
+    "classification": _write_classification,
+    "multilabel": _write_multilabel,
+    "regression": _write_regression,
+    "residue_classification": _write_residues,
+    "contact": _write_contacts,
+}

@@ -9,6 +9,12 @@ language models are unsupervised structure learners"): every layer's and head's 
 symmetrised and APC-corrected, feeds a logistic regression over the ``layers * heads`` features of
 each pair. Baseline: ``separation_prior``, the contact rate of each sequence separation |i - j|
 in the training structures. Metrics: ``kiban.tasks.metrics.precision_at_l``.
+
+Saved heads over per-residue tokens: ``ProteinTokenHead`` is the base of heads that read the
+protein encoder's tokens [L, D] (not pooled fused states; ``config.input_dim`` is D), in the same
+folder format as ``PooledHead`` (head.json + head.safetensors, ``load_head``). ``ContactMapHead``
+(architecture "contact", kind "contact") wraps a trained ``PairwiseContactHead``; its ``predict``
+gives each protein's top-k residue pairs by contact probability. ``kiban finetune`` saves it.
 """
 
 from __future__ import annotations
@@ -20,17 +26,23 @@ from typing import Any
 
 import numpy as np
 import torch
+from kiban.tasks.heads import CONFIG_FILE, WEIGHTS_FILE, HeadConfig, register_head
 from kiban.tasks.metrics import precision_at_l
 from torch import Tensor, nn
 
 __all__ = [
     "AttentionContactHead",
     "ChainContacts",
+    "ContactMapHead",
     "PairwiseContactHead",
+    "ProteinTokenHead",
     "apc",
     "contact_labels",
     "contact_metrics",
     "evaluate_contacts",
+    "fit_contact_heads",
+    "protein_sequence",
+    "protein_tokens",
     "separation_prior",
     "symmetrize",
 ]
@@ -162,13 +174,31 @@ class PairwiseContactHead(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(3 * project, hidden), nn.GELU(), nn.Linear(hidden, 1))
 
     def _pairs(self, tokens: Tensor, i: Tensor, j: Tensor) -> Tensor:
-        a = self.project(tokens.float())
+        return self._pair_logits(self.project(tokens.float()), i, j)
+
+    def _pair_logits(self, a: Tensor, i: Tensor, j: Tensor) -> Tensor:
+        """Logits of pairs (i, j) from projected residues a [L, project]."""
         left, right = a[i], a[j]
-        bins = torch.bucketize(
-            (j - i).abs(), torch.tensor(self.SEPARATION_BINS, device=tokens.device), right=True
-        )
+        bins = torch.bucketize((j - i).abs(), torch.tensor(self.SEPARATION_BINS, device=a.device), right=True)
         features = torch.cat([left * right, (left - right).abs(), left + right], -1) + self.separation(bins)
         return self.mlp(features).squeeze(-1)
+
+    @torch.no_grad()
+    def pair_probabilities(
+        self, tokens: Tensor, *, min_separation: int = 6, chunk: int = 65536
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(i, j, probability) of every pair i < j with j - i >= ``min_separation``, 0-based, computed
+        ``chunk`` pairs at a time (the full [L, L] map of a 1000-residue protein would hold ~400 MB of
+        pair features at once)."""
+        a = self.project(tokens.float())
+        i, j = np.triu_indices(len(tokens), k=max(min_separation, 1))
+        i, j = torch.as_tensor(i), torch.as_tensor(j)
+        probabilities = [
+            self._pair_logits(a, i[start : start + chunk], j[start : start + chunk]).sigmoid()
+            for start in range(0, len(i), chunk)
+        ]
+        p = torch.cat(probabilities) if probabilities else torch.zeros(0)
+        return i.numpy(), j.numpy(), p.float().numpy()
 
     def forward(self, tokens: Tensor) -> Tensor:
         """tokens [L, D] of one protein -> symmetric logits [L, L]."""
@@ -185,6 +215,7 @@ class PairwiseContactHead(nn.Module):
         lr: float = 3e-3,
         weight_decay: float = 1e-2,
         seed: int = 0,
+        progress: bool = False,
     ) -> list[float]:
         """Train on (tokens [L, D], contacts [L, L], valid [L, L]) per protein, one protein a step;
         pairs with |i - j| >= ``min_separation`` and valid labels only. Returns the mean loss per epoch."""
@@ -204,7 +235,7 @@ class PairwiseContactHead(nn.Module):
         optimiser = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=weight_decay)
         history = []
         self.train()
-        for _ in range(epochs):
+        for _ in progress_range(epochs, progress=progress, desc="training contact head"):
             total = 0.0
             for k in torch.randperm(len(pairs), generator=generator).tolist():
                 tokens, i, j, y = pairs[k]
@@ -258,6 +289,31 @@ def evaluate_contacts(
     pairwise_epochs: int = 30,
     plot: str | Path | None = None,
 ) -> dict[str, Any]:
+    """The report of ``fit_contact_heads`` (without the fitted pairwise head)."""
+    report, _ = fit_contact_heads(
+        encoder,
+        files,
+        seed=seed,
+        max_length=max_length,
+        epochs=epochs,
+        pairwise_epochs=pairwise_epochs,
+        plot=plot,
+    )
+    return report
+
+
+def fit_contact_heads(
+    encoder: Any,
+    files: Sequence[str | Path],
+    *,
+    seed: int = 0,
+    max_length: int = 400,
+    epochs: int = 200,
+    pairwise_epochs: int = 30,
+    plot: str | Path | None = None,
+    progress: bool = False,
+    rejects: Any = None,
+) -> tuple[dict[str, Any], PairwiseContactHead]:
     """Contact heads (attention logistic regression; supervised pairwise MLP on the encoder's
     per-residue tokens, ``pairwise_epochs`` passes) vs. separation prior, split by structure.
     ``plot``: a PNG path for the first test structure's contact map (pairwise head vs. true).
@@ -265,24 +321,43 @@ def evaluate_contacts(
     Chains longer than ``max_length`` or with non-standard residues are skipped (and counted). The
     structures are split length-stratified (``splits.length_stratified_split``, no validation side);
     the head and the prior are fitted on train and their precisions averaged over test proteins.
-    Returns a metrics.json-style dict: split, seed, and per model the mean of ``contact_metrics``.
+    Returns (a metrics.json-style dict: split, seed, and per model the mean of ``contact_metrics``,
+    each entry naming its side, split method and seed; the fitted pairwise head, in eval mode).
+    ``rejects``: a ``kiban.data.Rejects`` told of every skipped chain and why.
     """
     from kiban.tasks.splits import length_stratified_split
 
     examples, residue_tokens, names, skipped = [], [], [], 0
-    for path in files:
+    paths = list(files)
+    if progress:
+        from tqdm.auto import tqdm
+
+        paths = tqdm(paths, desc=f"reading and encoding {len(paths)} structures", unit="file", leave=False)
+    for path in paths:
         labels = contact_labels(path)
-        if len(labels.sequence) > max_length or "X" in labels.sequence:
+        problem = None
+        if len(labels.sequence) > max_length:
+            problem = ("too long", f"{len(labels.sequence)} residues, over max_length {max_length}")
+        elif "X" in labels.sequence:
+            problem = ("non-standard residues", "the chain has residues other than the 20 standard ones")
+        if problem is not None:
             skipped += 1
+            if rejects is not None:
+                rejects.reject(id=Path(path).name, location=str(path), reason=problem[0], detail=problem[1])
             continue
+        if rejects is not None:
+            rejects.accept()
         tokens = encoder.featurizer.collate([encoder.featurizer(labels.sequence)])["tokens"]
         with torch.no_grad():
-            out = encoder(tokens, return_attentions=True)
-        examples.append((attention_features(out.attentions[0]), labels.contacts, labels.valid))
-        residue_tokens.append(out.embeddings[0])
+            out = encoder(tokens.to(_device(encoder)), return_attentions=True)
+        examples.append((attention_features(out.attentions[0].cpu()), labels.contacts, labels.valid))
+        residue_tokens.append(out.embeddings[0].float().cpu())
         names.append(Path(path).name)
     if len(examples) < 4:
-        raise ValueError(f"need at least 4 usable structures, got {len(examples)} ({skipped} skipped)")
+        raise ValueError(
+            f"need at least 4 usable structures (at most {max_length} residues, standard amino acids), "
+            f"got {len(examples)} ({skipped} skipped)"
+        )
     split = length_stratified_split([len(c) for _, c, _ in examples], valid=0.0, test=0.3, seed=seed)
     train = [examples[i] for i in split.train]
     torch.manual_seed(seed)
@@ -294,6 +369,7 @@ def evaluate_contacts(
         [(residue_tokens[i], examples[i][1], examples[i][2]) for i in split.train],
         epochs=pairwise_epochs,
         seed=seed,
+        progress=progress,
     )
     per_model: dict[str, list[dict[str, float]]] = {
         "attention logistic regression": [],
@@ -322,14 +398,172 @@ def evaluate_contacts(
         {
             "model": model,
             "split": "test",
+            "split_method": split.method,
+            "seed": split.seed,
             "metrics": {k: float(np.nanmean([m[k] for m in rows])) for k in rows[0]},
         }
         for model, rows in per_model.items()
     ]
-    return {
+    report = {
         "split": split.describe(),
         "seed": seed,
         "skipped": skipped,
         "test_structures": [names[i] for i in split.test],
         "results": results,
     }
+    return report, pairwise
+
+
+def progress_range(n: int, *, progress: bool, desc: str) -> Any:
+    """``range(n)``, with a tqdm bar (unit: epoch) when ``progress``."""
+    if not progress:
+        return range(n)
+    from tqdm.auto import tqdm
+
+    return tqdm(range(n), desc=desc, unit="epoch", leave=False)
+
+
+def _device(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+# ----------------------------------------------------------------------------------------------
+# Saved heads over per-residue protein tokens
+
+
+def protein_sequence(item: Any) -> str:
+    """The cleaned upper-case residue string of a protein input (str, Bio.Seq or SeqRecord);
+    ``InvalidInput`` names bad letters and their positions."""
+    from kiban.encoders.base import read_sequence
+    from kiban.encoders.protein import RESIDUES
+
+    sequence, _ = read_sequence(
+        item, None, modality="protein", kind="amino-acid", allowed=RESIDUES, allowed_text=", ".join(RESIDUES)
+    )
+    return sequence
+
+
+def protein_tokens(encoder: Any, sequence: str) -> Tensor:
+    """Per-residue tokens [L, D] of one protein (float32, CPU, no gradient). One protein per call,
+    so a protein's tokens never depend on what else is in a batch."""
+    batch = encoder.featurizer.collate([encoder.featurizer(sequence)])
+    with torch.no_grad():
+        tokens = encoder(batch["tokens"].to(_device(encoder))).embeddings[0]
+    if len(tokens) != len(sequence):
+        raise ValueError(
+            f"the protein encoder gave {len(tokens)} tokens for a {len(sequence)}-residue sequence"
+        )
+    return tokens.float().cpu()
+
+
+class ProteinTokenHead(nn.Module):
+    """Base of the saved heads that read the protein encoder's per-residue tokens [L, D].
+
+    ``config.modality`` is "protein" and ``config.input_dim`` the encoder's width D (not the LLM's:
+    these heads never see pooled fused states). Subclasses build their modules in ``__init__`` and
+    implement ``outputs(tokens, sequence, **options)`` -> one JSON-ready dict per protein.
+    """
+
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__()
+        if config.modality != "protein":
+            raise ValueError(f"head {config.task!r} reads protein tokens; its modality must be 'protein'")
+        self.config = config
+
+    @property
+    def task(self) -> str:
+        return self.config.task
+
+    def check_model(self, model: Any) -> None:
+        """Raise ValueError unless ``model`` has a protein encoder of this head's width."""
+        if "protein" not in model.encoders:
+            raise ValueError(f"head {self.task!r} reads protein tokens, but the model has no protein encoder")
+        width = model.encoders["protein"].output_dim
+        if width != self.config.input_dim:
+            raise ValueError(
+                f"head {self.task!r} reads {self.config.input_dim}-wide protein tokens; the model's "
+                f"protein encoder gives {width}-wide ones"
+            )
+
+    def outputs(self, tokens: Tensor, sequence: str, **options: Any) -> dict[str, Any]:  # pragma: no cover
+        raise NotImplementedError
+
+    def predict(self, model: Any, items: Sequence[Any], **options: Any) -> list[dict[str, Any]]:
+        """One output dict per protein input (see the subclass's ``outputs``); bad letters or an
+        over-long sequence raise the encoder's ``InvalidInput``."""
+        encoder = model.encoders["protein"]
+        rows = []
+        for item in items:
+            sequence = protein_sequence(item)
+            rows.append(self.outputs(protein_tokens(encoder, sequence), sequence, **options))
+        return rows
+
+    def save(self, directory: str | Path) -> Path:
+        """The same two files as ``PooledHead.save``: head.json and head.safetensors."""
+        import json
+
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
+        save_file(
+            {k: v.detach().contiguous() for k, v in self.state_dict().items()}, directory / WEIGHTS_FILE
+        )
+        return directory
+
+
+@register_head("contact")
+class ContactMapHead(ProteinTokenHead):
+    """A saved ``PairwiseContactHead``: protein tokens [L, D] -> contact probabilities of residue pairs.
+
+    Config: kind "contact", labels ["contact"], ``hidden_dim`` the pair MLP's hidden width (64),
+    ``extra["project"]`` the per-residue projection (32), ``extra["min_separation"]`` the smallest
+    |i - j| it was trained on (6). ``outputs`` gives the ``top_k`` most probable pairs (default L,
+    the P@L convention) with |i - j| >= ``min_separation``, positions 1-based.
+    """
+
+    def __init__(self, config: HeadConfig) -> None:
+        super().__init__(config)
+        if config.kind != "contact":
+            raise ValueError(f"head {config.task!r}: a contact head has kind 'contact', got {config.kind!r}")
+        self.net = PairwiseContactHead(
+            config.input_dim, project=int(config.extra.get("project", 32)), hidden=config.hidden_dim or 64
+        )
+
+    @property
+    def min_separation(self) -> int:
+        return int(self.config.extra.get("min_separation", 6))
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """Symmetric contact logits [L, L]."""
+        return self.net(tokens)
+
+    def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """Binary cross-entropy of logits [L, L] against contacts [L, L] (1 / 0, NaN = unknown) over
+        pairs i < j at least ``min_separation`` apart (what ``PairwiseContactHead.fit`` minimises)."""
+        i, j = torch.triu_indices(len(targets), len(targets), offset=self.min_separation)
+        y = targets[i, j].float()
+        known = ~torch.isnan(y)
+        if not known.any():
+            return outputs.sum() * 0.0
+        return nn.functional.binary_cross_entropy_with_logits(outputs[i, j][known], y[known])
+
+    def metrics(self, outputs: Any, targets: Any) -> dict[str, float]:
+        """``contact_metrics`` (P@L, L/2, L/5 by range) of logits [L, L] against contacts (NaN = unknown)."""
+        targets = np.asarray(targets, dtype=float)
+        scores = 1 / (1 + np.exp(-np.asarray(outputs, dtype=float)))
+        return contact_metrics(scores, np.nan_to_num(targets) == 1, ~np.isnan(targets))
+
+    def outputs(
+        self, tokens: Tensor, sequence: str, *, top_k: int | None = None, min_separation: int | None = None
+    ) -> dict[str, Any]:
+        """``{"length": L, "contacts": [{"i", "j", "probability"}, ...]}``, most probable first."""
+        separation = self.min_separation if min_separation is None else min_separation
+        i, j, p = self.net.pair_probabilities(tokens, min_separation=separation)
+        k = len(sequence) if top_k is None else top_k
+        order = np.argsort(-p, kind="stable")[:k]
+        return {
+            "length": len(sequence),
+            "contacts": [{"i": int(i[n]) + 1, "j": int(j[n]) + 1, "probability": float(p[n])} for n in order],
+        }

@@ -16,7 +16,16 @@ from kiban.tasks.heads import HeadConfig, create_head, list_head_architectures, 
 from kiban.tasks.training import FitSettings, fit_head
 
 
-@pytest.mark.parametrize("architecture", list_head_architectures())
+# the heads over pooled states; per-residue, contact and pair heads have their own tests
+# (tests/tasks/test_tasks_saved_heads.py)
+POOLED = [a for a in list_head_architectures() if a in ("pooled", "multilabel")]
+
+
+def test_the_pooled_architectures_are_registered():
+    assert POOLED == ["multilabel", "pooled"]
+
+
+@pytest.mark.parametrize("architecture", POOLED)
 @pytest.mark.parametrize("kind", ["classification", "regression"])
 def test_every_head_trains(architecture, kind, tmp_path):
     labels = ["a", "b", "c"]

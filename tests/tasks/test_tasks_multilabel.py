@@ -125,7 +125,7 @@ def test_finetune_synthetic_multilabel_csv(tmp_path):
         assert set(r["metrics"]["per_task"]) == {"aromatic", "polar"}
     assert (out / "plots" / "roc.png").is_file()
     head = load_heads(out)["toy"]
-    assert head.config.architecture == "multilabel" and head.config.kind == "classification"
+    assert head.config.architecture == "multilabel" and head.config.kind == "multilabel"
     predictions = pd.read_csv(out / "predictions.csv")
     assert list(predictions.columns) == ["id", "true:aromatic", "true:polar", "p:aromatic", "p:polar"]
     # kiban predict with the saved head: one probability per task, the same as the run's predictions
