@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from kiban.serve.launch import ServerProcess as _ServerProcess
 from kiban.tasks import HeadConfig, PooledHead
 from kiban.tiny import tiny_model
 
@@ -79,69 +75,11 @@ def build_model_dir(path: Path, modalities: list[str] | None = None) -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class ServerProcess:
-    """One ``kiban serve`` subprocess; its output goes to a file (a pipe could fill up and stall it)."""
-
-    def __init__(self, model_dir: Path, keys_file: Path | None, log_path: Path, *flags: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log_path = log_path
-        # not ``-m kiban.cli``: run as __main__, cli.py's registry would be a second copy of the module
-        command = [
-            sys.executable,
-            "-c",
-            "import sys; from kiban.cli import main; sys.exit(main())",
-            "serve",
-            str(model_dir),
-            "--port",
-            str(self.port),
-            *flags,
-        ]
-        if keys_file is not None:
-            command += ["--api-keys-file", str(keys_file)]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        with open(log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        self.pid = self.process.pid
-
-    def wait_ready(self, *, key: str | None, timeout: float = 90.0) -> None:
-        headers = {"authorization": f"Bearer {key}"} if key else {}
-        until = time.monotonic() + timeout
-        while time.monotonic() < until:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"kiban serve exited with {self.process.returncode}:\n{self.log()[-3000:]}"
-                )
-            try:
-                if httpx.get(f"{self.url}/readyz", headers=headers, timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise RuntimeError(f"kiban serve was not ready within {timeout} s:\n{self.log()[-3000:]}")
+class ServerProcess(_ServerProcess):
+    """``kiban.serve.launch.ServerProcess`` whose clients use the first test key by default."""
 
     def client(self, key: str | None = KEYS[0], **options) -> httpx.Client:
-        headers = {"authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.url, headers=headers, timeout=options.pop("timeout", 60), **options)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=15)
+        return super().client(key, **options)
 
 
 @pytest.fixture(scope="session")
