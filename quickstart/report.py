@@ -93,8 +93,9 @@ def _page(metrics: dict[str, Any], figures: list[tuple[Path, str]]) -> str:
         f"{metrics['seed']}, budget {metrics['minutes']:g} min. Corpus: {corpus['records']['train']} training and "
         f"{corpus['records']['val']} validation records ({e(by_modality)}); "
         f"{corpus['held_out_cells']} cells held out for the cell-type head's test. "
-        f"Align stage: {align['steps']} steps, {align['samples']} records, loss "
-        f"{_number(align['first_loss'])} → {_number(align['final_loss'])}.</p>",
+        f"Align stage: {align['steps']} steps, {align['samples']} records; validation loss "
+        + " → ".join(f"{_number(v['loss'])} (step {v['step']})" for v in align["val_loss"])
+        + ".</p>",
         '<p class="note">The encoders other than MiniLM are randomly initialised (no pretrained '
         "protein, cell, image or molecule weights install offline) and the align stage trains only "
         "the projectors, for a few minutes on a CPU. The heads below therefore read a lightly "
@@ -135,8 +136,9 @@ def _task_table(task: str, result: dict[str, Any]) -> str:
             continue
         name = entry["model"]
         is_head = name.startswith("head (")
-        if is_head:  # "head (probe, /abs/path/model)" -> "kiban head (probe)"
-            name = f"kiban head ({name[6:].split(',')[0].rstrip(')')})"
+        if is_head:  # "head (probe, /abs/path/model, layer 2)" -> "kiban head (probe, layer 2)"
+            parts = [p for p in name[len("head (") : -1].split(", ") if "/" not in p and p != "tiny"]
+            name = f"kiban head ({', '.join(parts)})"
         where = f"/tasks/{task}/results/{index}/metrics"
         values = entry["metrics"]
         if result["kind"] == "regression":  # one table per target would be wider than useful: the first
@@ -183,11 +185,16 @@ def _loss_plot(path: Path, align: dict[str, Any]) -> Path:
     plt = _pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.6))
     steps = np.arange(1, len(align["loss"]) + 1)
-    axis.plot(steps, align["loss"], linewidth=1.2, label="train (per step)")
+    losses = np.asarray(align["loss"], dtype=float)
+    axis.plot(steps, losses, linewidth=0.8, alpha=0.45, label="train (per step)")
+    window = max(1, len(losses) // 20)
+    if window > 1:  # a running mean: one step's 4 records are a noisy sample
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        axis.plot(steps[window - 1 :], smooth, linewidth=1.8, color="C0", label=f"train (mean of {window})")
     if align["val_loss"]:
         axis.scatter(
             [v["step"] for v in align["val_loss"]], [v["loss"] for v in align["val_loss"]],
-            color="C3", zorder=3, label="validation",
+            color="C3", zorder=3, label="validation (before / after)",
         )
     axis.set(xlabel="optimizer step", ylabel="loss", title="align stage")
     axis.legend()

@@ -356,7 +356,8 @@ def _run(options: FinetuneOptions, work: Path) -> dict[str, Any]:
         where = {"split": side, "split_method": split.method, "seed": split.seed}
         results.append(
             {
-                "model": f"head ({options.mode}, {options.model})",
+                "model": f"head ({options.mode}, {options.model}"
+                + (f", layer {options.layer})" if options.layer is not None else ")"),
                 **where,
                 "metrics": head.metrics(outputs[side], data.targets[rows]),
             }
