@@ -308,14 +308,15 @@ def _protein_records(path: Path, limit: int, rng: random.Random, rejects: Any) -
     for record in read_fasta(path, modality="protein", rejects=rejects):
         if len(records) >= limit:
             break
+        sequence = str(getattr(record.item, "seq", record.item))  # the reader yields SeqRecords
         description = descriptions.get(record.id, "")
-        answer = _protein_answer(description) or f"A protein of {len(record.item)} residues."
+        answer = _protein_answer(description) or f"A protein of {len(sequence)} residues."
         records.append(
             _record(
                 f"protein:{record.id}",
                 rng.choice(("What protein is <protein>?", "<protein> Which protein is this?")),
                 answer,
-                {"protein": [record.item]},
+                {"protein": [sequence]},
                 f"your file {path} ({record.location})",
             )
         )
@@ -329,14 +330,14 @@ def _dna_records(path: Path, limit: int, rng: random.Random, rejects: Any) -> li
     for record in read_fasta(path, modality="dna", rejects=rejects):
         if len(records) >= limit:
             break
-        sequence = record.item.upper()
+        sequence = str(getattr(record.item, "seq", record.item)).upper()
         gc = 100.0 * sum(base in "GC" for base in sequence) / max(1, len(sequence))
         records.append(
             _record(
                 f"dna:{record.id}",
                 "What are the length and GC content of <dna>?",
                 f"{len(sequence)} bases, {gc:.0f}% GC.",
-                {"dna": [record.item]},
+                {"dna": [sequence]},
                 f"your file {path} ({record.location})",
             )
         )

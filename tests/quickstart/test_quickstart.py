@@ -23,8 +23,32 @@ import numpy as np
 import pytest
 
 KIBAN = [sys.executable, "-c", "import sys; from kiban.cli import main; sys.exit(main())"]
-TINY = ["quickstart", "--model", "tiny", "--minutes", "2"]
 KEY = "kiban-quickstart-test-key-000000000001"
+
+PROTEINS = """>sp|P69905|HBA_HUMAN Hemoglobin subunit alpha OS=Homo sapiens OX=9606 GN=HBA1 PE=1 SV=2
+MVLSPADKTNVKAAWGKVGAHAGEYGAEALERMFLSFPTTKTYFPHFDLSHGSAQVKGHGKKVADALTNAVAHVDDMPNALSALSDLHAHKL
+>sp|P01308|INS_HUMAN Insulin OS=Homo sapiens OX=9606 GN=INS PE=1 SV=1
+MALWMRLLPLLALLALWGPDPAAAFVNQHLCGSHLVEALYLVCGERGFFYTPKTRREAEDLQVGQVELGGGPGAGSLQPLALEGSLQKRGIVEQCCTSICSLYQLENYCN
+>broken not a protein
+MKT1234!!
+"""
+DNA = """>lacP E. coli lac promoter region
+TTTACACTTTATGCTTCCGGCTCGTATGTTGTGTGGAATTGTGAGCGGATAACAATT
+>trpP E. coli trp promoter region
+TTGACAATTAATCATCGAACTAGTTAACTAGTACGCAAGTTCACGTAAAAAGGGTATCGACA
+"""
+
+
+@pytest.fixture(scope="module")
+def tiny_args(tmp_path_factory) -> list[str]:
+    """The tiny quickstart with the user's own sequence files (one protein record is broken)."""
+    folder = tmp_path_factory.mktemp("user-files")
+    (folder / "proteins.fa").write_text(PROTEINS)
+    (folder / "dna.fa").write_text(DNA)
+    return [
+        "quickstart", "--model", "tiny", "--minutes", "2",
+        "--proteins", str(folder / "proteins.fa"), "--dna", str(folder / "dna.fa"),
+    ]
 
 
 def run_kiban(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -32,9 +56,9 @@ def run_kiban(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
+def tiny_run(tmp_path_factory, tiny_args) -> Path:
     out = tmp_path_factory.mktemp("quickstart") / "run"
-    result = run_kiban(*TINY, "--out", str(out))
+    result = run_kiban(*tiny_args, "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -67,8 +91,16 @@ def test_every_artefact_exists_and_parses(tiny_run):
     # the corpus: real sources, each record naming its own, and no test cell of the head in it
     corpus = out / "corpus"
     records = [json.loads(line) for name in ("train.jsonl", "val.jsonl") for line in (corpus / name).read_text().splitlines()]
-    assert {next(iter(r["inputs"])) for r in records} == {"cell", "molecule", "image"}
+    assert {next(iter(r["inputs"])) for r in records} == {"cell", "molecule", "image", "protein", "dna"}
     assert all(r["source"] for r in records)
+    # the user's files: the two good proteins and both DNA records in, the broken one rejected with its reason
+    answers = {r["id"]: r["messages"][1]["content"] for r in records}
+    assert answers["protein:sp|P69905|HBA_HUMAN"] == "Hemoglobin subunit alpha, from Homo sapiens."
+    assert answers["dna:lacP"].startswith("57 bases")
+    assert metrics["corpus"]["by_modality"]["protein"] == 2 and metrics["corpus"]["by_modality"]["dna"] == 2
+    assert metrics["corpus"]["rejected_user_records"] == 1
+    rejects = [json.loads(line) for line in (corpus / "rejects.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rejects] == ["broken"] and "residue" in rejects[0]["reason"]
     counts = metrics["corpus"]["records"]
     assert counts["train"] + counts["val"] == len(records)
     assert "pbmc68k_reduced" in (corpus / "SOURCES.md").read_text()
@@ -134,17 +166,17 @@ def test_the_report_numbers_are_the_numbers_in_metrics_json(tiny_run):
 # Determinism, resume, refusal
 
 
-def test_the_same_seed_gives_the_same_run(tiny_run, tmp_path):
+def test_the_same_seed_gives_the_same_run(tiny_run, tiny_args, tmp_path):
     again = tmp_path / "again"
-    result = run_kiban(*TINY, "--out", str(again))
+    result = run_kiban(*tiny_args, "--out", str(again))
     assert result.returncode == 0, result.stderr[-3000:]
     assert normalised_metrics(again) == normalised_metrics(tiny_run)
     assert np.array_equal(np.load(again / "cells.npz")["states"], np.load(tiny_run / "cells.npz")["states"])
 
 
-def test_a_killed_run_resumes_to_the_same_result(tiny_run, tmp_path):
+def test_a_killed_run_resumes_to_the_same_result(tiny_run, tiny_args, tmp_path):
     out = tmp_path / "killed"
-    process = subprocess.Popen([*KIBAN, *TINY, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([*KIBAN, *tiny_args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoints = out / "train" / "checkpoints"
     deadline = time.monotonic() + 300
     try:
@@ -158,18 +190,19 @@ def test_a_killed_run_resumes_to_the_same_result(tiny_run, tmp_path):
         process.wait()
     state = json.loads((out / "quickstart.json").read_text())
     assert "align" not in state["done"]
-    result = run_kiban(*TINY, "--out", str(out))
+    result = run_kiban(*tiny_args, "--out", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert normalised_metrics(out) == normalised_metrics(tiny_run)
     # and a finished run started again does nothing more
     before = (out / "report.html").stat().st_mtime_ns
-    result = run_kiban(*TINY, "--out", str(out))
+    result = run_kiban(*tiny_args, "--out", str(out))
     assert result.returncode == 0 and (out / "report.html").stat().st_mtime_ns == before
 
 
-def test_a_folder_holding_another_run_is_refused_clearly(tiny_run, tmp_path):
+def test_a_folder_holding_another_run_is_refused_clearly(tiny_run, tiny_args, tmp_path):
     state = (tiny_run / "quickstart.json").read_text()
-    result = run_kiban(*TINY[:-1], "3", "--out", str(tiny_run))  # other --minutes
+    other_minutes = [("3" if previous == "--minutes" else a) for previous, a in zip(["", *tiny_args], tiny_args)]
+    result = run_kiban(*other_minutes, "--out", str(tiny_run))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "holds a different quickstart run" in result.stderr and "minutes" in result.stderr
@@ -178,7 +211,7 @@ def test_a_folder_holding_another_run_is_refused_clearly(tiny_run, tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    result = run_kiban(*TINY, "--out", str(other))
+    result = run_kiban(*tiny_args, "--out", str(other))
     assert result.returncode == 2 and "holds no quickstart run" in result.stderr
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
 
