@@ -36,17 +36,20 @@ def quickstart_command(args: argparse.Namespace) -> int:
     from kiban.quickstart import QuickstartOptions, run_quickstart
 
     out = args.out
-    metrics = run_quickstart(
-        QuickstartOptions(
-            out=out,
-            minutes=args.minutes,
-            seed=args.seed,
-            model=args.model,
-            proteins=args.proteins,
-            dna=args.dna,
-            progress=not args.quiet,
-        )
+    options = QuickstartOptions(
+        out=out,
+        minutes=args.minutes,
+        seed=args.seed,
+        model=args.model,
+        proteins=args.proteins,
+        dna=args.dna,
+        progress=not args.quiet,
     )
+    try:
+        metrics = run_quickstart(options)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: run the same command again to resume from {out}", file=sys.stderr)
+        return 130
     for task, result in metrics["tasks"].items():
         print(f"{task}:")
         for entry in result["results"]:
