@@ -24,7 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import sys
 import time
@@ -181,8 +180,6 @@ def _quiet_libraries() -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
-    if not sys.stderr.isatty():  # a log file: libraries' own bars (GGUF loading) would fill it
-        os.environ.setdefault("TQDM_DISABLE", "1")
     import pytorch_lightning  # noqa: F401  (it sets its own logger to INFO when imported)
 
     for name in ("pytorch_lightning", "lightning_fabric"):
