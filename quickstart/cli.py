@@ -34,6 +34,7 @@ def _quickstart_arguments(parser: argparse.ArgumentParser) -> None:
 @_arguments(_quickstart_arguments)
 def quickstart_command(args: argparse.Namespace) -> int:
     from kiban.quickstart import QuickstartOptions, run_quickstart
+    from kiban.quickstart.report import display_name
 
     out = args.out
     options = QuickstartOptions(
@@ -59,13 +60,13 @@ def quickstart_command(args: argparse.Namespace) -> int:
                     m = m[result["labels"][0]]
                 keys = ("accuracy", "macro_f1") if result["kind"] == "classification" else ("rmse", "spearman")
                 shown = "  ".join(f"{k} {m[k]:.3f}" if m.get(k) is not None else f"{k} –" for k in keys)
-                print(f"  {entry['model'][:60]:60s} {shown}")
+                print(f"  {display_name(entry['model']):52s} {shown}")
     model_dir = out / "model"
     print(
         f"\nreport:  {out / 'report.html'}   (open it in a browser)\n"
         f"metrics: {out / 'metrics.json'}\n\n"
         "serve the model (bearer-token keys, 127.0.0.1 only):\n"
-        "  python -c 'import secrets; print(secrets.token_urlsafe(32))' > api-keys.txt\n"
+        "  .venv/bin/python -c 'import secrets; print(secrets.token_urlsafe(32))' > api-keys.txt\n"
         f"  .venv/bin/kiban serve {model_dir} --api-keys-file api-keys.txt --port 8000\n\n"
         "then, from another shell:\n"
         '  curl -s http://127.0.0.1:8000/v1/chat/completions -H "Authorization: Bearer $(head -1 api-keys.txt)" \\\n'

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["METRIC_COLUMNS", "write_report"]
+__all__ = ["METRIC_COLUMNS", "display_name", "write_report"]
 
 # the columns shown per task kind: (metrics key, header); a key a run lacks shows as "–"
 METRIC_COLUMNS = {
@@ -136,9 +136,8 @@ def _task_table(task: str, result: dict[str, Any]) -> str:
             continue
         name = entry["model"]
         is_head = name.startswith("head (")
-        if is_head:  # "head (probe, /abs/path/model, layer 2)" -> "kiban head (probe, layer 2)"
-            parts = [p for p in name[len("head (") : -1].split(", ") if "/" not in p and p != "tiny"]
-            name = f"kiban head ({', '.join(parts)})"
+        if is_head:
+            name = display_name(name)
         where = f"/tasks/{task}/results/{index}/metrics"
         values = entry["metrics"]
         if result["kind"] == "regression":  # one table per target would be wider than useful: the first
@@ -160,6 +159,14 @@ def _task_table(task: str, result: dict[str, Any]) -> str:
         f"<p>{result['n']} rows; {e(split['method'])} split, seed {split['seed']} ({e(sizes)}).</p>"
         f"<table><tr><th>model</th><th>n test</th>{header}</tr>" + "\n".join(rows) + "</table>"
     )
+
+
+def display_name(model: str) -> str:
+    """A results entry's model, short: "head (probe, /abs/path/model, layer 2)" -> "kiban head (probe, layer 2)"."""
+    if not model.startswith("head ("):
+        return model
+    parts = [p for p in model[len("head (") : -1].split(", ") if "/" not in p and p != "tiny"]
+    return f"kiban head ({', '.join(parts)})"
 
 
 def _number(value: Any) -> str:
