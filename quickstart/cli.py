@@ -10,7 +10,9 @@ from kiban.cli import _arguments, command
 
 
 def _quickstart_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("runs/quickstart"), help="run folder (default runs/quickstart)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("runs/quickstart"), help="run folder (default runs/quickstart)"
+    )
     parser.add_argument(
         "--minutes",
         type=float,
@@ -58,7 +60,9 @@ def quickstart_command(args: argparse.Namespace) -> int:
                 m = entry["metrics"]
                 if result["kind"] == "regression":
                     m = m[result["labels"][0]]
-                keys = ("accuracy", "macro_f1") if result["kind"] == "classification" else ("rmse", "spearman")
+                keys = (
+                    ("accuracy", "macro_f1") if result["kind"] == "classification" else ("rmse", "spearman")
+                )
                 shown = "  ".join(f"{k} {m[k]:.3f}" if m.get(k) is not None else f"{k} –" for k in keys)
                 print(f"  {display_name(entry['model']):52s} {shown}")
     model_dir = out / "model"
@@ -70,11 +74,11 @@ def quickstart_command(args: argparse.Namespace) -> int:
         f"  .venv/bin/kiban serve {model_dir} --api-keys-file api-keys.txt --port 8000\n\n"
         "then, from another shell:\n"
         '  curl -s http://127.0.0.1:8000/v1/chat/completions -H "Authorization: Bearer $(head -1 api-keys.txt)" \\\n'
-        "    -H 'Content-Type: application/json' -d '{\"model\": \"kiban\", \"max_tokens\": 20, \"messages\": "
+        '    -H \'Content-Type: application/json\' -d \'{"model": "kiban", "max_tokens": 20, "messages": '
         '[{"role": "user", "content": [{"type": "text", "text": "What does this molecule do?"}, '
         '{"type": "molecule", "molecule": {"smiles": "CC(=O)Oc1ccccc1C(=O)O"}}]}]}\'\n'
-        f"  curl -s http://127.0.0.1:8000/v1/predict/logp -H \"Authorization: Bearer $(head -1 api-keys.txt)\" \\\n"
-        "    -H 'Content-Type: application/json' -d '{\"inputs\": [\"CCO\", \"c1ccccc1O\"]}'",
+        f'  curl -s http://127.0.0.1:8000/v1/predict/logp -H "Authorization: Bearer $(head -1 api-keys.txt)" \\\n'
+        '    -H \'Content-Type: application/json\' -d \'{"inputs": ["CCO", "c1ccccc1O"]}\'',
         file=sys.stdout,
     )
     return 0

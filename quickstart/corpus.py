@@ -141,7 +141,6 @@ _CELL_QUESTIONS = (
 
 def _cell_records(folder: Path, seed: int, rng: random.Random) -> tuple[list[dict], list[str]]:
     import anndata
-
     from kiban.tasks.splits import random_split
 
     shutil.copyfile(pbmc_path(), folder / PBMC_FILE)
@@ -203,7 +202,10 @@ _MOLECULE_ANSWERS = (
     ("What is the molecular weight of <molecule>?", "{MW:.1f} g/mol."),
     ("Estimate the octanol–water partition coefficient (logP) of <molecule>.", "logP is about {logP:.2f}."),
     ("What is the topological polar surface area of <molecule>?", "{TPSA:.1f} Å²."),
-    ("How many hydrogen-bond donors and acceptors does <molecule> have?", "{HBD} donors and {HBA} acceptors."),
+    (
+        "How many hydrogen-bond donors and acceptors does <molecule> have?",
+        "{HBD} donors and {HBA} acceptors.",
+    ),
     ("How many rings does <molecule> have?", "{rings} rings."),
 )
 

@@ -28,7 +28,9 @@ class TrainingProgress(pl.Callback):
 
             self.bar = tqdm(total=self.total, initial=trainer.global_step, desc="align", unit="step")
 
-    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
         step = trainer.global_step
         self.samples += len(batch.ids)
         elapsed = max(1e-6, time.time() - self.started)

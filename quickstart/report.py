@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from kiban.quickstart.run import HEAD_LAYER
+
 __all__ = ["METRIC_COLUMNS", "display_name", "write_report"]
 
 # the columns shown per task kind: (metrics key, header); a key a run lacks shows as "–"
@@ -52,16 +54,30 @@ def write_report(out: Path, metrics: dict[str, Any]) -> Path:
     cells = np.load(out / "cells.npz")
     umap_png = _umap_plot(plots / "umap.png", cells)
     figures = [
-        (loss_png, "Align stage: training loss per optimizer step (next-token loss on the answers), "
-         "validation loss as dots."),
-        (umap_png, "UMAP of every pbmc68k_reduced cell, coloured by its annotated type (bulk_labels): "
-         "left kiban's fused states (pooled after decoder layer 2, what the cell-type head reads), right log-normalised expression (PCA, the usual scanpy view)."),
+        (
+            loss_png,
+            "Align stage: next-token loss on the answers per optimizer step (thin), its running mean "
+            "(thick), and the validation loss before the first step and after the last (dots).",
+        ),
+        (
+            umap_png,
+            "UMAP of every pbmc68k_reduced cell, coloured by its annotated type (bulk_labels): "
+            f"left kiban's fused states (pooled after decoder layer {HEAD_LAYER}, what the cell-type "
+            "head reads), right log-normalised expression (PCA, the usual scanpy view).",
+        ),
     ]
     for task, name, caption in (
-        ("cell-type", "confusion.png", "Cell-type head on its held-out test cells: confusion matrix "
-         "(rows true, columns predicted)."),
-        ("logp", "parity.png", "logP head on its held-out test molecules (Bemis–Murcko scaffold split): "
-         "predicted vs. RDKit's Crippen logP."),
+        (
+            "cell-type",
+            "confusion.png",
+            "Cell-type head on its held-out test cells: confusion matrix (rows true, columns predicted).",
+        ),
+        (
+            "logp",
+            "parity.png",
+            "logP head on its held-out test molecules (Bemis–Murcko scaffold split): "
+            "predicted vs. RDKit's Crippen logP.",
+        ),
     ):
         path = out / "heads" / task / "plots" / name
         if path.is_file():
@@ -151,9 +167,7 @@ def _task_table(task: str, result: dict[str, Any]) -> str:
     header = "".join(f"<th>{e(title)}</th>" for _, title in columns)
     sizes = ", ".join(f"{k} {v}" for k, v in split["sizes"].items())
     labels = result["labels"]
-    what = (
-        f"{len(labels)} classes" if result["kind"] == "classification" else "target " + ", ".join(labels)
-    )
+    what = f"{len(labels)} classes" if result["kind"] == "classification" else "target " + ", ".join(labels)
     return (
         f"<h3>{e(task)}: {e(result['modality'])}, {e(result['kind'])} ({e(what)})</h3>"
         f"<p>{result['n']} rows; {e(split['method'])} split, seed {split['seed']} ({e(sizes)}).</p>"
@@ -200,8 +214,11 @@ def _loss_plot(path: Path, align: dict[str, Any]) -> Path:
         axis.plot(steps[window - 1 :], smooth, linewidth=1.8, color="C0", label=f"train (mean of {window})")
     if align["val_loss"]:
         axis.scatter(
-            [v["step"] for v in align["val_loss"]], [v["loss"] for v in align["val_loss"]],
-            color="C3", zorder=3, label="validation (before / after)",
+            [v["step"] for v in align["val_loss"]],
+            [v["loss"] for v in align["val_loss"]],
+            color="C3",
+            zorder=3,
+            label="validation (before / after)",
         )
     axis.set(xlabel="optimizer step", ylabel="loss", title="align stage")
     axis.legend()
@@ -225,7 +242,9 @@ def _umap_plot(path: Path, cells: Any) -> Path:
             chosen = labels == name
             axis.scatter(xy[chosen, 0], xy[chosen, 1], s=6, color=colours(k % colours.N), label=name)
         axis.set(title=title, xticks=[], yticks=[], xlabel="UMAP 1", ylabel="UMAP 2")
-    axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, markerscale=2, frameon=False)
+    axes[0][-1].legend(
+        loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, markerscale=2, frameon=False
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

@@ -112,7 +112,6 @@ def plan_for(minutes: float, model: str) -> Plan:
     )
 
 
-
 def run_quickstart(options: QuickstartOptions) -> dict[str, Any]:
     """Run (or finish) the quickstart in ``options.out``; returns metrics.json's content."""
     if options.model not in MODELS:
@@ -120,7 +119,6 @@ def run_quickstart(options: QuickstartOptions) -> dict[str, Any]:
     for name, path in (("--proteins", options.proteins), ("--dna", options.dna)):
         if path is not None and not Path(path).is_file():
             raise QuickstartError(f"{name}: no such file: {path}")
-    # pbmc68k_reduced predates anndata's obsp: every read warns about it, which says nothing to the user
     _quiet_libraries()
     out = Path(options.out)
     plan = plan_for(options.minutes, options.model)
@@ -289,7 +287,6 @@ def model_config(out: Path, model: str) -> dict[str, Any]:
     the cell encoder's vocabulary = the pbmc68k_reduced genes, few-token resampler projectors for
     cells and images (short fused sequences), atom / residue / base tokens for the rest."""
     import anndata
-
     from kiban.encoders.cell import vocab_from_adata
     from kiban.quickstart.corpus import PBMC_FILE
 
@@ -338,7 +335,11 @@ def align_config(out: Path, options: QuickstartOptions, plan: Plan) -> Any:
             "stage": "align",
             "run": {"dir": str(out / "train"), "resume": "auto"},
             "model": model_config(out, options.model),
-            "data": {"train": str(out / "corpus" / "train.jsonl"), "val": None, "batch_size": plan.batch_size},
+            "data": {
+                "train": str(out / "corpus" / "train.jsonl"),
+                "val": None,
+                "batch_size": plan.batch_size,
+            },
             "optim": {"name": "adamw", "lr": 1.0e-3, "weight_decay": 0.0},
             "schedule": {"name": "cosine", "warmup_steps": max(1, steps // 10), "min_lr_ratio": 0.1},
             "trainer": {
@@ -360,10 +361,9 @@ def align_config(out: Path, options: QuickstartOptions, plan: Plan) -> Any:
 
 def _align(out: Path, options: QuickstartOptions, plan: Plan) -> None:
     import pytorch_lightning as pl
-    from pytorch_lightning.callbacks import ModelSummary
-
     from kiban.quickstart.progress import TrainingProgress
     from kiban.train.runner import fit
+    from pytorch_lightning.callbacks import ModelSummary
 
     config = align_config(out, options, plan)
 
@@ -386,7 +386,6 @@ def _align(out: Path, options: QuickstartOptions, plan: Plan) -> None:
 def validation_loss(model: Any, out: Path, *, batch_size: int = 4) -> float:
     """Mean next-token loss on the answers of ``corpus/val.jsonl`` (records the align stage never trains on)."""
     import torch
-
     from kiban.train.data import RecordsDataModule
     from kiban.train.objectives import fused_losses
 
@@ -407,7 +406,6 @@ def validation_loss(model: Any, out: Path, *, batch_size: int = 4) -> float:
 
 def _load_model(path: Path) -> Any:
     import torch
-
     from kiban.fusion import KibanModel
 
     torch.manual_seed(0)
@@ -423,7 +421,9 @@ def _heads(out: Path, options: QuickstartOptions, plan: Plan, model: Any) -> Non
     for stale in heads.glob(".*.partial"):  # a fine-tune interrupted by a kill
         shutil.rmtree(stale, ignore_errors=True)
     jobs = {
-        CELL_TASK: dict(data=out / "corpus" / PBMC_FILE, labels=["bulk_labels"], use_raw=True, save_features=True),
+        CELL_TASK: dict(
+            data=out / "corpus" / PBMC_FILE, labels=["bulk_labels"], use_raw=True, save_features=True
+        ),
         MOLECULE_TASK: dict(data=out / "corpus" / "molecules.csv", labels=[PROPERTY]),
     }
     for task, job in jobs.items():
@@ -457,7 +457,9 @@ def _check_no_leak(out: Path) -> None:
             seen.add(json.loads(line)["id"])
     leaked = sorted(tested & seen)
     if leaked:
-        raise RuntimeError(f"{len(leaked)} test cells of the cell-type head are in the corpus, e.g. {leaked[:3]}")
+        raise RuntimeError(
+            f"{len(leaked)} test cells of the cell-type head are in the corpus, e.g. {leaked[:3]}"
+        )
 
 
 def _cells(out: Path, options: QuickstartOptions) -> None:
@@ -465,7 +467,6 @@ def _cells(out: Path, options: QuickstartOptions) -> None:
     them), log-normalised expression, and a UMAP of each (cells.npz)."""
     import anndata
     import numpy as np
-
     from kiban.quickstart.corpus import PBMC_FILE
 
     saved = np.load(out / "heads" / CELL_TASK / "features.npz")
@@ -552,7 +553,10 @@ def _assemble_model(out: Path) -> None:
     where = str(target.resolve())
     for task in (CELL_TASK, MOLECULE_TASK):
         shutil.copytree(out / "heads" / task / "heads" / task, staging / "heads" / task)
-        for head_json in (staging / "heads" / task / "head.json", out / "heads" / task / "heads" / task / "head.json"):
+        for head_json in (
+            staging / "heads" / task / "head.json",
+            out / "heads" / task / "heads" / task / "head.json",
+        ):
             config = json.loads(head_json.read_text())
             config["extra"]["model"] = where
             _write_json(head_json, config)

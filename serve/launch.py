@@ -64,7 +64,9 @@ class ServerProcess:
         until = time.monotonic() + timeout
         while time.monotonic() < until:
             if self.process.poll() is not None:
-                raise RuntimeError(f"kiban serve exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+                raise RuntimeError(
+                    f"kiban serve exited with {self.process.returncode}:\n{self.log()[-3000:]}"
+                )
             try:
                 if httpx.get(f"{self.url}/readyz", headers=headers, timeout=2).status_code == 200:
                     return
@@ -97,5 +99,5 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -46,13 +46,20 @@ def tiny_args(tmp_path_factory) -> list[str]:
     (folder / "proteins.fa").write_text(PROTEINS)
     (folder / "dna.fa").write_text(DNA)
     return [
-        "quickstart", "--model", "tiny", "--minutes", "2",
-        "--proteins", str(folder / "proteins.fa"), "--dna", str(folder / "dna.fa"),
+        "quickstart",
+        "--model",
+        "tiny",
+        "--minutes",
+        "2",
+        "--proteins",
+        str(folder / "proteins.fa"),
+        "--dna",
+        str(folder / "dna.fa"),
     ]
 
 
 def run_kiban(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([*KIBAN, *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([*KIBAN, *args], capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +88,12 @@ def test_every_artefact_exists_and_parses(tiny_run):
     assert set(metrics["tasks"]) == {"cell-type", "logp"}
     assert metrics["align"]["steps"] == 8 and len(metrics["align"]["loss"]) == 8
     assert metrics["align"]["val_loss"], "the align stage validated"
-    for png in ["plots/loss.png", "plots/umap.png", "heads/cell-type/plots/confusion.png", "heads/logp/plots/parity.png"]:
+    for png in [
+        "plots/loss.png",
+        "plots/umap.png",
+        "heads/cell-type/plots/confusion.png",
+        "heads/logp/plots/parity.png",
+    ]:
         with Image.open(out / png) as image:
             assert image.size[0] > 100 and image.size[1] > 100, png
     cells = np.load(out / "cells.npz")
@@ -90,7 +102,11 @@ def test_every_artefact_exists_and_parses(tiny_run):
 
     # the corpus: real sources, each record naming its own, and no test cell of the head in it
     corpus = out / "corpus"
-    records = [json.loads(line) for name in ("train.jsonl", "val.jsonl") for line in (corpus / name).read_text().splitlines()]
+    records = [
+        json.loads(line)
+        for name in ("train.jsonl", "val.jsonl")
+        for line in (corpus / name).read_text().splitlines()
+    ]
     assert {next(iter(r["inputs"])) for r in records} == {"cell", "molecule", "image", "protein", "dna"}
     assert all(r["source"] for r in records)
     # the user's files: the two good proteins and both DNA records in, the broken one rejected with its reason
@@ -104,7 +120,9 @@ def test_every_artefact_exists_and_parses(tiny_run):
     counts = metrics["corpus"]["records"]
     assert counts["train"] + counts["val"] == len(records)
     assert "pbmc68k_reduced" in (corpus / "SOURCES.md").read_text()
-    tested = {line.split(",")[0] for line in (out / "heads/cell-type/predictions.csv").read_text().splitlines()[1:]}
+    tested = {
+        line.split(",")[0] for line in (out / "heads/cell-type/predictions.csv").read_text().splitlines()[1:]
+    }
     assert len(tested) == 140
     assert not tested & {r["id"].split(":")[1] for r in records if r["id"].startswith("pbmc:")}
     adata = anndata.read_h5ad(corpus / "pbmc68k_reduced.h5ad", backed="r")
@@ -176,7 +194,9 @@ def test_the_same_seed_gives_the_same_run(tiny_run, tiny_args, tmp_path):
 
 def test_a_killed_run_resumes_to_the_same_result(tiny_run, tiny_args, tmp_path):
     out = tmp_path / "killed"
-    process = subprocess.Popen([*KIBAN, *tiny_args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [*KIBAN, *tiny_args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     checkpoints = out / "train" / "checkpoints"
     deadline = time.monotonic() + 300
     try:
@@ -201,7 +221,9 @@ def test_a_killed_run_resumes_to_the_same_result(tiny_run, tiny_args, tmp_path):
 
 def test_a_folder_holding_another_run_is_refused_clearly(tiny_run, tiny_args, tmp_path):
     state = (tiny_run / "quickstart.json").read_text()
-    other_minutes = [("3" if previous == "--minutes" else a) for previous, a in zip(["", *tiny_args], tiny_args)]
+    other_minutes = [
+        ("3" if previous == "--minutes" else a) for previous, a in zip(["", *tiny_args], tiny_args)
+    ]
     result = run_kiban(*other_minutes, "--out", str(tiny_run))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
@@ -226,9 +248,9 @@ def _chromium() -> str | None:
         return found
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     command = ["apt-get", "install", "-y", "--no-install-recommends", "chromium"]
-    if subprocess.run(command, env=env, capture_output=True).returncode != 0:  # stale package lists
-        subprocess.run(["apt-get", "update"], env=env, capture_output=True)
-        subprocess.run(command, env=env, capture_output=True)
+    if subprocess.run(command, env=env, capture_output=True, check=False).returncode != 0:  # stale lists
+        subprocess.run(["apt-get", "update"], env=env, capture_output=True, check=False)
+        subprocess.run(command, env=env, capture_output=True, check=False)
     return shutil.which("chromium")
 
 
@@ -239,11 +261,22 @@ def render(chromium: str, page: Path, png: Path) -> list[str]:
     """Screenshot ``page`` in headless Chromium; returns the console messages it logged."""
     result = subprocess.run(
         [
-            chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-            "--no-first-run", "--window-size=1200,2400", f"--screenshot={png}",
-            "--enable-logging=stderr", "--v=0", page.resolve().as_uri(),
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--hide-scrollbars",
+            "--no-first-run",
+            "--window-size=1200,2400",
+            f"--screenshot={png}",
+            "--enable-logging=stderr",
+            "--v=0",
+            page.resolve().as_uri(),
         ],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
     )
     assert png.is_file(), result.stderr[-2000:]
     return [m.group(1) for m in map(CONSOLE.search, result.stderr.splitlines()) if m]
@@ -275,7 +308,6 @@ def test_the_report_renders_in_headless_chromium_without_console_errors(tiny_run
 @pytest.mark.slow
 def test_the_default_model_quickstart_serves_chat_and_its_heads(tmp_path):
     import openai
-
     from kiban.serve.launch import ServerProcess
 
     out = tmp_path / "run"
@@ -292,10 +324,15 @@ def test_the_default_model_quickstart_serves_chat_and_its_heads(tmp_path):
         reply = client.chat.completions.create(
             model="kiban",
             max_tokens=8,
-            messages=[{"role": "user", "content": [
-                {"type": "text", "text": "What is the molecular weight of this molecule?"},
-                {"type": "molecule", "molecule": {"smiles": "CCO"}},
-            ]}],
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is the molecular weight of this molecule?"},
+                        {"type": "molecule", "molecule": {"smiles": "CCO"}},
+                    ],
+                }
+            ],
         )
         assert reply.choices[0].message.content.strip()
         with server.client(KEY) as http:
