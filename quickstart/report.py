@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from kiban.quickstart.run import HEAD_LAYER
+from kiban.tasks.plots import _pyplot  # matplotlib on the Agg backend, as the heads' plots
 
 __all__ = ["METRIC_COLUMNS", "display_name", "write_report"]
 
@@ -191,15 +192,6 @@ def _number(value: Any) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _loss_plot(path: Path, align: dict[str, Any]) -> Path:

@@ -52,6 +52,7 @@ __all__ = [
     "load_head",
     "load_heads",
     "register_head",
+    "save_head",
 ]
 
 log = logging.getLogger(__name__)
@@ -236,13 +237,7 @@ class PooledHead(nn.Module):
     # -- save / load -----------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        save_file(
-            {k: v.detach().contiguous() for k, v in self.state_dict().items()}, directory / WEIGHTS_FILE
-        )
-        return directory
+        return save_head(self, directory)
 
     @classmethod
     def load(cls, directory: str | Path) -> PooledHead:
@@ -281,6 +276,15 @@ class MultiLabelHead(PooledHead):
         with torch.no_grad():
             raw = self(pooled.to(next(self.parameters()).dtype)).float().sigmoid()
         return [{"probabilities": dict(zip(self.config.labels, row))} for row in raw.tolist()]
+
+
+def save_head(head: nn.Module, directory: str | Path) -> Path:
+    """Write any head with a ``config`` (HeadConfig) into ``directory``: head.json + head.safetensors."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(json.dumps(head.config.to_dict(), indent=2) + "\n")
+    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, directory / WEIGHTS_FILE)
+    return directory
 
 
 def load_head(directory: str | Path) -> PooledHead:

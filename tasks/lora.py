@@ -88,8 +88,7 @@ def fit_lora(
     states while training; the map is folded into the head at the end (as ``fit_head`` does), so the
     saved head needs no extra statistics. Regression targets are scaled likewise.
     """
-    import numpy as np
-    from kiban.tasks.training import _fold_scaling
+    from kiban.tasks.training import _fold_scaling, scaling
 
     settings = settings or LoraFitSettings()
     torch.manual_seed(settings.seed)
@@ -105,18 +104,10 @@ def fit_lora(
                 for rows in train.split(64)
             ]
         )
-    mean, std = initial.mean(0), initial.std(0).clamp(min=1e-6)
     regression = head.config.kind == "regression"
+    mean, std, t_mean, t_std = scaling(initial, targets[train], regression=regression)
     if regression:
-        t_mean = torch.nan_to_num(torch.nanmean(targets[train], 0), 0.0)
-        t_std = (
-            torch.tensor(np.nanstd(targets[train].numpy(), 0), dtype=torch.float32)
-            .nan_to_num(1.0)
-            .clamp(min=1e-6)
-        )
         targets = (targets - t_mean) / t_std
-    else:
-        t_mean = t_std = None
 
     def forward(rows: list[int]) -> Tensor:
         states = pooled_states(model, modality, [items[i] for i in rows], layer=head.config.layer)

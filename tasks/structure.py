@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from kiban.tasks.heads import CONFIG_FILE, WEIGHTS_FILE, HeadConfig, register_head
+from kiban.tasks.heads import HeadConfig, register_head, save_head
 from kiban.tasks.metrics import precision_at_l
 from torch import Tensor, nn
 
@@ -500,17 +500,7 @@ class ProteinTokenHead(nn.Module):
 
     def save(self, directory: str | Path) -> Path:
         """The same two files as ``PooledHead.save``: head.json and head.safetensors."""
-        import json
-
-        from safetensors.torch import save_file
-
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        (directory / CONFIG_FILE).write_text(json.dumps(self.config.to_dict(), indent=2) + "\n")
-        save_file(
-            {k: v.detach().contiguous() for k, v in self.state_dict().items()}, directory / WEIGHTS_FILE
-        )
-        return directory
+        return save_head(self, directory)
 
 
 @register_head("contact")

@@ -16,7 +16,7 @@ import torch
 from kiban.tasks.heads import PooledHead
 from torch import Tensor, nn
 
-__all__ = ["FitSettings", "fit_head"]
+__all__ = ["FitSettings", "fit_head", "scaling"]
 
 
 @dataclass
@@ -29,6 +29,19 @@ class FitSettings:
     batch_size: int = 256
     seed: int = 0
     progress: bool = True
+
+
+def scaling(
+    features: Tensor, targets: Tensor, *, regression: bool
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    """(feature mean, feature std, target mean, target std) of the training rows; the target
+    statistics are None unless ``regression`` (NaN targets, i.e. not measured, are ignored)."""
+    mean, std = features.mean(0), features.std(0).clamp(min=1e-6)
+    if not regression:
+        return mean, std, None, None
+    t_mean = torch.nan_to_num(torch.nanmean(targets, 0), 0.0)
+    t_std = torch.tensor(np.nanstd(targets.numpy(), 0), dtype=torch.float32).nan_to_num(1.0).clamp(min=1e-6)
+    return mean, std, t_mean, t_std
 
 
 def fit_head(
@@ -47,14 +60,7 @@ def fit_head(
     kind = head.config.kind
     generator = torch.Generator().manual_seed(settings.seed)
     features = features.float()
-    mean, std = features.mean(0), features.std(0).clamp(min=1e-6)
-    if kind == "regression":
-        t_mean = torch.nan_to_num(torch.nanmean(targets, 0), 0.0)
-        t_std = (
-            torch.tensor(np.nanstd(targets.numpy(), 0), dtype=torch.float32).nan_to_num(1.0).clamp(min=1e-6)
-        )
-    else:
-        t_mean, t_std = None, None
+    mean, std, t_mean, t_std = scaling(features, targets, regression=kind == "regression")
 
     def scaled(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         return (x.float() - mean) / std, ((y - t_mean) / t_std if t_mean is not None else y)
