@@ -146,7 +146,7 @@ def _build(
     from kiban.hpc.requeue import PreemptionRequeue
     from kiban.train.callbacks import NonFiniteGuard, StepLog, ThroughputMonitor
     from kiban.train.checkpointing import AtomicCheckpoint, ResumeState
-    from kiban.train.data import RecordsDataModule
+    from kiban.data.datamodule import KibanDataModule
     from kiban.train.module import KibanLightningModule
     from kiban.train.strategies import build_strategy
 
@@ -206,7 +206,7 @@ def _build(
     )
     module = KibanLightningModule(config=config)
     module.init_weights = resume is None
-    datamodule = RecordsDataModule.from_config(config, splits=("train", "val", "test"))
+    datamodule = KibanDataModule.from_config(config, splits=("train", "val", "test"))
     return trainer, module, datamodule
 
 
