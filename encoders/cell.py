@@ -661,6 +661,7 @@ class CellEncoder(Encoder):
     modality = MODALITY
 
     def __init__(self, config: CellEncoderConfig) -> None:
+        """Build the trunk (and profile token) of ``config``; load ``checkpoint_dir`` / ``weights_path``."""
         super().__init__()
         if config.profile_token not in ("none", "first", "only"):
             raise ValueError(f"profile_token must be 'none', 'first' or 'only', got {config.profile_token!r}")
@@ -767,7 +768,7 @@ def tiny() -> CellEncoderConfig:
 
 @register_preset(MODALITY)
 def scgpt() -> CellEncoderConfig:
-    """scGPT's whole-human architecture: 51 bins, 1200 genes, 12 layers of width 512, 8 heads.
+    """The architecture of scGPT's whole-human model: 51 bins, 1200 genes, 12 layers of width 512, 8 heads.
 
     With ``checkpoint_dir`` (``best_model.pt``, ``vocab.json``, ``args.json``) the published weights,
     vocabulary and hyperparameters load; the cell's embedding is then its CLS token (token 0).

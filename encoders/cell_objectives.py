@@ -20,11 +20,10 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from kiban.encoders.base import pad_stack
 from kiban.encoders.cell import CellEncoder
 from kiban.encoders.pretraining import ObjectiveOutput, PretrainObjective, register_objective
+from torch import Tensor, nn
 
 __all__ = ["MaskedExpression", "MaskedExpressionMasker", "RankMLM", "RankMasker"]
 
@@ -57,6 +56,7 @@ class MaskedExpressionMasker:
     """
 
     def __init__(self, featurizer: Any, *, mask_ratio: float) -> None:
+        """Mask for ``featurizer``'s binned cells."""
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.featurizer = featurizer
@@ -101,6 +101,7 @@ class MaskedExpression(PretrainObjective):
     """scGPT's GEP: MSE of the predicted bins of hidden expressed genes (``mask_ratio``, default 0.4)."""
 
     def __init__(self, encoder: CellEncoder, *, mask_ratio: float = 0.4) -> None:
+        """The objective over ``encoder`` (binned tokenization) with its expression decoder."""
         super().__init__(encoder)
         if encoder.featurizer.tokenization != "binning":
             raise ValueError(
@@ -133,6 +134,7 @@ class RankMasker:
     """
 
     def __init__(self, featurizer: Any, *, mask_id: int, mask_ratio: float) -> None:
+        """Mask for ``featurizer``'s rank-ordered cells, with ``mask_id`` as ``<mask>``."""
         if not 0.0 < mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
         self.featurizer = featurizer
@@ -168,6 +170,7 @@ class RankMLM(PretrainObjective):
     """Geneformer's masked LM over rank-ordered gene tokens (``mask_ratio`` 0.15, 80/10/10)."""
 
     def __init__(self, encoder: CellEncoder, *, mask_ratio: float = 0.15) -> None:
+        """The objective over ``encoder`` (rank tokenization with a ``mask_id``) with its LM head."""
         super().__init__(encoder)
         if encoder.featurizer.tokenization != "rank":
             raise ValueError("rank_mlm predicts rank-ordered gene tokens: use a rank-tokenized encoder (preset geneformer)")

@@ -60,6 +60,7 @@ class KibanTrunk(nn.Module):
     """LayerNorm(gene + value embedding) and a post-norm GELU transformer encoder."""
 
     def __init__(self, config: CellEncoderConfig, *, n_token_ids: int) -> None:
+        """Build the trunk of ``config`` over a token embedding of ``n_token_ids`` rows."""
         super().__init__()
         # rank positions: CLS 0, genes 1..max_genes, and an EOS after them when the vocabulary has one
         extra = config.eos_id is not None
@@ -133,6 +134,7 @@ class ScgptTrunk(nn.Module):
     """scGPT's encoder path; value_ids are bins, value id ``n_bins`` (CLS) is ``pad_value``, ``n_bins + 1`` ``mask_value``."""
 
     def __init__(self, config: CellEncoderConfig, *, n_token_ids: int) -> None:
+        """Build the trunk of ``config`` over a token embedding of ``n_token_ids`` rows."""
         super().__init__()
         if config.tokenization != "binning":
             raise ValueError("arch 'scgpt' reads binned values: set tokenization='binning'")
@@ -166,6 +168,7 @@ class GeneformerTrunk(nn.Module):
     """A Hugging Face ``BertModel`` over rank-ordered gene tokens (Geneformer); ``value_ids`` unused."""
 
     def __init__(self, config: CellEncoderConfig, *, n_token_ids: int) -> None:
+        """Build the trunk of ``config`` over a token embedding of ``n_token_ids`` rows."""
         super().__init__()
         from transformers import BertConfig, BertModel
 

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from kiban.encoders import create_encoder
 from kiban.encoders.cell import CellEncoder
 
