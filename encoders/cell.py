@@ -37,6 +37,7 @@ from kiban.encoders.base import (
     register_encoder,
     register_preset,
 )
+from kiban.encoders.cell_trunks import create_trunk
 from torch import Tensor, nn
 
 __all__ = [
@@ -81,6 +82,21 @@ class CellEncoderConfig:
         before ranking (Geneformer's normalisation); empty means rank the raw values.
     width, num_layers, num_heads, ffn_dim, dropout: the transformer.
     weights_path: a local state dict of this encoder (.safetensors, or .pt/.pth read with weights_only).
+    arch: the trunk (``cell_trunks``): "kiban", "scgpt" (scGPT's encoder) or "geneformer" (BERT).
+    checkpoint_dir: a published checkpoint folder of that arch (``cell_checkpoints``): it sets the
+        architecture, vocabulary, token ids and weights. token_dictionary_path / gene_median_path:
+        Geneformer's dictionaries (.pkl or .json), when they are not the one match in the folder.
+    gene_token_ids: the token id of each vocabulary gene; empty means consecutive ids after the
+        largest special id. pad_id / cls_id / eos_id / mask_id: special token ids (None = absent).
+        n_token_ids: rows of the token embedding; 0 means the largest id + 1.
+    target_sum: counts are scaled to this total per cell before medians and profiles (Geneformer).
+    value_encoder, pad_value, mask_value: scGPT's value input ("continuous" or "category") and the
+        values it gives CLS/padding and masked genes.
+    activation, attention_dropout, max_position, layer_norm_eps: the BERT of arch "geneformer".
+    profile_token: "first" puts one whole-profile token before the trunk's tokens: the
+        log-normalised expression of every matched gene through a linear map over the vocabulary
+        (an EmbeddingBag), so the cell's full profile reaches the output even where the gene tokens
+        are truncated or untrained; "only" outputs that token alone (no trunk); "none" (default).
     """
 
     gene_vocab: tuple[str, ...] = ()
@@ -98,6 +114,25 @@ class CellEncoderConfig:
     ffn_dim: int = 512
     dropout: float = 0.1
     weights_path: str | None = None
+    arch: str = "kiban"
+    checkpoint_dir: str | None = None
+    token_dictionary_path: str | None = None
+    gene_median_path: str | None = None
+    gene_token_ids: tuple[int, ...] = ()
+    pad_id: int = PAD_ID
+    cls_id: int | None = CLS_ID
+    eos_id: int | None = None
+    mask_id: int | None = None
+    n_token_ids: int = 0
+    target_sum: float = 10_000.0
+    value_encoder: str = "continuous"
+    pad_value: float = -2.0
+    mask_value: float = -1.0
+    activation: str = "gelu"
+    attention_dropout: float = 0.1
+    max_position: int = 2048
+    layer_norm_eps: float = 1e-12
+    profile_token: str = "none"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,6 +282,13 @@ class CellFeaturizer:
         gene_medians: Sequence[float] = (),
         gene_column: str | None = None,
         layer: str | None = None,
+        gene_token_ids: Sequence[int] = (),
+        pad_id: int = PAD_ID,
+        cls_id: int | None = CLS_ID,
+        eos_id: int | None = None,
+        mask_id: int | None = None,
+        target_sum: float = 10_000.0,
+        profile: bool = False,
     ) -> None:
         if tokenization not in ("binning", "rank"):
             raise ValueError(f"tokenization must be 'binning' or 'rank', got {tokenization!r}")
@@ -263,6 +305,18 @@ class CellFeaturizer:
         medians = np.asarray(gene_medians, dtype=np.float64)
         if medians.size and not (np.isfinite(medians).all() and (medians > 0).all()):
             raise ValueError("gene_medians must all be finite and positive")
+        if not target_sum > 0:
+            raise ValueError(f"target_sum must be positive, got {target_sum}")
+        specials = [i for i in (pad_id, cls_id, eos_id, mask_id) if i is not None]
+        if gene_token_ids:
+            if len(gene_token_ids) != len(vocab):
+                raise ValueError(f"gene_token_ids has {len(gene_token_ids)} ids for a vocabulary of {len(vocab)} genes")
+            token_ids = np.asarray(gene_token_ids, dtype=np.int64)
+            clash = set(token_ids.tolist()) & set(specials)
+            if len(set(token_ids.tolist())) != len(token_ids) or clash:
+                raise ValueError("gene_token_ids must be distinct and differ from the special token ids")
+        else:  # consecutive ids after the specials (kiban's layout: 0 padding, 1 CLS, genes from 2)
+            token_ids = np.arange(len(vocab), dtype=np.int64) + max(N_SPECIAL, max(specials) + 1)
         self.vocab = tuple(vocab)
         self.tokenization = tokenization
         self.n_bins = n_bins
@@ -271,6 +325,10 @@ class CellFeaturizer:
         self.gene_medians = medians if medians.size else None
         self.gene_column = gene_column
         self.layer = layer
+        self.token_ids = token_ids
+        self.pad_id, self.cls_id, self.eos_id, self.mask_id = pad_id, cls_id, eos_id, mask_id
+        self.target_sum = float(target_sum)
+        self.profile = profile
         self.report = GeneMatchReport(vocab_size=len(self.vocab))
         self._build_lookup()
 
@@ -286,7 +344,20 @@ class CellFeaturizer:
             gene_medians=config.gene_medians,
             gene_column=config.gene_column,
             layer=config.layer,
+            gene_token_ids=config.gene_token_ids,
+            pad_id=config.pad_id,
+            cls_id=config.cls_id,
+            eos_id=config.eos_id,
+            mask_id=config.mask_id,
+            target_sum=config.target_sum,
+            profile=config.profile_token != "none",
         )
+
+    @property
+    def n_token_ids(self) -> int:
+        """Rows a token embedding needs: the largest id (gene or special) + 1."""
+        specials = [i for i in (self.pad_id, self.cls_id, self.eos_id, self.mask_id) if i is not None]
+        return int(max(specials + [int(self.token_ids.max()) if len(self.token_ids) else 0])) + 1
 
     def _build_lookup(self) -> None:
         self._exact = {gene: i for i, gene in enumerate(self.vocab)}
@@ -465,6 +536,9 @@ class CellFeaturizer:
                     f" (e.g. {', '.join(report.unmatched_examples[:3])})" if report.unmatched_examples else ""
                 ),
             )
+        values_all_sum = values.sum()
+        if values_all_sum <= 0:
+            raise InvalidInput(MODALITY, name, f"all {len(values)} of its values are 0")
         gene_index = index[positions]
         keep = gene_index >= 0
         if not self.include_zeros:
@@ -475,37 +549,54 @@ class CellFeaturizer:
                 MODALITY, name, f"all {report.n_matched} of its genes in the vocabulary have value 0"
             )
 
+        # Geneformer's normalisation: counts over the cell's total (all its genes, matched or not,
+        # as Geneformer's n_counts) times target_sum
+        scale = self.target_sum / float(values_all_sum)
+        cls = [self.cls_id] if self.cls_id is not None else []
         if self.tokenization == "binning":
             # Bins come from all matched genes of the cell, before truncation, as scGPT bins the
             # whole profile and then samples its sequence.
             bins = bin_values(values, n_bins=self.n_bins)
             chosen = _top(values, gene_index, self.max_genes)
             chosen = chosen[np.argsort(gene_index[chosen], kind="stable")]  # order is irrelevant to the model
-            gene_ids = np.concatenate([[CLS_ID], gene_index[chosen] + N_SPECIAL])
-            value_ids = np.concatenate([[self.n_bins], bins[chosen]])  # n_bins = "no value" (CLS)
+            gene_ids = np.concatenate([cls, self.token_ids[gene_index[chosen]]])
+            value_ids = np.concatenate([[self.n_bins] * len(cls), bins[chosen]])  # n_bins = "no value" (CLS)
         else:
-            score = values if self.gene_medians is None else values / self.gene_medians[gene_index]
+            score = values * scale
+            if self.gene_medians is not None:
+                score = score / self.gene_medians[gene_index]
             chosen = _top(score, gene_index, self.max_genes)  # already in rank order
-            gene_ids = np.concatenate([[CLS_ID], gene_index[chosen] + N_SPECIAL])
+            eos = [self.eos_id] if self.eos_id is not None else []
+            gene_ids = np.concatenate([cls, self.token_ids[gene_index[chosen]], eos])
             value_ids = np.arange(len(gene_ids))  # rank position; CLS is position 0
-        return {
+        features = {
             "gene_ids": torch.as_tensor(gene_ids, dtype=torch.long),
             "value_ids": torch.as_tensor(value_ids, dtype=torch.long),
             "n_genes_matched": torch.tensor(report.n_matched),
             "n_genes_unmatched": torch.tensor(report.n_unmatched),
         }
+        if self.profile:
+            # every expressed matched gene, never truncated: log1p of counts per target_sum
+            features["profile_index"] = torch.as_tensor(gene_index, dtype=torch.long)
+            features["profile_values"] = torch.as_tensor(np.log1p(values * scale), dtype=torch.float32)
+        return features
 
     def collate(self, features: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """Pad to the longest cell: gene_ids, value_ids, mask [B, N]; match counts [B]."""
-        gene_ids, mask = pad_stack([f["gene_ids"] for f in features], pad_value=PAD_ID)
+        """Pad to the longest cell: gene_ids, value_ids, mask [B, N]; match counts [B]; profiles [B, G]."""
+        gene_ids, mask = pad_stack([f["gene_ids"] for f in features], pad_value=self.pad_id)
         value_ids, _ = pad_stack([f["value_ids"] for f in features], pad_value=0)
-        return {
+        batch = {
             "gene_ids": gene_ids,
             "value_ids": value_ids,
             "mask": mask,
             "n_genes_matched": torch.stack([f["n_genes_matched"] for f in features]),
             "n_genes_unmatched": torch.stack([f["n_genes_unmatched"] for f in features]),
         }
+        if self.profile:
+            # padding weighs 0, so it adds nothing to the profile's sum
+            batch["profile_index"], _ = pad_stack([f["profile_index"] for f in features], pad_value=0)
+            batch["profile_values"], _ = pad_stack([f["profile_values"] for f in features], pad_value=0.0)
+        return batch
 
 
 def _top(score: np.ndarray, gene_index: np.ndarray, k: int) -> np.ndarray:
@@ -552,40 +643,53 @@ def _examples() -> list[Any]:
 
 @register_encoder(MODALITY, config=CellEncoderConfig, examples=_examples, default_preset="scgpt")
 class CellEncoder(Encoder):
-    """Transformer over the gene tokens of single cells (scGPT / Geneformer style).
+    """Gene-token encoder of single cells (scGPT / Geneformer style), with an optional profile token.
 
-    Input (from ``CellFeaturizer.collate``): gene_ids, value_ids, mask [B, N]. Output ModalityTokens:
-    B cells, N = 1 + the most gene tokens of any cell in the batch (a CLS token first, then at most
-    ``max_genes`` genes), D = ``width``. Padded positions are masked False and set to zero.
+    Input (from ``CellFeaturizer.collate``): gene_ids, value_ids, mask [B, N] (+ profile_index,
+    profile_values [B, G] with a profile token). Output ModalityTokens: B cells; N = the trunk's
+    tokens (CLS first where the vocabulary has one, then at most ``max_genes`` genes, then EOS
+    where it has one), plus one profile token first when ``profile_token="first"`` (only that token
+    when "only"); D = ``width``. Padded positions are masked False and set to zero.
 
-    Token embedding = LayerNorm(gene embedding + value embedding), where the value embedding is of
-    the expression bin (scGPT, Cui et al. 2024) or of the rank position (Geneformer, Theodoris et al.
-    2023), followed by a post-norm transformer encoder as in both papers.
+    The trunk (``config.arch``, see ``cell_trunks``) is kiban's own, scGPT's (Cui et al. 2024) or
+    Geneformer's BERT (Theodoris et al. 2023); ``checkpoint_dir`` loads a published checkpoint
+    into it (``cell_checkpoints``). The profile token is LayerNorm(sum over expressed genes of
+    log1p(normalised count) x a gene vector): a linear map of the whole profile, which at random
+    initialisation (vectors of norm ~1, nearly orthogonal) keeps the distances between profiles.
     """
 
     modality = MODALITY
 
     def __init__(self, config: CellEncoderConfig) -> None:
+        """Build the trunk (and profile token) of ``config``; load ``checkpoint_dir`` / ``weights_path``."""
         super().__init__()
+        if config.profile_token not in ("none", "first", "only"):
+            raise ValueError(f"profile_token must be 'none', 'first' or 'only', got {config.profile_token!r}")
+        state: dict[str, Tensor] = {}
+        if config.checkpoint_dir:
+            from kiban.encoders.cell_checkpoints import read_checkpoint
+
+            config, state = read_checkpoint(config)
+        if config.max_genes <= 0:
+            # 0: as many genes as the model's input allows (its positions less the special tokens)
+            n_special = (config.cls_id is not None) + (config.eos_id is not None)
+            config = dataclasses.replace(config, max_genes=config.max_position - n_special)
         self.config = config
         self.featurizer = CellFeaturizer.from_config(config)
         self.output_dim = config.width
-        n_values = config.n_bins + 1 if config.tokenization == "binning" else config.max_genes + 1
-        self.gene_embedding = nn.Embedding(
-            N_SPECIAL + self.featurizer.vocab_size, config.width, padding_idx=PAD_ID
-        )
-        self.value_embedding = nn.Embedding(n_values, config.width)
-        self.embedding_norm = nn.LayerNorm(config.width)
-        self.dropout = nn.Dropout(config.dropout)
-        layer = nn.TransformerEncoderLayer(
-            config.width,
-            config.num_heads,
-            dim_feedforward=config.ffn_dim,
-            dropout=config.dropout,
-            activation="gelu",
-            batch_first=True,
-        )
-        self.transformer = nn.TransformerEncoder(layer, config.num_layers, enable_nested_tensor=False)
+        n_token_ids = config.n_token_ids or self.featurizer.n_token_ids
+        if n_token_ids < self.featurizer.n_token_ids:
+            raise ValueError(f"n_token_ids {n_token_ids} is smaller than the largest token id + 1 ({self.featurizer.n_token_ids})")
+        self.trunk = None if config.profile_token == "only" else create_trunk(config, n_token_ids=n_token_ids)
+        self.profile = None
+        if config.profile_token != "none":
+            self.profile = nn.EmbeddingBag(self.featurizer.vocab_size, config.width, mode="sum")
+            nn.init.normal_(self.profile.weight, std=config.width**-0.5)
+            self.profile_norm = nn.LayerNorm(config.width)
+        # state dicts saved before the trunks were split out hold kiban's trunk at the top level
+        self.register_load_state_dict_pre_hook(_nest_kiban_trunk)
+        if state:
+            self.trunk.load_state_dict(state)
         if config.weights_path:
             self.load_state_dict(load_weights(config.weights_path))
 
@@ -594,7 +698,15 @@ class CellEncoder(Encoder):
         # no vocabulary configured means the synthetic one, which an empty vocabulary rebuilds
         configured = bool(self.config.gene_vocab or self.config.gene_vocab_path)
         inline = self.featurizer.vocab if configured else ()
-        return dataclasses.replace(self.config, gene_vocab=inline, gene_vocab_path=None, weights_path=None)
+        return dataclasses.replace(
+            self.config,
+            gene_vocab=inline,
+            gene_vocab_path=None,
+            weights_path=None,
+            checkpoint_dir=None,
+            token_dictionary_path=None,
+            gene_median_path=None,
+        )
 
     def forward(
         self,
@@ -604,12 +716,34 @@ class CellEncoder(Encoder):
         mask: Tensor,
         n_genes_matched: Tensor | None = None,
         n_genes_unmatched: Tensor | None = None,
+        profile_index: Tensor | None = None,
+        profile_values: Tensor | None = None,
     ) -> ModalityTokens:
         """Tokens [B, N, D] of a collated batch; the match counts ride along in the batch, unused here."""
-        x = self.embedding_norm(self.gene_embedding(gene_ids) + self.value_embedding(value_ids))
-        x = self.transformer(self.dropout(x), src_key_padding_mask=~mask)
+        parts, masks = [], []
+        if self.profile is not None:
+            if profile_index is None or profile_values is None:
+                raise ValueError("this cell encoder has a profile token: the batch needs profile_index and profile_values")
+            bag = self.profile(profile_index, per_sample_weights=profile_values.to(self.profile.weight.dtype))
+            parts.append(self.profile_norm(bag).unsqueeze(1))
+            masks.append(mask.new_ones(mask.shape[0], 1))
+        if self.trunk is not None:
+            parts.append(self.trunk(gene_ids=gene_ids, value_ids=value_ids, mask=mask))
+            masks.append(mask)
+        x, mask = torch.cat(parts, dim=1), torch.cat(masks, dim=1)
         x = x * mask.unsqueeze(-1).to(x.dtype)
         return ModalityTokens(embeddings=x, mask=mask)
+
+
+_KIBAN_TRUNK_PARTS = ("gene_embedding.", "value_embedding.", "embedding_norm.", "transformer.")
+
+
+def _nest_kiban_trunk(module: nn.Module, state_dict: dict[str, Tensor], prefix: str, *args: Any) -> None:
+    """Move the top-level ``gene_embedding.*`` ... keys of an old cell state dict under ``trunk.``."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        rest = key[len(prefix) :]
+        if rest.startswith(_KIBAN_TRUNK_PARTS):
+            state_dict[f"{prefix}trunk.{rest}"] = state_dict.pop(key)
 
 
 def load_weights(path: str) -> dict[str, Tensor]:
@@ -634,30 +768,50 @@ def tiny() -> CellEncoderConfig:
 
 @register_preset(MODALITY)
 def scgpt() -> CellEncoderConfig:
-    """scGPT's whole-human architecture: 51 bins, 1200 genes, 12 layers of width 512, 8 heads."""
+    """The architecture of scGPT's whole-human model: 51 bins, 1200 genes, 12 layers of width 512, 8 heads.
+
+    With ``checkpoint_dir`` (``best_model.pt``, ``vocab.json``, ``args.json``) the published weights,
+    vocabulary and hyperparameters load; the cell's embedding is then its CLS token (token 0).
+    """
     return CellEncoderConfig(
+        arch="scgpt",
         tokenization="binning",
         n_bins=51,
-        max_genes=1200,
+        max_genes=1199,
         width=512,
         num_layers=12,
         num_heads=8,
         ffn_dim=512,
         dropout=0.2,
+        value_encoder="continuous",
     )
 
 
 @register_preset(MODALITY)
 def geneformer() -> CellEncoderConfig:
-    """Geneformer-6L-30M's architecture: rank tokens, 2048 genes, 6 layers of width 256, 4 heads."""
+    """Geneformer-V1-6L-30M's architecture: rank tokens of 2,048 genes, a 6-layer BERT of width 256.
+
+    With ``checkpoint_dir`` (a ``BertForMaskedLM`` folder holding, or beside ``token_dictionary_path``
+    and ``gene_median_path``, Geneformer's dictionaries) any published Geneformer loads: V1 (no
+    special tokens) or V2 (``<cls>`` ... ``<eos>``), at the model's own input size.
+    """
     return CellEncoderConfig(
+        arch="geneformer",
         tokenization="rank",
-        max_genes=2048,
+        max_genes=0,
         width=256,
         num_layers=6,
         num_heads=4,
         ffn_dim=512,
+        activation="relu",
         dropout=0.02,
+        attention_dropout=0.02,
+        max_position=2048,
+        layer_norm_eps=1e-12,
+        pad_id=0,
+        mask_id=1,
+        cls_id=None,
+        eos_id=None,
     )
 
 

@@ -279,7 +279,7 @@ def test_batch_carries_match_counts_and_gradients_flow():
     assert batch["n_genes_unmatched"].tolist() == [0, 0, 0, 1]
     tokens = encoder(**batch)
     tokens.pooled().sum().backward()
-    assert encoder.gene_embedding.weight.grad is not None
+    assert encoder.trunk.gene_embedding.weight.grad is not None
 
 
 def test_vocab_file_weights_file_and_portable_config_rebuild_the_same_encoder(tmp_path):
@@ -334,4 +334,7 @@ def test_real_size_presets_run_on_the_registered_examples(preset):
     with torch.no_grad():
         tokens = encoder.encode(spec.examples())
     assert tokens.embeddings.shape[::2] == (3, encoder.config.width)
-    assert tokens.mask.sum(1).tolist() == [4, 9, int((spec.examples()[2].X.toarray() > 0).sum()) + 1]
+    # Geneformer V1 (the geneformer preset) has no CLS token; scGPT and kiban's own put one first
+    specials = (encoder.config.cls_id is not None) + (encoder.config.eos_id is not None)
+    expressed = [3, 8, int((spec.examples()[2].X.toarray() > 0).sum())]
+    assert tokens.mask.sum(1).tolist() == [n + specials for n in expressed]
