@@ -10,6 +10,13 @@ projection tied to the token embedding). The encoder keeps that head frozen for 
 (``never_trained``); this objective unfreezes it, because pretraining is what trains it. The
 forward pass is fair-esm's own, so ESM-2's token dropout (the ``<mask>`` embeddings zeroed and the
 rest rescaled by the masked share) applies exactly as in its training.
+
+A randomly initialised encoder (no ``weights_path``) is re-initialised for training first:
+fair-esm's modules keep PyTorch's defaults, which give the token embedding (and so the tied LM
+head) unit-variance weights and masked-LM logits of about ``sqrt(embed_dim)`` in size, a starting
+loss near 25 instead of ln(33) = 3.5. The re-initialisation is the one of the Hugging Face ESM-2
+(``EsmPreTrainedModel._init_weights``, BERT's): normal(0, 0.02) weights for linear layers and
+embeddings, zero biases, unit LayerNorms, the padding embedding zero.
 """
 
 from __future__ import annotations
@@ -22,9 +29,10 @@ from kiban.encoders.pretraining import (
     register_objective,
 )
 from kiban.encoders.protein import ProteinEncoder
-from torch import Tensor
+import torch
+from torch import Tensor, nn
 
-__all__ = ["ProteinMaskedLM"]
+__all__ = ["ProteinMaskedLM", "init_for_training"]
 
 #: Random replacements are drawn from the 20 standard amino acids (not X, B, Z, U, O).
 STANDARD_RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
@@ -60,6 +68,8 @@ class ProteinMaskedLM(PretrainObjective):
             mask_fraction=mask_fraction,
             random_fraction=random_fraction,
         )
+        if encoder.config.weights_path is None:
+            init_for_training(encoder.model)
         # Every layer and the LM head take part in the masked-LM pass; only the contact
         # regression (read by contacts(), never by this loss) stays frozen.
         for name, parameter in encoder.model.named_parameters():
@@ -69,3 +79,23 @@ class ProteinMaskedLM(PretrainObjective):
         """Masked-residue loss of a collated, masked batch."""
         logits = self.encoder.model(batch["tokens"])["logits"]
         return masked_lm_output(logits, batch["targets"])
+
+
+@torch.no_grad()
+def init_for_training(model: nn.Module, *, std: float = 0.02) -> None:
+    """ESM-2's training initialisation (Hugging Face ``EsmPreTrainedModel._init_weights``) in place."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+            if module.padding_idx is not None:
+                module.weight[module.padding_idx].zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+    lm_bias = getattr(getattr(model, "lm_head", None), "bias", None)
+    if isinstance(lm_bias, nn.Parameter):
+        lm_bias.zero_()

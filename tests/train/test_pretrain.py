@@ -230,3 +230,14 @@ def test_deepspeed_on_the_cpu_refuses_pretraining_in_one_line(tmp_path):
     )
     with pytest.raises(ConfigError, match="^trainer.strategy: deepspeed_stage_2 on the CPU .* auto or ddp"):
         validate_config(config)
+
+
+def test_the_shipped_pretraining_config_parses_and_validates(tmp_path):
+    from kiban.train.config import load_config
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "pretrain_esm2.yaml"
+    data = str(_fasta(tmp_path / "train.fa"))
+    config = load_config(path, [f"run.dir={tmp_path / 'run'}", f"pretrain.train=[{data}]", f"pretrain.val=[{data}]"])
+    validate_config(config)
+    assert config.stage == "pretrain" and config.pretrain.encoder == {"preset": "esm2_t6_8m"}
+    assert config_from_dict(yaml.safe_load(config.to_yaml())).pretrain == config.pretrain  # round trip
