@@ -21,7 +21,6 @@ import json
 from pathlib import Path
 
 import torch
-
 from kiban.data import Rejects, read
 from kiban.encoders.base import create_encoder
 from kiban.encoders.pretraining import create_objective, load_encoder
@@ -37,7 +36,9 @@ def _model_folder(encoder_config: dict, target: Path) -> None:
     from kiban.fusion.model import KibanConfig, KibanModel
     from kiban.tiny import tiny_backbone_config
 
-    config = KibanConfig.from_dict({"encoders": {"protein": encoder_config}, "backbone": tiny_backbone_config()})
+    config = KibanConfig.from_dict(
+        {"encoders": {"protein": encoder_config}, "backbone": tiny_backbone_config()}
+    )
     torch.manual_seed(0)
     KibanModel.from_config(config).save_pretrained(target)
 

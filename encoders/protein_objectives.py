@@ -21,6 +21,7 @@ embeddings, zero biases, unit LayerNorms, the padding embedding zero.
 
 from __future__ import annotations
 
+import torch
 from kiban.encoders.pretraining import (
     ObjectiveOutput,
     PretrainObjective,
@@ -29,7 +30,6 @@ from kiban.encoders.pretraining import (
     register_objective,
 )
 from kiban.encoders.protein import ProteinEncoder
-import torch
 from torch import Tensor, nn
 
 __all__ = ["ProteinMaskedLM", "init_for_training"]
