@@ -8,8 +8,9 @@
 
 Readers (``list_readers()``): fasta, genbank, sequence-table, h5ad, image, smiles, sdf, text,
 text-table, instructions. Each yields ``Record``s and reports bad input to a ``Rejects``
-collector with its location, then reads on. ``KibanDataModule`` (Lightning) is imported lazily:
-``import kiban.data`` does not import Lightning. See docs/data.md.
+collector with its location, then reads on. ``KibanDataModule`` (Lightning; the one data module
+that training runs on, resumable mid-epoch) is imported lazily: ``import kiban.data`` does not
+import Lightning. See docs/data.md.
 """
 
 from typing import Any
@@ -30,6 +31,7 @@ from kiban.data.instructions import InstructionSource, read_instructions
 from kiban.data.molecules import read_sdf, read_smiles
 from kiban.data.readers import detect_kind, list_readers, read, register_reader
 from kiban.data.rejects import DataError, ReadReport, Record, Reject, Rejects, merge_rejects, rejects_log
+from kiban.data.resumable import ResumableBatches, SeededRecords, TrainBatch, open_source, seeded
 from kiban.data.sequences import read_fasta, read_genbank, read_sequence_table
 from kiban.data.sharding import Shard, current_shard, shard_batches, split_evenly
 from kiban.data.text import read_text, read_text_table
@@ -48,9 +50,12 @@ __all__ = [
     "RecordList",
     "Reject",
     "Rejects",
+    "ResumableBatches",
     "Sample",
+    "SeededRecords",
     "Shard",
     "ShardedStream",
+    "TrainBatch",
     "chunk_shuffled_batches",
     "collate_samples",
     "current_shard",
@@ -58,6 +63,7 @@ __all__ = [
     "length_bucketed_batches",
     "list_readers",
     "merge_rejects",
+    "open_source",
     "padding_efficiency",
     "read",
     "read_fasta",
@@ -72,6 +78,7 @@ __all__ = [
     "read_text_table",
     "register_reader",
     "rejects_log",
+    "seeded",
     "shard_batches",
     "split_evenly",
 ]

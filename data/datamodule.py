@@ -1,145 +1,167 @@
-"""``KibanDataModule``: instruction JSONL in, ``FusedBatch``es out, for a Lightning ``Trainer``.
+"""``KibanDataModule``: records in, resumable ``TrainBatch``es out, for a Lightning ``Trainer``.
 
     model = KibanModel.from_config(config)
-    data = KibanDataModule(processor=model.processor, train="data/train.jsonl", val="data/val.jsonl",
-                           batch_size=8, num_workers=4, output_dir="runs/exp1")
-    trainer.fit(lit_module, datamodule=data)      # rejects: runs/exp1/rejects.jsonl, counts.json
+    data = KibanDataModule(splits={"train": "data/train.jsonl", "val": "data/val.jsonl"},
+                           batch_size=8, num_workers=4)
+    data.attach(model.processor, rank=0, world_size=1)   # or let the trainer's module supply it
+    trainer.fit(lit_module, datamodule=data)
 
-Each split is an ``InstructionSource`` streamed by a ``ShardedStream``: batches bucketed by length,
-sharded over (rank, worker), the same number of batches on every rank for train and val, every
-record exactly once per epoch. ``predict_dataloader`` yields ``(ids, FusedBatch)`` with no
-equal-count constraint, so inference over many ranks neither drops nor duplicates a record.
+This is the one data module: ``kiban fit``, the raw DeepSpeed loop (``kiban.train.deepspeed_cpu``)
+and ``kiban quickstart`` all train on it. Each split is a ``Source`` (an instruction JSONL, the
+``tiny`` examples, or any source object such as ``H5adReader``); each record goes through a
+``Transform`` (default: ``ProcessorTransform`` over the model's processor, giving ``FusedBatch``;
+``FeaturizerTransform(featurizer)`` gives one encoder's batch, for pretraining). Batches are
+length-bucketed, dealt round-robin to ranks, the same number on every rank for train/val/test.
 
-The epoch and the rank are read from the trainer when each epoch's iteration starts, so workers
-are best not persistent (the default here): a persistent worker would keep the first epoch's
-order. Lightning is imported here only; the readers and datasets do not need it.
+Its ``state_dict`` is the position of the last batch the model *consumed*, not fetched: workers and
+Lightning prefetch ahead, so the checkpoint callback calls ``batch_consumed`` as each optimizer
+step completes, and a resumed run starts at the next batch of the same epoch (mechanics in
+``kiban.data.resumable``). Lightning is imported here only; ``import kiban.data`` does not load it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader
 
-from kiban.data.datasets import ProcessorTransform, ShardedStream
-from kiban.data.instructions import InstructionSource
-from kiban.data.rejects import merge_rejects
+from kiban.data.datasets import ProcessorTransform, Transform
+from kiban.data.resumable import ResumableBatches, SeededRecords, TrainBatch, open_source, source_lengths
 
 __all__ = ["KibanDataModule"]
 
 
-class _EpochLoader(DataLoader):
-    """A DataLoader that tells its stream the epoch and the rank before every pass over it.
-
-    Lightning calls ``set_epoch`` only on samplers, which an ``IterableDataset`` has none of.
-    """
-
-    def __init__(
-        self, dataset: ShardedStream, *, where: Callable[[], tuple[int, int, int]], **kwargs: Any
-    ) -> None:
-        super().__init__(dataset, batch_size=None, **kwargs)
-        self._where = where
-
-    def __iter__(self) -> Any:
-        epoch, rank, world_size = self._where()
-        self.dataset.set_epoch(epoch)
-        self.dataset.set_distributed(rank=rank, world_size=world_size)
-        return super().__iter__()
-
-
 class KibanDataModule(pl.LightningDataModule):
-    """Train / val / predict dataloaders of ``FusedBatch`` from instruction JSONL files.
+    """Train / val / test / predict loaders of ``TrainBatch``, resumable at the last consumed batch.
 
-    processor: the model's ``KibanProcessor`` (``model.processor``).
-    train / val / predict: JSONL paths (any may be None). root: the folder no input may leave
-        (default: each file's folder).
-    batch_size, num_workers, seed, pool_batches: batching; shuffle: the train split only.
-    output_dir: where ``rejects.jsonl`` and ``counts.json`` go (shards under ``output_dir/rejects``).
+    splits: split name -> an instruction JSONL path, ``"tiny"``, a ``Source`` object, or None.
+    transform: record -> value and ``collate``; None: ``ProcessorTransform`` over the processor
+        given to ``attach`` or, under a trainer, the LightningModule's ``processor`` (the model is
+        built in ``configure_model``, after the data module).
+    modalities / tiny_records: what the ``tiny`` source makes. root: the folder no file reference
+        of an instruction JSONL may leave (default: each file's folder).
+    batch_size, num_workers, seed, bucket_pool: batching; shuffle: the train split only.
+    Rank and world size come from the trainer, or from ``attach`` outside one.
     """
 
     def __init__(
         self,
         *,
-        processor: Any,
-        train: str | Path | None = None,
-        val: str | Path | None = None,
-        predict: str | Path | None = None,
-        root: str | Path | None = None,
-        batch_size: int = 8,
+        splits: Mapping[str, Any],
+        batch_size: int,
+        transform: Transform | None = None,
+        modalities: Sequence[str] = (),
         num_workers: int = 0,
-        seed: int = 0,
-        pool_batches: int = 16,
         shuffle: bool = True,
-        output_dir: str | Path = "runs/data",
+        bucket_pool: int = 50,
+        tiny_records: int = 8,
+        seed: int = 0,
+        root: Any = None,
     ) -> None:
         super().__init__()
-        self.processor = processor
-        self.paths = {"train": train, "val": val, "predict": predict}
-        self.root = root
-        self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
-        self.pool_batches, self.shuffle = pool_batches, shuffle
-        self.output_dir = Path(output_dir)
-        self.streams: dict[str, ShardedStream] = {}
+        self.splits, self.modalities = dict(splits), list(modalities)
+        self.batch_size, self.num_workers, self.shuffle = batch_size, num_workers, shuffle
+        self.bucket_pool, self.tiny_records, self.seed, self.root = bucket_pool, tiny_records, seed, root
+        self.transform = transform
+        self.position = {"epoch": 0, "next_index": 0}  # of the train loader
+        self._processor: Any = None
+        self._rank: tuple[int, int] | None = None
+        self._sources: dict[str, Any] = {}
 
-    @property
-    def shards_dir(self) -> Path:
-        return self.output_dir / "rejects"
+    @classmethod
+    def from_config(cls, config: Any, *, splits: Sequence[str]) -> KibanDataModule:
+        """The data module a TrainConfig's ``data`` section describes, for the named splits."""
+        d = config.data
+        return cls(
+            splits={name: getattr(d, name) for name in splits},
+            modalities=list(config.model["encoders"]),
+            batch_size=d.batch_size,
+            num_workers=d.num_workers,
+            shuffle=d.shuffle,
+            bucket_pool=d.bucket_pool,
+            tiny_records=d.tiny_records,
+            seed=config.seed,
+        )
 
-    def setup(self, stage: str | None = None) -> None:
-        for split, path in self.paths.items():
-            if path is None or split in self.streams:
-                continue
-            self.streams[split] = ShardedStream(
-                InstructionSource(path, root=self.root),
-                transform=ProcessorTransform(self.processor),
-                batch_size=self.batch_size,
-                plan="bucket",
-                pool_batches=self.pool_batches,
-                shuffle=self.shuffle and split == "train",
-                seed=self.seed,
-                even_batches=split != "predict",
-                with_ids=split == "predict",
-                rejects_dir=self.shards_dir,
-                split=split,
+    def attach(self, processor: Any = None, *, rank: int, world_size: int) -> None:
+        """Set the processor and the rank where no trainer supplies them (the raw DeepSpeed loop)."""
+        self._processor, self._rank = processor, (rank, world_size)
+
+    # -- loaders ---------------------------------------------------------------------------------
+
+    def source(self, split: str) -> Any:
+        """The split's ``Source``, opened once (indexing a large JSONL once is enough)."""
+        if self.splits.get(split) is None:
+            raise ValueError(f"data.{split} is not set")
+        if split not in self._sources:
+            self._sources[split] = open_source(
+                self.splits[split], modalities=self.modalities, tiny_records=self.tiny_records, root=self.root
             )
+        return self._sources[split]
 
-    def _loader(self, split: str) -> DataLoader:
-        if split not in self.streams:
-            self.setup()
-        if split not in self.streams:
-            raise ValueError(f"KibanDataModule was given no {split} file")
-        return _EpochLoader(self.streams[split], where=self._where, num_workers=self.num_workers)
+    def loader(self, split: str) -> DataLoader:
+        """A DataLoader of ``TrainBatch`` over ``split``; the train split starts at the saved position."""
+        records = self.source(split)
+        rank, world = self._rank or (self.trainer.global_rank, self.trainer.world_size)
+        train = split == "train"
+        sampler = ResumableBatches(
+            source_lengths(records),
+            batch_size=self.batch_size,
+            rank=rank,
+            world_size=world,
+            seed=self.seed,
+            shuffle=self.shuffle and train,
+            pool_batches=self.bucket_pool,
+            even=split != "predict",  # inference reads every record; no collective waits on it
+        )
+        if train:
+            sampler.start_at(self.position["epoch"], self.position["next_index"])
+        dataset = SeededRecords(records, self._transform(), seed=self.seed)
+        return DataLoader(
+            dataset,
+            batch_sampler=sampler,
+            collate_fn=dataset.collate,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            # its own generator: creating an iterator must not draw from the training RNG
+            generator=torch.Generator().manual_seed(self.seed),
+        )
 
-    def _where(self) -> tuple[int, int, int]:
-        """(epoch, rank, world size) from the trainer when attached, else from the environment."""
-        trainer = getattr(self, "trainer", None)
-        if trainer is not None:
-            return trainer.current_epoch, trainer.global_rank, trainer.world_size
-        shard = next(iter(self.streams.values())).shard() if self.streams else None
-        return 0, (shard.rank if shard else 0), (shard.world_size if shard else 1)
+    def _transform(self) -> Transform:
+        if self.transform is not None:
+            return self.transform
+        processor = self._processor or self.trainer.lightning_module.processor
+        return ProcessorTransform(processor)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
+        """The train loader, from the last consumed batch on."""
+        return self.loader("train")
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
+    def val_dataloader(self) -> DataLoader | list:
+        """The val loader, or none when no val split is set."""
+        return self.loader("val") if self.splits.get("val") else []
+
+    def test_dataloader(self) -> DataLoader:
+        """The test loader."""
+        return self.loader("test")
 
     def predict_dataloader(self) -> DataLoader:
-        return self._loader("predict")
+        """The predict loader: every record once over all ranks, ranks may differ by one batch."""
+        return self.loader("predict")
 
-    def write_reports(self) -> None:
-        """Join every shard's rejects and counts into ``output_dir/rejects.jsonl`` and ``counts.json``."""
-        if self.shards_dir.is_dir():
-            merge_rejects(self.shards_dir, into=self.output_dir)
+    # -- position --------------------------------------------------------------------------------
 
-    def teardown(self, stage: str | None = None) -> None:
-        import torch.distributed as dist
+    def batch_consumed(self, batch: TrainBatch) -> None:
+        """The optimizer step that used ``batch`` is done: a resume starts after it."""
+        self.position = {"epoch": batch.epoch, "next_index": batch.index + 1}
 
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # every rank's shards are written before rank 0 joins them
-            if dist.get_rank() != 0:
-                return
-        self.write_reports()
+    def state_dict(self) -> dict[str, int]:
+        """The position of the next train batch: ``{"epoch", "next_index"}``."""
+        return dict(self.position)
+
+    def load_state_dict(self, state: Mapping[str, int]) -> None:
+        """Resume at a position that ``state_dict`` gave."""
+        self.position = {"epoch": int(state["epoch"]), "next_index": int(state["next_index"])}

@@ -27,7 +27,7 @@ import numpy as np
 from torch.utils.data import Dataset, IterableDataset
 
 from kiban.data.batching import chunk_shuffled_batches, length_bucketed_batches
-from kiban.data.rejects import Record, Reject, Rejects
+from kiban.data.rejects import DataError, Record, Reject, Rejects
 from kiban.data.sharding import Shard, current_shard, shard_batches
 from kiban.encoders.base import InvalidInput
 
@@ -174,8 +174,9 @@ class ShardedStream(IterableDataset):
         "chunks" shuffles in contiguous chunks of ``chunk_size`` rows (row-chunked files);
         "sequential" keeps file order (inference).
     pool_batches: batches planned, read and bucketed together.
-    even_batches: every rank yields the same number of batches (training); False for inference,
-        which then reads each record exactly once with no other constraint.
+    even_batches: every rank yields the same number of batches (training), so a batch whose
+        records are all rejected raises ``DataError`` rather than leave this rank a step behind;
+        False for inference, which reads each record exactly once and skips such a batch.
     with_ids: yield (ids, batch) instead of batch.
     rejects_dir / split: where this shard writes its rejects and counts (None: logged only).
     rank / world_size: fixed, or None to ask ``current_shard`` at iteration time.
@@ -290,12 +291,19 @@ class ShardedStream(IterableDataset):
                         # known length) and never resume this generator
                         rejects.write_counts(counts, complete=number == len(batches), **where)
                     if collated is None:
-                        # with even_batches on several ranks this rank now takes one step less than the others
-                        log = logger.error if self.even_batches and shard.world_size > 1 else logger.warning
-                        log(
-                            "all %d records of a batch were rejected; this rank yields one batch less",
-                            len(batch),
-                        )
+                        if self.even_batches:
+                            # skipping would leave this rank one step behind the others: a DDP
+                            # run would wait forever on the collective this rank never reaches
+                            where_ = ", ".join(f"{r.id} ({r.location})" for r in chunk)
+                            raise DataError(
+                                Reject(
+                                    None,
+                                    where_,
+                                    "no usable record in a batch",
+                                    f"every record of a {self.split} batch was rejected: {where_}",
+                                )
+                            )
+                        logger.warning("all %d records of a batch were rejected; skipped", len(batch))
                         continue
                     yield collated if self.with_ids else collated[1]
             if counts is not None and not batches:

@@ -9,7 +9,7 @@ An objective is two parts, split the way the encoder contract splits featurizer 
         batch dict -> ObjectiveOutput(loss: scalar Tensor, metrics: dict[str, float Tensor])
 
 The masker draws its randomness from the global torch / numpy RNGs. The training data layer runs
-every record under its own seed derived from (seed, epoch, record index) (``kiban.train.data.seeded``),
+every record under its own seed derived from (seed, epoch, record index) (``kiban.data.resumable.seeded``),
 so the same record is masked the same way however many workers there are, and an interrupted run
 resumes exactly. A masker never touches the training RNG.
 

@@ -386,10 +386,10 @@ def _align(out: Path, options: QuickstartOptions, plan: Plan) -> None:
 def validation_loss(model: Any, out: Path, *, batch_size: int = 4) -> float:
     """Mean next-token loss on the answers of ``corpus/val.jsonl`` (records the align stage never trains on)."""
     import torch
-    from kiban.train.data import RecordsDataModule
+    from kiban.data.datamodule import KibanDataModule
     from kiban.train.objectives import fused_losses
 
-    data = RecordsDataModule(
+    data = KibanDataModule(
         splits={"val": str(out / "corpus" / "val.jsonl")},
         modalities=list(model.encoders),
         batch_size=batch_size,
@@ -399,7 +399,7 @@ def validation_loss(model: Any, out: Path, *, batch_size: int = 4) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in data.loader("val"):
-            total += float(fused_losses(model, batch.fused).loss) * len(batch.ids)
+            total += float(fused_losses(model, batch.inputs).loss) * len(batch.ids)
             count += len(batch.ids)
     return total / max(1, count)
 

@@ -27,8 +27,6 @@ _EXPORTS = {
     "test": "kiban.train.runner",
     "FitResult": "kiban.train.runner",
     "KibanLightningModule": "kiban.train.module",
-    "RecordsDataModule": "kiban.train.data",
-    "TrainBatch": "kiban.train.data",
     "AtomicCheckpoint": "kiban.train.checkpointing",
     "NonFiniteGuard": "kiban.train.callbacks",
     "NonFiniteError": "kiban.train.callbacks",

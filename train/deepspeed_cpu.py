@@ -38,7 +38,7 @@ from kiban.train.checkpoint import (
 )
 from kiban.train.checkpointing import rng_file
 from kiban.train.config import TrainConfig
-from kiban.train.data import RecordsDataModule
+from kiban.data.datamodule import KibanDataModule
 from kiban.train.objectives import fused_losses
 from kiban.train.optim import build_optimizer, build_scheduler
 
@@ -86,7 +86,7 @@ def fit_deepspeed_cpu(config: TrainConfig, *, cluster: ClusterEnv, resume: Path 
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
 
-    data = RecordsDataModule.from_config(config, splits=("train",))
+    data = KibanDataModule.from_config(config, splits=("train",))
     data.attach(model.processor, rank=rank, world_size=world)
     root = Path(config.run.dir) / "checkpoints"
     if resume is not None:
@@ -100,7 +100,7 @@ def fit_deepspeed_cpu(config: TrainConfig, *, cluster: ClusterEnv, resume: Path 
         for batch in data.loader("train"):
             out = fused_losses(
                 engine.module,
-                batch.fused,
+                batch.inputs,
                 contrastive_weight=config.loss.contrastive_weight,
                 temperature=config.loss.temperature,
             )
@@ -169,7 +169,7 @@ class _Saver:
     """Atomic checkpoints of a DeepSpeed engine, in the same layout as the Lightning path."""
 
     def __init__(
-        self, engine, data: RecordsDataModule, root: Path, config: TrainConfig, *, rank: int, world: int
+        self, engine, data: KibanDataModule, root: Path, config: TrainConfig, *, rank: int, world: int
     ):
         self.engine, self.data, self.root, self.config, self.rank, self.world = (
             engine,
@@ -209,7 +209,7 @@ class _Saver:
         self.last_step = step
 
 
-def _restore(engine, data: RecordsDataModule, path: Path, *, rank: int) -> None:
+def _restore(engine, data: KibanDataModule, path: Path, *, rank: int) -> None:
     problem = [None]
     if rank == 0:
         try:

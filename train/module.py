@@ -21,7 +21,7 @@ import torch
 from kiban.fusion.model import KibanConfig, KibanModel, apply_freeze_policy
 from kiban.train.checkpoint import verify_checkpoint
 from kiban.train.config import TrainConfig, config_from_dict
-from kiban.train.data import TrainBatch
+from kiban.data.resumable import TrainBatch
 from kiban.train.objectives import fused_losses
 from kiban.train.optim import build_optimizer, build_scheduler
 
@@ -123,7 +123,7 @@ class KibanLightningModule(pl.LightningModule):
             self.stats.lr = self.trainer.optimizers[0].param_groups[0]["lr"]
         out = fused_losses(
             self.model,
-            batch.fused,
+            batch.inputs,
             contrastive_weight=self.config.loss.contrastive_weight,
             temperature=self.config.loss.temperature,
         )
@@ -148,7 +148,7 @@ class KibanLightningModule(pl.LightningModule):
         self._eval_step(batch, "test")
 
     def _eval_step(self, batch: TrainBatch, split: str) -> None:
-        out = fused_losses(self.model, batch.fused)
+        out = fused_losses(self.model, batch.inputs)
         self.log(f"{split}/loss", out.loss, on_epoch=True, sync_dist=True, batch_size=len(batch.ids))
 
     # -- optimization ----------------------------------------------------------------------------

@@ -1,7 +1,14 @@
 """Pretraining data: files read by the data layer, checked once, then featurized and masked per record.
 
-    PretrainSplits(config.pretrain, seed=..., rejects_dir=run_dir)     the data of ``stage: pretrain``
-        (split, lightning module) -> PretrainDataset                    what the data module asks for
+The ``pretrain`` section's files feed the one data module (``kiban.data.datamodule.KibanDataModule``)
+through two small parts:
+
+    PretrainSource      a split's accepted records (``len``, ``read_many``, ``lengths``), read when
+                        the loader first asks, with the encoder's featurizer (built by the module in
+                        ``configure_model``)
+    PretrainProcessor   the module's ``processor``: crop, featurize and mask one record; collate
+                        through the objective's masker (the data module runs it under the record's
+                        seed, ``kiban.data.resumable.seeded``)
 
 A split's files are read through ``kiban.data`` readers (FASTA, GenBank, sequence and SMILES
 tables, image folders, h5ad), each kind detected from the file or forced by ``pretrain.kind``.
@@ -14,18 +21,14 @@ unknown letters, no gene in the vocabulary) goes to ``rejects.jsonl`` with its i
 reason, like a record the reader refused, and is never drawn for training. ``counts.json`` holds
 ``read == accepted + rejected`` for the whole split and the notes of each file.
 
-``PretrainDataset`` is the random-access dataset the training loop draws from: its keys are
-``(epoch, batch index, record index)`` (``ResumableBatches``), and each record is cropped,
-featurized and masked under its own seed (``kiban.train.data.seeded``), so a masked position
-depends on (seed, epoch, record) alone, whichever worker reads it and however often the run is
-resumed. ``collate`` pads through the objective's masker into a ``PretrainBatch``.
+A masked position depends on (seed, epoch, record) alone, whichever worker reads it and however
+often the run is resumed.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +39,13 @@ from Bio.SeqRecord import SeqRecord
 from kiban.data.datasets import RecordList
 from kiban.data.readers import detect_kind, read
 from kiban.data.rejects import COUNTS_FILE, REJECTS_FILE, DataError, Record, Reject, Rejects
+from kiban.data.resumable import record_seed, seeded
 from kiban.encoders.base import InvalidInput
 from kiban.train.config import PretrainSection
-from kiban.train.data import _record_seed, seeded
-from torch.utils.data import Dataset
 
 __all__ = [
-    "PretrainBatch",
-    "PretrainDataset",
-    "PretrainSplits",
+    "PretrainProcessor",
+    "PretrainSource",
     "crop_item",
     "evaluate_objective",
     "masked_batches",
@@ -54,25 +55,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _SEQUENCE_KINDS = ("fasta", "genbank", "sequence-table")
-
-
-@dataclass
-class PretrainBatch:
-    """One micro-batch of masked features, with its record ids and its place in the epoch."""
-
-    features: dict[str, torch.Tensor]
-    ids: list[str]
-    epoch: int
-    index: int  # batch number within this rank's epoch
-
-    def to(self, device: torch.device | str) -> PretrainBatch:  # Lightning moves batches with .to
-        """The batch with its tensors on ``device``."""
-        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.features.items()}
-        return PretrainBatch(moved, self.ids, self.epoch, self.index)
-
-    def __len__(self) -> int:
-        """The number of records in the batch."""
-        return len(self.ids)
 
 
 def crop_item(item: Any, crop: int | None) -> Any:
@@ -236,92 +218,74 @@ def _h5ad_rows(path: str, featurizer: Any, rejects: Rejects, max_records: int | 
     return _Rows(reader, np.asarray(rows, dtype=np.int64))
 
 
-class PretrainDataset(Dataset):
-    """Random access to masked features: ``dataset[(epoch, batch_index, i)]`` (or ``dataset[i]``).
+class PretrainProcessor:
+    """One record's item -> masked features (crop, featurize, mask); a list of them -> one batch.
 
-    Each record is cropped (``crop``), featurized and masked under the seed of (seed, epoch, i),
-    with the global RNGs restored afterwards: data loading never draws from the training RNG.
+    What the data module's ``ProcessorTransform`` calls (``process``, ``collate``); weight-free and
+    picklable (a featurizer and a masker), so it runs in DataLoader workers.
+    """
+
+    def __init__(self, featurizer: Any, masker: Any, *, crop: int | None = None) -> None:
+        """The encoder's featurizer and the objective's masker; ``crop`` as in the pretrain section."""
+        self.featurizer, self.masker, self.crop = featurizer, masker, crop
+
+    def process(self, item: Any, *, record_id: Any = None) -> dict[str, torch.Tensor]:
+        """Crop (random window), featurize and mask one item, drawing from the global RNGs."""
+        return self.masker(self.featurizer(crop_item(item, self.crop), item_id=record_id))
+
+    def collate(self, values: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The masker's padded batch."""
+        return self.masker.collate(values)
+
+
+class PretrainSource:
+    """The accepted records of one split of a ``pretrain`` section, read on first use.
+
+    ``module`` is the pretraining LightningModule: its objective (built in ``configure_model``,
+    before the data module asks for loaders) brings the featurizer that checks each record. Rank 0
+    writes ``rejects.jsonl`` / ``counts.json`` (train) or ``rejects-val.jsonl`` / ``counts-val.json``
+    into ``rejects_dir``. Once read, it pickles without the module (DataLoader workers).
     """
 
     def __init__(
-        self, source: Any, *, featurizer: Any, masker: Any, seed: int, crop: int | None = None
+        self,
+        section: PretrainSection,
+        *,
+        split: str,
+        module: Any,
+        rejects_dir: str | Path | None,
+        rank: int = 0,
     ) -> None:
-        """Over ``source`` (``len``, ``read_many``, ``lengths``), through ``featurizer`` and ``masker``."""
-        self.source, self.featurizer, self.masker = source, featurizer, masker
-        self.seed, self.crop = seed, crop
+        """The files of ``section.<split>``, checked with ``module``'s featurizer when first read."""
+        if split not in ("train", "val"):
+            raise ValueError(f"a pretrain split is train or val, got {split!r}")
+        self.section, self.split, self.module, self.rank = section, split, module, rank
+        self.rejects_dir = Path(rejects_dir) if rejects_dir is not None else None
+        self._source: Any = None
 
     def __len__(self) -> int:
-        """The number of usable records."""
-        return len(self.source)
+        """The number of accepted records."""
+        return len(self._read())
+
+    def read_many(self, indices: Sequence[int]) -> list[Record | Reject]:
+        """The records at ``indices``."""
+        return self._read().read_many(indices)
 
     def lengths(self) -> np.ndarray:
-        """A size per record for length bucketing."""
-        return np.asarray(self.source.lengths())
+        """A size per record for length bucketing (capped at ``crop``)."""
+        return self._read().lengths()
 
-    def __getitem__(self, key: int | tuple[int, int, int]) -> tuple[tuple[int, int], str, Any]:
-        """((epoch, batch index), record id, masked features or the record's Reject)."""
-        epoch, batch_index, index = key if isinstance(key, tuple) else (0, 0, key)
-        (record,) = self.source.read_many([index])
-        if isinstance(record, Reject):  # a file changed under the run: skipped in collate, logged
-            return (epoch, batch_index), record.id or record.location, record
-        try:
-            with seeded(_record_seed(self.seed, epoch, index)):
-                features = self.masker(self.featurizer(crop_item(record.item, self.crop), item_id=record.id))
-        except InvalidInput as error:
-            return (
-                (epoch, batch_index),
-                record.id,
-                Reject(record.id, record.location, f"invalid {error.modality} input", str(error)),
-            )
-        return (epoch, batch_index), record.id, features
+    def __getstate__(self) -> dict[str, Any]:
+        self._read()
+        return {**self.__dict__, "module": None}
 
-    def collate(self, items: Sequence[tuple[tuple[int, int], str, Any]]) -> PretrainBatch:
-        """The masker's padded batch of the usable items; a batch with none stops the run."""
-        (epoch, batch_index), _, _ = items[0]
-        kept = [(record_id, f) for _, record_id, f in items if not isinstance(f, Reject)]
-        for _, _, value in items:
-            if isinstance(value, Reject):
-                log.warning("skipped record %s (%s): %s", value.id, value.location, value.detail)
-        if not kept:
-            names = ", ".join(record_id for _, record_id, _ in items)
-            raise DataError(
-                Reject(None, names, "no usable record in a batch", f"every record failed: {names}")
-            )
-        return PretrainBatch(
-            self.masker.collate([f for _, f in kept]), [r for r, _ in kept], epoch, batch_index
-        )
-
-
-class PretrainSplits:
-    """The ``pretrain`` section's splits, read once each when the data module first asks.
-
-    Called as ``splits(split, lightning_module)`` (the module owns the encoder's featurizer and the
-    objective's masker, built in ``configure_model``). Rank 0 writes ``rejects.jsonl`` and
-    ``counts.json`` (train) and ``rejects-val.jsonl`` / ``counts-val.json`` (val) into ``rejects_dir``.
-    """
-
-    def __init__(
-        self, section: PretrainSection, *, seed: int, rejects_dir: str | Path | None, rank: int = 0
-    ) -> None:
-        """The section's files; rank ``rank`` writes rejects into ``rejects_dir`` when it is 0."""
-        self.section, self.seed, self.rank = section, seed, rank
-        self.rejects_dir = Path(rejects_dir) if rejects_dir is not None else None
-        self._datasets: dict[str, PretrainDataset] = {}
-
-    def paths(self, split: str) -> list[str]:
-        """The files of ``split`` (``train`` or ``val``)."""
-        return list(getattr(self.section, split)) if split in ("train", "val") else []
-
-    def __call__(self, split: str, module: Any) -> PretrainDataset:
-        """The dataset of ``split`` for the objective of ``module`` (read on first use)."""
-        if split not in self._datasets:
-            self._datasets[split] = self._read(split, module)
-        return self._datasets[split]
-
-    def _read(self, split: str, module: Any) -> PretrainDataset:
+    def _read(self) -> Any:
+        if self._source is not None:
+            return self._source
         s = self.section
-        featurizer, masker = module.objective.encoder.featurizer, module.objective.masker
-        suffix = "" if split == "train" else f"-{split}"
+        featurizer = self.module.objective.encoder.featurizer
+        paths = list(getattr(s, self.split))
+        suffix = "" if self.split == "train" else f"-{self.split}"
         writes = self.rejects_dir is not None and self.rank == 0
         sink = None
         if writes:
@@ -331,7 +295,7 @@ class PretrainSplits:
         rejects = Rejects(sink=sink)
         try:
             source = read_pretrain_source(
-                self.paths(split),
+                paths,
                 modality=s.modality,
                 featurizer=featurizer,
                 rejects=rejects,
@@ -343,25 +307,26 @@ class PretrainSplits:
             rejects.close()
         if writes:
             rejects.write_counts(
-                self.rejects_dir / COUNTS_FILE.replace(".json", f"{suffix}.json"), split=split
+                self.rejects_dir / COUNTS_FILE.replace(".json", f"{suffix}.json"), split=self.split
             )
         report = rejects.report()
         log.info(
             "pretrain %s data: %d records read, %d accepted, %d rejected %s",
-            split,
+            self.split,
             report.read,
             report.accepted,
             report.rejected,
             dict(report.by_reason),
         )
         if len(source) == 0:
-            files = ", ".join(self.paths(split))
+            files = ", ".join(paths)
             raise DataError(
                 Reject(
                     None, files, "no usable record", f"none of the {report.read} records of {files} is usable"
                 )
             )
-        return PretrainDataset(source, featurizer=featurizer, masker=masker, seed=self.seed, crop=s.crop)
+        self._source = source
+        return source
 
 
 def masked_batches(
@@ -374,7 +339,7 @@ def masked_batches(
     featurizer, masker = objective.encoder.featurizer, objective.masker
     items = []
     for i, record in enumerate(records):
-        with seeded(_record_seed(seed, 0, i)):
+        with seeded(record_seed(seed, 0, i)):
             items.append(masker(featurizer(crop_item(record.item, crop), item_id=record.id)))
     return [masker.collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
 

@@ -15,13 +15,14 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+from kiban.data.resumable import TrainBatch
 from kiban.encoders.base import create_encoder
 from kiban.encoders.pretraining import PretrainObjective, create_objective
 from kiban.train.config import TrainConfig, config_from_dict
 from kiban.train.flops import ModelFlops
 from kiban.train.module import StepStats
 from kiban.train.optim import build_optimizer, build_scheduler
-from kiban.train.pretrain_data import PretrainBatch
+from kiban.train.pretrain_data import PretrainProcessor
 
 __all__ = ["PretrainLightningModule", "build_pretrain_encoder"]
 
@@ -65,6 +66,15 @@ class PretrainLightningModule(pl.LightningModule):
         )
 
     @property
+    def processor(self) -> PretrainProcessor:
+        """Crops, featurizes and masks records for the data module (built with the objective)."""
+        if self.objective is None:
+            raise RuntimeError("the objective is built in configure_model(); no processor before that")
+        return PretrainProcessor(
+            self.objective.encoder.featurizer, self.objective.masker, crop=self.config.pretrain.crop
+        )
+
+    @property
     def encoder(self) -> Any:
         """The encoder being pretrained."""
         return self.objective.encoder
@@ -78,18 +88,18 @@ class PretrainLightningModule(pl.LightningModule):
 
     # -- steps -----------------------------------------------------------------------------------
 
-    def training_step(self, batch: PretrainBatch, batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor:
         """The objective's loss; its figures go to ``self.stats`` and the logger."""
         if self.trainer.global_step != self._stats_step:  # micro-batches of one step share global_step
             self.stats, self._stats_step = StepStats(), self.trainer.global_step
             self.stats.lr = self.trainer.optimizers[0].param_groups[0]["lr"]
-        out = self.objective(batch.features)
+        out = self.objective(batch.inputs)
         s = self.stats
         s.loss += float(out.loss.detach())
         s.micro_batches += 1
         s.samples += len(batch.ids)
         s.ids += batch.ids
-        tokens = batch.features.get("tokens")
+        tokens = batch.inputs.get("tokens")
         if tokens is not None:
             s.padded_tokens += tokens.numel()
             pad = getattr(self.objective.masker, "pad_id", None)  # a masker over tokens pads with it
@@ -102,9 +112,9 @@ class PretrainLightningModule(pl.LightningModule):
             self.log(f"train/{name}", value, on_step=True, batch_size=size)
         return out.loss
 
-    def validation_step(self, batch: PretrainBatch, batch_idx: int) -> None:
+    def validation_step(self, batch: TrainBatch, batch_idx: int) -> None:
         """The objective's loss and metrics on held-out data, averaged over the epoch."""
-        out = self.objective(batch.features)
+        out = self.objective(batch.inputs)
         size = len(batch.ids)
         self.log("val/loss", out.loss, on_epoch=True, sync_dist=True, batch_size=size)
         for name, value in out.metrics.items():

@@ -166,15 +166,14 @@ def _build(
 ) -> tuple[Any, Any, Any]:
     import pytorch_lightning as pl
     import torch
-    from pytorch_lightning.callbacks import LearningRateMonitor
-    from pytorch_lightning.loggers import CSVLogger
-
+    from kiban.data.datamodule import KibanDataModule
     from kiban.hpc.requeue import PreemptionRequeue
     from kiban.train.callbacks import NonFiniteGuard, StepLog, ThroughputMonitor
     from kiban.train.checkpointing import AtomicCheckpoint, ResumeState
-    from kiban.train.data import RecordsDataModule
     from kiban.train.module import KibanLightningModule
     from kiban.train.strategies import build_strategy
+    from pytorch_lightning.callbacks import LearningRateMonitor
+    from pytorch_lightning.loggers import CSVLogger
 
     t, c = config.trainer, config.callbacks
     pl.seed_everything(config.seed, workers=True, verbose=False)
@@ -234,7 +233,7 @@ def _build(
         module, datamodule = _pretrain_parts(config, run_dir=run_dir, rank=cluster.global_rank)
     else:
         module = KibanLightningModule(config=config)
-        datamodule = RecordsDataModule.from_config(config, splits=("train", "val", "test"))
+        datamodule = KibanDataModule.from_config(config, splits=("train", "val", "test"))
     module.init_weights = resume is None
     return trainer, module, datamodule
 
@@ -246,23 +245,32 @@ def _has_val(config: TrainConfig) -> bool:
 
 
 def _pretrain_parts(config: TrainConfig, *, run_dir: Path, rank: int) -> tuple[Any, Any]:
-    """The pretraining module and the data module over the ``pretrain`` section's files."""
-    from kiban.train.data import RecordsDataModule
-    from kiban.train.pretrain_data import PretrainSplits
+    """The pretraining module and the one data module over the ``pretrain`` section's files.
+
+    Each split is a ``PretrainSource`` (read when the loader first asks, with the featurizer the
+    module builds in ``configure_model``); the module's ``processor`` crops, featurizes and masks
+    each record under the record's seed (``SeededRecords``) and collates through the masker.
+    """
+    from kiban.data.datamodule import KibanDataModule
+    from kiban.train.pretrain_data import PretrainSource
     from kiban.train.pretrain_module import PretrainLightningModule
 
     p, d = config.pretrain, config.data
-    datamodule = RecordsDataModule(
-        splits={"train": "pretrain.train", "val": "pretrain.val" if p.val else None, "test": None},
-        modalities=[p.modality],
+    module = PretrainLightningModule(config=config)
+    sources = {
+        split: PretrainSource(p, split=split, module=module, rejects_dir=run_dir, rank=rank)
+        for split in ("train", "val")
+        if getattr(p, split)
+    }
+    datamodule = KibanDataModule(
+        splits=sources,
         batch_size=d.batch_size,
         num_workers=d.num_workers,
         shuffle=d.shuffle,
         bucket_pool=d.bucket_pool,
         seed=config.seed,
-        datasets=PretrainSplits(p, seed=config.seed, rejects_dir=run_dir, rank=rank),
     )
-    return PretrainLightningModule(config=config), datamodule
+    return module, datamodule
 
 
 def _check_world(config: TrainConfig, cluster: ClusterEnv, *, accelerator: str) -> None:

@@ -1,3 +1,5 @@
+"""The one data module: Lightning trains on it as is, predict reads every record once, resume is exact."""
+
 import json
 import subprocess
 import sys
@@ -5,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from kiban.data import KibanDataModule
+from kiban.data import FeaturizerTransform, KibanDataModule, Record, RecordList, TrainBatch
 from kiban.fusion import FusedBatch
 from kiban.tiny import tiny_model
 
@@ -34,7 +36,7 @@ def files(tmp_path):
     return tmp_path
 
 
-def test_lightning_trains_on_the_datamodule_as_is_and_rejects_are_written(files):
+def test_lightning_trains_on_the_datamodule_as_is_and_rejects_are_logged(files, caplog):
     import pytorch_lightning as pl
 
     model = tiny_model(["molecule"])
@@ -43,26 +45,21 @@ def test_lightning_trains_on_the_datamodule_as_is_and_rejects_are_written(files)
         def __init__(self):
             super().__init__()
             self.model = model
-            self.batches = []
+            self.processor = model.processor  # the data module takes the processor from here
+            self.ids = []
 
         def training_step(self, batch, index):
-            assert isinstance(batch, FusedBatch)
-            self.batches.append(batch.input_ids.shape[0])
-            return self.model(batch).loss
+            assert isinstance(batch, TrainBatch) and isinstance(batch.inputs, FusedBatch)
+            self.ids += batch.ids
+            return self.model(batch.inputs).loss
 
         def validation_step(self, batch, index):
-            self.log("val_loss", self.model(batch).loss, batch_size=batch.input_ids.shape[0])
+            self.log("val_loss", self.model(batch.inputs).loss, batch_size=len(batch))
 
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=1e-3)
 
-    data = KibanDataModule(
-        processor=model.processor,
-        train=files / "train.jsonl",
-        val=files / "val.jsonl",
-        batch_size=4,
-        output_dir=files / "run",
-    )
+    data = KibanDataModule(splits={"train": str(files / "train.jsonl"), "val": str(files / "val.jsonl")}, batch_size=4)
     module = Module()
     trainer = pl.Trainer(
         max_epochs=2,
@@ -73,41 +70,57 @@ def test_lightning_trains_on_the_datamodule_as_is_and_rejects_are_written(files)
         enable_model_summary=False,
     )
     trainer.fit(module, datamodule=data)
-    assert sum(module.batches) == 2 * 22  # every accepted record once per epoch
-    assert data.streams["train"].epoch == 1  # the epoch reached the stream (new order each epoch)
-    rejects = [json.loads(line) for line in (files / "run" / "rejects.jsonl").read_text().splitlines()]
-    assert {(r["id"], r["location"].split(":")[-1], r["reason"]) for r in rejects} == {
-        ("q3", "line 4", "unparseable SMILES")
-    }
-    counts = json.loads((files / "run" / "counts.json").read_text())
-    assert counts["read"] == counts["accepted"] + counts["rejected"]
-    assert {(p["split"], p["epoch"]) for p in counts["parts"]} == {
-        ("train", 0),
-        ("train", 1),
-        ("val", 0),
-        ("val", 1),
-    }
-    assert all(p["complete"] for p in counts["parts"])
-    assert sum(p["read"] for p in counts["parts"] if p["split"] == "train") == 2 * 23
+    expected = sorted(f"q{i}" for i in range(23) if i != 3)
+    assert sorted(module.ids) == sorted(expected * 2)  # every accepted record once per epoch
+    rejected = [r for r in caplog.records if "rejected record q3" in r.getMessage()]
+    assert rejected and "line 4" in rejected[0].getMessage() and "unparseable SMILES" in rejected[0].getMessage()
 
 
-def test_predict_yields_ids_once_each_with_workers(files):
+def test_predict_yields_every_id_once_over_ranks_with_workers(files):
     model = tiny_model(["molecule"])
-    data = KibanDataModule(
-        processor=model.processor,
-        predict=files / "train.jsonl",
-        batch_size=5,
-        num_workers=2,
-        output_dir=files / "pred",
-    )
-    ids = [i for batch_ids, batch in data.predict_dataloader() for i in batch_ids]
+    ids = []
+    for rank in range(3):
+        data = KibanDataModule(splits={"predict": str(files / "train.jsonl")}, batch_size=5, num_workers=2)
+        data.attach(model.processor, rank=rank, world_size=3)
+        ids += [i for batch in data.predict_dataloader() for i in batch.ids]
     assert sorted(ids) == sorted(f"q{i}" for i in range(23) if i != 3)
+
+
+def test_a_resumed_loader_continues_at_the_next_batch_of_the_epoch(files):
+    model = tiny_model(["molecule"])
+
+    def loader(position=None):
+        data = KibanDataModule(splits={"train": str(files / "train.jsonl")}, batch_size=4, seed=3)
+        data.attach(model.processor, rank=0, world_size=1)
+        if position:
+            data.load_state_dict(position)
+        return data
+
+    full = loader()
+    batches = list(full.loader("train"))
+    first = loader()
+    it = iter(first.loader("train"))
+    for _ in range(2):
+        first.batch_consumed(next(it))
+    resumed = [b.ids for b in loader(first.state_dict()).loader("train")]
+    assert resumed == [b.ids for b in batches[2:]]
+
+
+def test_any_source_and_transform_feed_it_not_only_instruction_records():
+    featurizer = tiny_model(["molecule"]).encoders["molecule"].featurizer
+    smiles = ["CCO", "c1ccccc1", "CC(=O)O", "CCN", "C1CC(", "CCCC"]
+    source = RecordList([Record(f"m{i}", "molecule", s, f"mols:{i}") for i, s in enumerate(smiles)])
+    data = KibanDataModule(splits={"train": source}, batch_size=2, transform=FeaturizerTransform(featurizer))
+    data.attach(rank=0, world_size=1)
+    batches = list(data.loader("train"))
+    assert sorted(i for b in batches for i in b.ids) == ["m0", "m1", "m2", "m3", "m5"]  # m4 rejected
+    assert all(isinstance(b.inputs, dict) for b in batches)
 
 
 def test_importing_the_data_layer_does_not_import_lightning():
     code = (
         "import sys, kiban.data\n"
-        "from kiban.data import read, ShardedStream\n"
+        "from kiban.data import read, ShardedStream, ResumableBatches\n"
         "print([m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')])"
     )
     out = subprocess.run(

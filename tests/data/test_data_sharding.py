@@ -131,3 +131,36 @@ def test_inference_over_ranks_neither_drops_nor_duplicates_with_rejects(tmp_path
         f"m{i}" for i in range(37) if i % 9 != 4
     ) + sorted(f"m{i}" for i in range(37) if i % 9 == 4)
     assert (report.read, report.rejected) == (38, 5)  # 4 bad SMILES + the line that is not JSON
+
+
+class _Upper:
+    """A transform that rejects any item with a lower-case letter."""
+
+    def __call__(self, record):
+        from kiban.encoders.base import InvalidInput
+
+        if record.item != record.item.upper():
+            raise InvalidInput("text", record.id, "lower case")
+        return record.item
+
+    def collate(self, values):
+        return list(values)
+
+
+def test_a_rank_whose_whole_batch_is_rejected_stops_instead_of_falling_a_step_behind():
+    from kiban.data import DataError
+
+    items = ["AA", "BB", "CC", "DD", "ee", "ff", "GG", "HH"]  # batch 2 (rank 1's first) is all rejects
+    records = RecordList([Record(f"r{i}", "text", s, f"f:line {i + 1}") for i, s in enumerate(items)])
+    stream = ShardedStream(records, transform=_Upper(), batch_size=2, plan="sequential", with_ids=True)
+    stream.set_distributed(rank=0, world_size=2)
+    assert len(list(stream)) == 2
+    stream.set_distributed(rank=1, world_size=2)
+    with pytest.raises(DataError, match=r"r4 \(f:line 5\), r5 \(f:line 6\)"):
+        list(stream)
+    # inference has no lockstep to keep: it skips the batch and reads on
+    stream = ShardedStream(
+        records, transform=_Upper(), batch_size=2, plan="sequential", with_ids=True, even_batches=False
+    )
+    stream.set_distributed(rank=1, world_size=2)
+    assert [ids for ids, _ in stream] == [["r6", "r7"]]

@@ -8,7 +8,7 @@ import torch
 from kiban.data import Rejects, read
 from kiban.encoders.base import create_encoder
 from kiban.encoders.pretraining import IGNORE_INDEX, create_objective, load_encoder, save_encoder
-from kiban.train.data import seeded
+from kiban.data.resumable import seeded
 from kiban.train.pretrain_data import evaluate_objective, masked_batches
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"

@@ -15,7 +15,7 @@ from kiban.encoders.pretraining import (
     objective_spec,
     save_encoder,
 )
-from kiban.train.data import seeded
+from kiban.data.resumable import seeded
 
 OBJECTIVES = [(modality, name) for modality, names in list_objectives().items() for name in names]
 

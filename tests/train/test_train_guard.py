@@ -19,7 +19,7 @@ class PoisonBatch(pl.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         if trainer.global_step + 1 == self.step:
-            batch.fused.features["molecule"]["atom_features"][0, 0, 0] = float("nan")
+            batch.inputs.features["molecule"]["atom_features"][0, 0, 0] = float("nan")
             self.ids = batch.ids
 
 

@@ -10,7 +10,7 @@ from kiban.fusion import apply_freeze_policy
 from kiban.hpc.presets import deepspeed_config, list_presets, load_preset
 from kiban.tiny import example_records, tiny_model
 from kiban.train.config import ScheduleSection
-from kiban.train.data import ResumableBatches
+from kiban.data.resumable import ResumableBatches
 from kiban.train.flops import model_flops, peak_flops
 from kiban.train.objectives import fused_losses
 from kiban.train.optim import lr_multiplier
