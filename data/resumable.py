@@ -104,7 +104,10 @@ def seeded(seed: int) -> Iterator[None]:
     py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    # the CPU generator only (what featurizers draw from, and what is saved above): torch.manual_seed
+    # also queues a lazy seed for every accelerator, with a formatted stack trace each time, which
+    # costs up to a second per record under a deep call stack and grows a queue without bound
+    torch.default_generator.manual_seed(seed)
     try:
         yield
     finally:
