@@ -35,7 +35,11 @@ from kiban.encoders.base import (
     register_encoder,
     register_preset,
 )
-from kiban.encoders.molecule_chemprop import CHEMPROP_FEATURES, read_chemprop_checkpoint
+from kiban.encoders.molecule_chemprop import (
+    CHEMPROP_BOND_TYPE_COLUMNS,
+    CHEMPROP_FEATURES,
+    read_chemprop_checkpoint,
+)
 
 __all__ = [
     "ATOM_FEATURE_DIM",
@@ -47,6 +51,7 @@ __all__ = [
     "MoleculeEncoderConfig",
     "MoleculeFeaturizer",
     "build_molecule_encoder",
+    "graph_features",
     "chemprop_default",
     "default",
     "register_molecule_kind",
@@ -154,21 +159,41 @@ def bond_features(bond: Chem.Bond) -> list[float]:
 
 @dataclass(frozen=True)
 class GraphFeatures:
-    """One way of turning atoms and bonds into vectors: two functions and their widths."""
+    """One way of turning atoms and bonds into vectors: two functions and their widths.
+
+    ``element_columns`` and ``bond_type_columns`` are the (start, stop) columns of the element and
+    bond-type one-hots, which self-supervised objectives read back as class labels.
+    """
 
     atom: Callable[[Chem.Atom], list[float]]
     bond: Callable[[Chem.Bond], list[float]]
     atom_dim: int
     bond_dim: int
+    element_columns: tuple[int, int]
+    bond_type_columns: tuple[int, int]
 
 
 # MoleculeEncoderConfig.featurizer names one of these. "kiban" is the original feature set (chemprop's
 # v1 features on a shorter element list, plus "in ring"); the chemprop ones reproduce chemprop's
 # features exactly, so that chemprop-trained weights see the inputs they were trained on.
 GRAPH_FEATURES: dict[str, GraphFeatures] = {
-    "kiban": GraphFeatures(atom_features, bond_features, ATOM_FEATURE_DIM, BOND_FEATURE_DIM),
+    "kiban": GraphFeatures(
+        atom_features,
+        bond_features,
+        ATOM_FEATURE_DIM,
+        BOND_FEATURE_DIM,
+        element_columns=(0, len(ELEMENTS) + 1),
+        bond_type_columns=(0, len(BOND_TYPES) + 1),
+    ),
     **{
-        name: GraphFeatures(features.atom, features.bond, features.atom_dim, features.bond_dim)
+        name: GraphFeatures(
+            features.atom,
+            features.bond,
+            features.atom_dim,
+            features.bond_dim,
+            element_columns=(0, len(features.atomic_nums) + 1),
+            bond_type_columns=CHEMPROP_BOND_TYPE_COLUMNS,
+        )
         for name, features in CHEMPROP_FEATURES.items()
     },
 }
@@ -183,7 +208,8 @@ _ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
 }
 
 
-def _graph_features(name: str) -> GraphFeatures:
+def graph_features(name: str) -> GraphFeatures:
+    """The feature set registered as ``name`` in GRAPH_FEATURES; ValueError lists the choices."""
     try:
         return GRAPH_FEATURES[name]
     except KeyError:
@@ -273,19 +299,19 @@ class MoleculeFeaturizer:
     modality = MODALITY
 
     def __init__(self, *, max_atoms: int | None = None, features: str = "kiban") -> None:
-        _graph_features(features)  # an unknown name fails here, not in a DataLoader worker
+        graph_features(features)  # an unknown name fails here, not in a DataLoader worker
         self.max_atoms = max_atoms
         self.features = features  # a name, not the functions: keeps the featurizer cheap to pickle
 
     @property
     def atom_dim(self) -> int:
         """Columns of one atom's feature vector."""
-        return _graph_features(self.features).atom_dim
+        return graph_features(self.features).atom_dim
 
     @property
     def bond_dim(self) -> int:
         """Columns of one bond's feature vector."""
-        return _graph_features(self.features).bond_dim
+        return graph_features(self.features).bond_dim
 
     def __call__(self, item: Any, *, item_id: Any = None) -> dict[str, Tensor]:
         mol, name = self.parse(item, item_id=item_id)
@@ -296,7 +322,7 @@ class MoleculeFeaturizer:
                 name,
                 f"{n_atoms} atoms, more than this encoder's max_atoms={self.max_atoms}",
             )
-        features = _graph_features(self.features)
+        features = graph_features(self.features)
         atoms = torch.tensor([features.atom(atom) for atom in mol.GetAtoms()], dtype=torch.float32)
         edges, bonds = [], []
         for bond in mol.GetBonds():

@@ -30,6 +30,7 @@ from rdkit import Chem
 from torch import Tensor
 
 __all__ = [
+    "CHEMPROP_BOND_TYPE_COLUMNS",
     "CHEMPROP_FEATURES",
     "ChemPropCheckpoint",
     "ChempropFeatures",
@@ -45,6 +46,7 @@ _V2_HYBRIDIZATIONS = (_H.S, _H.SP, _H.SP2, _H.SP2D, _H.SP3, _H.SP3D, _H.SP3D2)
 _BOND_TYPES = (Chem.BondType.SINGLE, Chem.BondType.DOUBLE, Chem.BondType.TRIPLE, Chem.BondType.AROMATIC)
 _N_STEREO = 6  # chemprop's ``stereos = range(6)``: NONE, ANY, Z, E, CIS, TRANS; the rest share "other"
 CHEMPROP_BOND_DIM = 1 + len(_BOND_TYPES) + 2 + _N_STEREO + 1  # 14
+CHEMPROP_BOND_TYPE_COLUMNS = (1, 1 + len(_BOND_TYPES))  # no "other" column: an unknown type is all zero
 
 
 @dataclass(frozen=True)

@@ -89,7 +89,7 @@ class ObjectiveSpec:
 
 _REGISTRY: dict[str, dict[str, ObjectiveSpec]] = {}
 # Modules ``kiban.encoders.<name>`` that register the built-in objectives (one per modality).
-_BUILTINS: tuple[str, ...] = ()
+_BUILTINS: tuple[str, ...] = ("molecule_objectives", "image_objectives")
 
 
 def _import_builtin_objectives() -> None:
