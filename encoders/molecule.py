@@ -16,15 +16,18 @@ Hugging Face RoBERTa/BERT folder (ChemBERTa-style; see ``molecule_lm.py``) behin
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 from rdkit import Chem, rdBase
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from kiban.encoders.base import (
@@ -52,6 +55,7 @@ __all__ = [
     "MoleculeFeaturizer",
     "build_molecule_encoder",
     "graph_features",
+    "read_kiban_encoder_dir",
     "chemprop_default",
     "default",
     "register_molecule_kind",
@@ -241,6 +245,9 @@ class MoleculeEncoderConfig:
     chemprop_checkpoint: a chemprop v2 model file (``save_model``) or a CheMeleon-style
         message-passing file. Its hyper-parameters set hidden_dim, depth, bias, activation,
         undirected and featurizer (the values above are ignored); dropout stays this config's.
+    weights_path: a kiban encoder folder (``config.json`` + ``model.safetensors``, as ``kiban
+        pretrain molecule`` writes it); its architecture replaces the fields above, as with
+        chemprop_checkpoint.
     kind: "dmpnn" (this graph network) or "smiles_lm" (a Hugging Face SMILES language model; see
         ``molecule_lm.py``: only max_atoms and the three fields below apply to it).
     model_path: smiles_lm: the Hugging Face folder (config.json, weights, tokenizer).
@@ -258,6 +265,7 @@ class MoleculeEncoderConfig:
     activation: str = "relu"
     undirected: bool = False
     chemprop_checkpoint: str | None = None
+    weights_path: str | None = None
     kind: str = "dmpnn"
     model_path: str | None = None
     pretrained: bool = True
@@ -426,7 +434,14 @@ class MoleculeEncoder(Encoder):
     def __init__(self, config: MoleculeEncoderConfig) -> None:
         super().__init__()
         checkpoint = None
-        if config.chemprop_checkpoint:
+        if config.chemprop_checkpoint and config.weights_path:
+            raise ValueError("MoleculeEncoderConfig: set chemprop_checkpoint or weights_path, not both")
+        if config.weights_path:
+            checkpoint = read_kiban_encoder_dir(config.weights_path)
+            config = dataclasses.replace(
+                config, **{name: checkpoint.config[name] for name in _ARCHITECTURE if name in checkpoint.config}
+            )
+        elif config.chemprop_checkpoint:
             checkpoint = read_chemprop_checkpoint(config.chemprop_checkpoint)
             config = dataclasses.replace(
                 config,
@@ -459,15 +474,15 @@ class MoleculeEncoder(Encoder):
     def _load_chemprop(self, state: dict[str, Tensor]) -> None:
         missing, unexpected = self.load_state_dict(state, strict=False)
         if missing or unexpected:
+            source = self.config.weights_path or self.config.chemprop_checkpoint
             raise ValueError(
-                f"chemprop checkpoint {self.config.chemprop_checkpoint!r} does not fit its own "
-                f"hyper-parameters: missing {', '.join(missing) or 'nothing'}, "
-                f"unexpected {', '.join(unexpected) or 'nothing'}"
+                f"molecule weights {source!r} do not fit their own hyper-parameters: missing "
+                f"{', '.join(missing) or 'nothing'}, unexpected {', '.join(unexpected) or 'nothing'}"
             )
 
     def portable_config(self) -> MoleculeEncoderConfig:
-        """The architecture read from the chemprop file, without the file: a saved model carries the weights."""
-        return dataclasses.replace(self.config, chemprop_checkpoint=None)
+        """The architecture read from the weights file, without the file: a saved model carries the weights."""
+        return dataclasses.replace(self.config, chemprop_checkpoint=None, weights_path=None)
 
     def forward(
         self, *, atom_features: Tensor, atom_mask: Tensor, edge_index: Tensor, bond_features: Tensor
@@ -494,6 +509,33 @@ class MoleculeEncoder(Encoder):
 
         atoms = atoms.reshape(batch, n_atoms, -1) * atom_mask.unsqueeze(-1).to(atoms.dtype)
         return ModalityTokens(atoms, atom_mask)
+
+
+# Config fields that a weights folder's config decides (the rest, e.g. dropout, stay the user's).
+_ARCHITECTURE = ("hidden_dim", "depth", "bias", "activation", "undirected", "featurizer")
+
+
+@dataclass
+class _KibanWeights:
+    config: dict[str, Any]
+    state_dict: dict[str, Tensor]
+
+
+def read_kiban_encoder_dir(path: str) -> _KibanWeights:
+    """The config values and weights of a molecule encoder folder written by ``kiban pretrain``."""
+    directory = Path(path)
+    config_file, weights_file = directory / "config.json", directory / "model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(
+            f"molecule weights_path {path!r} is not a kiban encoder folder (needs config.json and "
+            "model.safetensors, as kiban pretrain writes them); a chemprop file goes in chemprop_checkpoint"
+        )
+    meta = json.loads(config_file.read_text())
+    if meta.get("modality") != MODALITY or not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{path!r} holds a {meta.get('modality')!r} encoder, not a molecule encoder")
+    if meta["config"].get("kind", "dmpnn") != "dmpnn":
+        raise ValueError(f"{path!r} holds a {meta['config']['kind']!r} molecule encoder, not the D-MPNN")
+    return _KibanWeights(meta["config"], load_file(str(weights_file)))
 
 
 # MoleculeEncoderConfig.kind -> the encoder class built from the config. The graph network is

@@ -106,3 +106,25 @@ def test_backbones_without_patch_tokens_are_refused():
     encoder = create_encoder("image", model_name="resnet18", in_chans=3, img_size=32)
     with pytest.raises(ValueError, match="MAE masks the patch tokens of a timm ViT; 'resnet18' is a ResNet"):
         create_objective("image", encoder)
+
+
+def test_a_pretrained_encoder_folder_loads_through_weights_path(crops, tmp_path):
+    import json
+
+    from safetensors.torch import save_model
+
+    from kiban.encoders import config_to_dict
+
+    objective = _objective()
+    with torch.no_grad():
+        objective.encoder.backbone.norm.bias.add_(1.0)
+    directory = tmp_path / "encoder"
+    directory.mkdir()
+    save_model(objective.encoder, str(directory / "model.safetensors"))
+    meta = {"format": "kiban-encoder", "modality": "image", "config": config_to_dict(objective.encoder.portable_config())}
+    (directory / "config.json").write_text(json.dumps(meta))
+    loaded = create_encoder("image", preset="tiny", weights_path=str(directory)).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(crops[:3]).embeddings, objective.encoder.eval().encode(crops[:3]).embeddings)
+    with pytest.raises(ValueError, match="not an image encoder of 'resnet18'"):
+        create_encoder("image", model_name="resnet18", img_size=32, weights_path=str(directory))

@@ -122,3 +122,31 @@ def test_the_smiles_language_model_kind_is_refused_with_one_line(tmp_path):
     encoder = create_encoder("molecule", kind="smiles_lm", model_path=str(tmp_path), max_length=64)
     with pytest.raises(ValueError, match="attribute masking pretrains the D-MPNN molecule encoder"):
         create_objective("molecule", encoder)
+
+
+def _save_encoder_dir(encoder, directory: Path) -> None:
+    """The folder layout kiban pretrain writes: config.json (modality + portable config) + model.safetensors."""
+    import json
+
+    from safetensors.torch import save_model
+
+    from kiban.encoders import config_to_dict
+
+    directory.mkdir(parents=True)
+    save_model(encoder, str(directory / "model.safetensors"))
+    meta = {"format": "kiban-encoder", "modality": "molecule", "config": config_to_dict(encoder.portable_config())}
+    (directory / "config.json").write_text(json.dumps(meta))
+
+
+def test_a_pretrained_encoder_folder_loads_through_weights_path(smiles, tmp_path):
+    objective = _objective()
+    with torch.no_grad():
+        objective.encoder.W_o.bias.add_(1.0)  # anything a fresh encoder would not have
+    _save_encoder_dir(objective.encoder, tmp_path / "encoder")
+    loaded = create_encoder("molecule", weights_path=str(tmp_path / "encoder"), dropout=0.1).eval()
+    assert loaded.config.hidden_dim == 32 and loaded.config.depth == 3 and loaded.config.dropout == 0.1
+    assert loaded.portable_config().weights_path is None
+    with torch.no_grad():
+        assert torch.equal(loaded.encode(smiles[:5]).embeddings, objective.encoder.eval().encode(smiles[:5]).embeddings)
+    with pytest.raises(FileNotFoundError, match="is not a kiban encoder folder"):
+        create_encoder("molecule", weights_path=str(tmp_path))
