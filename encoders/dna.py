@@ -122,6 +122,9 @@ class DnaEncoderConfig:
         transformer; the tokenization and transformer fields are then ignored.
     mlm_head: give the encoder a masked-language-model head (for zero-shot variant scoring);
         with ``hf_path`` the directory must hold a masked-LM model with its head weights.
+    weights_path: a kiban encoder directory (``kiban pretrain dna`` writes one: config.json +
+        model.safetensors) whose weights the built-in transformer loads; its architecture fields
+        (tokenization, sizes, ``mlm_head``) replace these.
     """
 
     tokenization: str = "kmer"
@@ -139,6 +142,11 @@ class DnaEncoderConfig:
     positions: str = "learned"
     hf_path: str | None = None
     mlm_head: bool = False
+    weights_path: str | None = None
+
+
+# Settings a saved encoder's weights do not fix: the rest come from its directory (``weights_path``).
+_RUNTIME_FIELDS = ("truncate", "rc_augment", "strand", "dropout", "weights_path")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,6 +432,15 @@ class DnaEncoder(Encoder):
         super().__init__()
         if config.strand not in ("forward", "both"):
             raise ValueError(f"strand must be 'forward' or 'both', got {config.strand!r}")
+        saved = None
+        if config.weights_path is not None:
+            from kiban.encoders.pretraining import read_encoder_dir
+
+            values, saved = read_encoder_dir(config.weights_path, modality="dna")
+            if values.get("hf_path") is not None:
+                raise ValueError(f"dna weights_path {config.weights_path}: a Hugging Face model loads through hf_path")
+            architecture = {k: v for k, v in values.items() if k not in _RUNTIME_FIELDS}
+            config = dataclasses.replace(config, **architecture)
         self.config = config
         self.lm_head: nn.Module | None = None
         never_trained = []
@@ -483,19 +500,30 @@ class DnaEncoder(Encoder):
         self.register_buffer(
             "boundary_ids", torch.tensor(self.featurizer.boundary_ids, dtype=torch.long), persistent=False
         )
+        if saved is not None:
+            missing, unexpected = self.load_state_dict(saved, strict=False)
+            if missing or unexpected:
+                raise ValueError(
+                    f"weights in {config.weights_path} do not fit this DNA encoder: missing {missing[:5]}, "
+                    f"unexpected {unexpected[:5]}"
+                )
+
+    def portable_config(self) -> DnaEncoderConfig:
+        """This config without ``weights_path``: it already holds the saved architecture."""
+        return dataclasses.replace(self.config, weights_path=None)
 
     def export_assets(self, directory: Path) -> tuple[DnaEncoderConfig, tuple[str, ...]]:
         """With ``hf_path``: the Hugging Face model and tokenizer, so that a saved fused model
         rebuilds this encoder from its own folder (its saved weights then replace these)."""
         if self.config.hf_path is None:
-            return self.config, ()
+            return self.portable_config(), ()
         directory.mkdir(parents=True, exist_ok=True)
         model = self.backbone.model
         if self.lm_head is not None:
             model = _masked_lm_model(model, self.lm_head)
         model.save_pretrained(directory)
         self.featurizer.hf_tokenizer.save_pretrained(directory)
-        return dataclasses.replace(self.config, hf_path=str(directory)), ("hf_path",)
+        return dataclasses.replace(self.portable_config(), hf_path=str(directory)), ("hf_path",)
 
     def masked_lm_logits(self, tokens: Tensor) -> Tensor:
         """Masked-LM logits [B, T, V] at every position of ``tokens`` [B, T] (featurizer ids, with

@@ -12,7 +12,9 @@ Real weights come from a local path (``weights_path``), never from the network:
   ``<name>-contact-regression.pt`` is picked up for ``contacts()`` the way fair-esm does;
 * a Hugging Face ESM-2 directory (``config.json`` + ``model.safetensors``), read by
   ``transformers.EsmForMaskedLM`` and converted key by key into ``esm.ESM2``, so both formats run
-  through one forward pass and give attentions and contacts the same way.
+  through one forward pass and give attentions and contacts the same way;
+* a kiban encoder directory as ``kiban pretrain protein`` writes it (``config.json`` with
+  ``"format": "kiban-encoder"`` + ``model.safetensors``; ``kiban.encoders.pretraining.save_encoder``).
 
 Residue rule: the 20 standard amino acids plus X (unknown), B (D/N), Z (E/Q), U (selenocysteine)
 and O (pyrrolysine) are accepted in either case; these are exactly the residue letters of the ESM
@@ -56,6 +58,7 @@ __all__ = [
     "ProteinFeaturizer",
     "read_esm_checkpoint",
     "read_hf_esm",
+    "read_kiban_esm",
 ]
 
 logger = logging.getLogger(__name__)
@@ -74,8 +77,8 @@ class ProteinEncoderConfig:
         layer norm), 0 the embedding layer, other negative values count back from the last.
     max_length: the longest sequence accepted, in residues (ESM-2 was trained on 1022 + BOS/EOS).
     truncate: crop longer sequences to ``max_length`` (logged) instead of rejecting them.
-    weights_path: a local torch-hub ``.pt`` file or Hugging Face ESM-2 directory; None gives a
-        randomly initialised model.
+    weights_path: a local torch-hub ``.pt`` file, Hugging Face ESM-2 directory or kiban encoder
+        directory (``kiban pretrain``); None gives a randomly initialised model.
     """
 
     num_layers: int = 6
@@ -332,6 +335,8 @@ def _architecture(config: ProteinEncoderConfig) -> dict[str, Any]:
 def _read_weights(path: str) -> EsmWeights:
     location = Path(path).expanduser()
     if location.is_dir():
+        if _is_kiban_encoder(location):
+            return read_kiban_esm(location)
         return read_hf_esm(location)
     if location.is_file():
         return read_esm_checkpoint(location)
@@ -384,6 +389,36 @@ def _torch_load(path: Path) -> Any:
             f"{path} holds Python objects other than tensors and argparse.Namespace, which kiban "
             f"refuses to unpickle (weights_only=True): {str(error).splitlines()[0]}"
         ) from None
+
+
+def _is_kiban_encoder(location: Path) -> bool:
+    import json
+
+    config = location / "config.json"
+    if not config.is_file():
+        return False
+    try:
+        return json.loads(config.read_text()).get("format") == "kiban-encoder"
+    except (ValueError, AttributeError):
+        return False
+
+
+def read_kiban_esm(path: str | Path) -> EsmWeights:
+    """Read a protein encoder directory written by ``save_encoder`` (``kiban pretrain protein``).
+
+    Its state dict is the encoder's own (``model.`` + ESM-2 names, the LM head included); the tied
+    LM-head matrix is stored once, as ``save_model`` does, and restored to both names here.
+    """
+    from kiban.encoders.pretraining import read_encoder_dir
+
+    values, state = read_encoder_dir(path, modality="protein")
+    state_dict = {key.removeprefix("model."): value for key, value in state.items()}
+    for one, other in (("embed_tokens.weight", "lm_head.weight"), ("lm_head.weight", "embed_tokens.weight")):
+        if one in state_dict and other not in state_dict:
+            state_dict[other] = state_dict[one]
+    defaults = ProteinEncoderConfig()
+    architecture = {name: values.get(name, getattr(defaults, name)) for name in _architecture(defaults)}
+    return EsmWeights(architecture, state_dict)
 
 
 # Hugging Face EsmForMaskedLM parameter names -> esm.ESM2 parameter names.

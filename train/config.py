@@ -3,8 +3,9 @@
 One file describes a run end to end (see docs/training.md for every key)::
 
     seed: 0
-    stage: align                # align | instruct | full
+    stage: align                # align | instruct | full | pretrain
     run:       {dir: runs/smoke, resume: auto}
+    pretrain:  {modality: protein, encoder: {preset: esm2_t6_8m}, objective: mlm, train: [seqs.fa]}
     model:     {encoders: ..., backbone: ..., projectors: ..., default_projector: ...}   # KibanConfig
     data:      {train: tiny, val: null, batch_size: 2, num_workers: 0}
     loss:      {contrastive_weight: 0.0, temperature: 0.07}
@@ -38,6 +39,7 @@ __all__ = [
     "LossSection",
     "NanGuardSection",
     "OptimSection",
+    "PretrainSection",
     "RunSection",
     "ScheduleSection",
     "ThroughputSection",
@@ -179,10 +181,38 @@ class CallbacksSection:
 
 
 @dataclass
-class TrainConfig:
-    """A whole run. ``model`` holds ``KibanConfig`` fields (encoders, backbone, projectors, ...)."""
+class PretrainSection:
+    """``stage: pretrain``: one encoder trained alone on its self-supervised objective.
 
-    model: dict[str, Any]
+    modality: the encoder (``protein``, ``dna``, ``cell``, ``molecule``, ``image``).
+    encoder: its settings as in ``model.encoders.<modality>``: ``{preset: NAME, ...overrides}`` or
+        ``{config: {...}}``; the objective may add what it needs (the DNA masked-LM head).
+    objective: a registered objective of the modality (default: its first); options: its options.
+    train / val: data files or folders (FASTA, sequence or SMILES tables, h5ad, image folders),
+        read by the data layer's readers; ``kind`` forces one reader for all of them.
+    crop: sequences longer than this many residues/bases are cut to a random window of it (drawn
+        under the record's seed), as ESM-2 crops to 1024; None keeps them whole.
+    max_records: read at most this many accepted records per file (quick trials); None: all.
+    The data module's ``data.batch_size``, ``num_workers``, ``shuffle`` and ``bucket_pool`` apply.
+    """
+
+    modality: str = ""
+    encoder: dict[str, Any] = field(default_factory=dict)
+    objective: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    train: list[str] = field(default_factory=list)
+    val: list[str] = field(default_factory=list)
+    kind: str | None = None
+    crop: int | None = None
+    max_records: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    """A whole run. ``model`` holds ``KibanConfig`` fields (encoders, backbone, projectors, ...);
+    ``stage: pretrain`` needs no ``model`` but a ``pretrain`` section."""
+
+    model: dict[str, Any] = field(default_factory=dict)
     stage: str = "align"
     seed: int = 0
     run: RunSection = field(default_factory=RunSection)
@@ -192,9 +222,12 @@ class TrainConfig:
     schedule: ScheduleSection = field(default_factory=ScheduleSection)
     trainer: TrainerSection = field(default_factory=TrainerSection)
     callbacks: CallbacksSection = field(default_factory=CallbacksSection)
+    pretrain: PretrainSection | None = None
 
     def to_dict(self) -> dict[str, Any]:
         values = _plain(dataclasses.asdict(self))
+        if values.get("pretrain") is None:
+            values.pop("pretrain", None)  # align / instruct YAMLs read as before
         order = ("seed", "stage", "run", "model")  # the reading order of the shipped YAMLs
         return {**{k: values[k] for k in order}, **{k: v for k, v in values.items() if k not in order}}
 
@@ -227,6 +260,10 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
         value = getattr(config.data, split)
         if value is not None and value != "tiny":
             setattr(config.data, split, str(Path(value).expanduser().resolve()))
+    if config.pretrain is not None:
+        p = config.pretrain
+        p.train = [str(Path(v).expanduser().resolve()) for v in p.train]
+        p.val = [str(Path(v).expanduser().resolve()) for v in p.val]
     if config.run.resume not in ("auto", "never"):
         config.run.resume = str(Path(config.run.resume).expanduser().resolve())
     if config.run.init_from is not None:
@@ -268,7 +305,13 @@ def apply_overrides(values: Mapping[str, Any], overrides: Sequence[str]) -> dict
 
 
 def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
-    if "model" not in values:
+    """The typed config of a YAML's values; ``model`` is required except for ``stage: pretrain``."""
+    if values.get("stage") == "pretrain":
+        if not values.get("pretrain"):
+            raise ConfigError(
+                "pretrain", "stage 'pretrain' needs a pretrain section: {modality, encoder, objective, train}"
+            )
+    elif "model" not in values:
         raise ConfigError("model", "is required (encoders, backbone, projectors: the KibanConfig fields)")
     return _build(TrainConfig, values, "")
 
@@ -309,6 +352,13 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
             raise ConfigError(path, f"must be a list of {len(typing.get_args(hint))} numbers, got {value!r}")
         return tuple(_coerce(t, v, path) for t, v in zip(typing.get_args(hint), value, strict=True))
+    if origin is list:
+        if isinstance(value, str):  # one path where a list is expected
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(path, f"must be a list, got {value!r}")
+        (item,) = typing.get_args(hint)
+        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is dict or hint is dict:
         if not isinstance(value, Mapping):
             raise ConfigError(path, f"must be a mapping, got {value!r}")

@@ -28,7 +28,7 @@ import logging
 import random
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -81,7 +81,10 @@ def seeded(seed: int) -> Iterator[None]:
     py_state, np_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
     np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    # the CPU generator only (what featurizers draw from, and what is saved above): torch.manual_seed
+    # also queues a lazy seed for every accelerator, with a formatted stack trace each time, which
+    # costs up to a second per record under a deep call stack and grows a queue without bound
+    torch.default_generator.manual_seed(seed)
     try:
         yield
     finally:
@@ -103,6 +106,9 @@ class _Records(Dataset):
 
     def __len__(self) -> int:
         return len(self.source)
+
+    def lengths(self) -> Sequence[int]:
+        return self.source.lengths()
 
     def __getitem__(self, key: tuple[int, int, int]) -> tuple[tuple[int, int], Record | Reject, Any]:
         epoch, batch_index, index = key
@@ -239,8 +245,12 @@ class RecordsDataModule(pl.LightningDataModule):
         bucket_pool: int = 50,
         tiny_records: int = 8,
         seed: int = 0,
+        datasets: Callable[[str, Any], Any] | None = None,
     ) -> None:
         super().__init__()
+        # ``datasets(split, lightning_module)``: a ready dataset for the split (``len``, ``lengths()``,
+        # ``dataset[(epoch, batch, index)]``, ``collate``) instead of instruction records (pretraining)
+        self.datasets = datasets
         self.splits, self.modalities = dict(splits), list(modalities)
         self.batch_size, self.num_workers, self.shuffle = batch_size, num_workers, shuffle
         self.bucket_pool, self.tiny_records, self.seed = bucket_pool, tiny_records, seed
@@ -273,16 +283,19 @@ class RecordsDataModule(pl.LightningDataModule):
         source = self.splits.get(split)
         if source is None:
             raise ValueError(f"data.{split} is not set")
-        processor = self._processor or self.trainer.lightning_module.processor
         rank, world = self._rank or (self.trainer.global_rank, self.trainer.world_size)
-        if split not in self._sources:  # indexing a large JSONL once is enough
-            self._sources[split] = open_source(
-                source, modalities=self.modalities, tiny_records=self.tiny_records
-            )
-        records = self._sources[split]
+        if self.datasets is not None:
+            dataset = self.datasets(split, self.trainer.lightning_module)
+        else:
+            processor = self._processor or self.trainer.lightning_module.processor
+            if split not in self._sources:  # indexing a large JSONL once is enough
+                self._sources[split] = open_source(
+                    source, modalities=self.modalities, tiny_records=self.tiny_records
+                )
+            dataset = _Records(self._sources[split], processor, seed=self.seed)
         train = split == "train"
         sampler = ResumableBatches(
-            [int(n) for n in records.lengths()],
+            [int(n) for n in dataset.lengths()],
             batch_size=self.batch_size,
             rank=rank,
             world_size=world,
@@ -292,7 +305,6 @@ class RecordsDataModule(pl.LightningDataModule):
         )
         if train:
             sampler.start_at(self.position["epoch"], self.position["next_index"])
-        dataset = _Records(records, processor, seed=self.seed)
         return DataLoader(
             dataset,
             batch_sampler=sampler,

@@ -42,6 +42,7 @@ class StepStats:
     ids: list[str] = field(default_factory=list)
     grad_norm: float | None = None
     lr: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)  # an objective's figures, summed
 
     @property
     def mean_loss(self) -> float:

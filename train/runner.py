@@ -65,7 +65,14 @@ def fit(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> FitResult:
             weights_only=True,
         )
         step = trainer.global_step
-        if trainer.is_global_zero and config.trainer.strategy in ("auto", "ddp"):
+        if config.stage == "pretrain":
+            # ZeRO-2 shards optimizer states only: rank 0 still holds the whole encoder
+            whole = config.trainer.strategy in ("auto", "ddp") or config.trainer.strategy.startswith(
+                "deepspeed_stage_2"
+            )
+            if trainer.is_global_zero and whole:
+                _export_encoder(module, run_dir / "encoder", step=step)
+        elif trainer.is_global_zero and config.trainer.strategy in ("auto", "ddp"):
             _export_model(module.model, run_dir / "model")
     complete = complete_checkpoints(run_dir / "checkpoints")
     return FitResult(run_dir, step, complete[-1][1] if complete else None)
@@ -83,6 +90,22 @@ def _export_model(model: Any, target: Path) -> None:
     shutil.rmtree(target, ignore_errors=True)
     staging.rename(target)
     log.info("saved the trained model to %s (kiban serve %s)", target, target)
+
+
+def _export_encoder(module: Any, target: Path, *, step: int) -> None:
+    """The pretrained encoder alone (``save_encoder``: config.json + model.safetensors), replacing
+    an older export only once the new one is complete."""
+    import shutil
+
+    from kiban.encoders.pretraining import save_encoder
+
+    staging = target.with_name(target.name + ".tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    objective = module.objective
+    save_encoder(objective.encoder, staging, extra={"objective": objective.name, "step": step})
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    log.info("saved the pretrained %s encoder to %s", objective.encoder.modality, target)
 
 
 def validate(config: TrainConfig, *, checkpoint: str | Path | None = None) -> list[dict[str, float]]:
@@ -109,7 +132,10 @@ def resume_checkpoint(config: TrainConfig) -> Path | None:
 def _evaluate(config: TrainConfig, stage: str, checkpoint: str | Path | None) -> list[dict[str, float]]:
     validate_config(config)
     split = "val" if stage == "validate" else "test"
-    if getattr(config.data, split) is None:
+    if config.stage == "pretrain":
+        if split != "val" or not config.pretrain.val:
+            raise ConfigError("pretrain.val", f"kiban {stage} of a pretraining run evaluates pretrain.val; set it")
+    elif getattr(config.data, split) is None:
         raise ConfigError(f"data.{split}", f"kiban {stage} needs data.{split} (a JSONL of records, or tiny)")
     accelerator = resolve_accelerator(config)
     from kiban.train.strategies import uses_raw_deepspeed
@@ -194,7 +220,7 @@ def _build(
         log_every_n_steps=t.log_every_n_steps,
         val_check_interval=t.val_check_interval,
         check_val_every_n_epoch=None if t.val_check_interval else 1,
-        limit_val_batches=0 if config.data.val is None else t.limit_val_batches,
+        limit_val_batches=t.limit_val_batches if _has_val(config) else 0,
         num_sanity_val_steps=0,
         deterministic=t.deterministic,
         enable_progress_bar=t.enable_progress_bar,
@@ -204,10 +230,39 @@ def _build(
         default_root_dir=run_dir,
         callbacks=callbacks,
     )
-    module = KibanLightningModule(config=config)
+    if config.stage == "pretrain":
+        module, datamodule = _pretrain_parts(config, run_dir=run_dir, rank=cluster.global_rank)
+    else:
+        module = KibanLightningModule(config=config)
+        datamodule = RecordsDataModule.from_config(config, splits=("train", "val", "test"))
     module.init_weights = resume is None
-    datamodule = RecordsDataModule.from_config(config, splits=("train", "val", "test"))
     return trainer, module, datamodule
+
+
+def _has_val(config: TrainConfig) -> bool:
+    if config.stage == "pretrain":
+        return bool(config.pretrain.val)
+    return config.data.val is not None
+
+
+def _pretrain_parts(config: TrainConfig, *, run_dir: Path, rank: int) -> tuple[Any, Any]:
+    """The pretraining module and the data module over the ``pretrain`` section's files."""
+    from kiban.train.data import RecordsDataModule
+    from kiban.train.pretrain_data import PretrainSplits
+    from kiban.train.pretrain_module import PretrainLightningModule
+
+    p, d = config.pretrain, config.data
+    datamodule = RecordsDataModule(
+        splits={"train": "pretrain.train", "val": "pretrain.val" if p.val else None, "test": None},
+        modalities=[p.modality],
+        batch_size=d.batch_size,
+        num_workers=d.num_workers,
+        shuffle=d.shuffle,
+        bucket_pool=d.bucket_pool,
+        seed=config.seed,
+        datasets=PretrainSplits(p, seed=config.seed, rejects_dir=run_dir, rank=rank),
+    )
+    return PretrainLightningModule(config=config), datamodule
 
 
 def _check_world(config: TrainConfig, cluster: ClusterEnv, *, accelerator: str) -> None:

@@ -19,7 +19,7 @@ from kiban.train.config import STRATEGIES, ConfigError, TrainConfig
 
 __all__ = ["PRECISIONS", "TRAIN_STAGES", "resolve_accelerator", "validate_config"]
 
-TRAIN_STAGES = ("align", "instruct", "full")  # "task" trains heads, which is kiban.tasks' job
+TRAIN_STAGES = ("align", "instruct", "full", "pretrain")  # "task" trains heads, which is kiban.tasks' job
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true", "16-mixed")
 
 
@@ -33,7 +33,10 @@ def validate_config(config: TrainConfig, *, target: str | None = None) -> None:
         raise ConfigError(
             "stage", f"unknown stage {config.stage!r}; training stages: {', '.join(TRAIN_STAGES)}"
         )
-    _check_model(config)
+    if config.stage == "pretrain":
+        _check_pretrain(config, target)
+    else:
+        _check_model(config)
     _check_values(config)
     _check_device(config, target)
 
@@ -101,8 +104,43 @@ def _check_model(config: TrainConfig) -> None:
             )
 
 
-def _check_encoder(name: str, spec: object, registered: list[str]) -> None:
-    where = f"model.encoders.{name}"
+def _check_pretrain(config: TrainConfig, target: str | None) -> None:
+    from kiban.encoders.pretraining import objective_spec
+
+    p = config.pretrain
+    if p is None:
+        raise ConfigError("pretrain", "stage 'pretrain' needs a pretrain section: {modality, encoder, train}")
+    registered = list_encoders()
+    if p.modality not in registered:
+        raise ConfigError(
+            "pretrain.modality", f"unknown encoder {p.modality!r}; registered encoders: {', '.join(registered)}"
+        )
+    _check_encoder(p.modality, p.encoder, registered, where="pretrain.encoder")
+    try:
+        objective_spec(p.modality, p.objective)
+    except KeyError as error:
+        raise ConfigError("pretrain.objective", error.args[0]) from None
+    if not p.train:
+        raise ConfigError("pretrain.train", "needs at least one data file or folder")
+    for split in ("train", "val"):
+        for i, path in enumerate(getattr(p, split)):
+            if not Path(path).exists():
+                raise ConfigError(f"pretrain.{split}[{i}]", f"{path} does not exist")
+    if p.crop is not None and p.crop < 1:
+        raise ConfigError("pretrain.crop", f"must be at least 1 (or null), got {p.crop}")
+    if p.max_records is not None and p.max_records < 1:
+        raise ConfigError("pretrain.max_records", f"must be at least 1 (or null), got {p.max_records}")
+    accelerator = target or resolve_accelerator(config)
+    if config.trainer.strategy.startswith("deepspeed") and accelerator == "cpu":
+        raise ConfigError(
+            "trainer.strategy",
+            f"{config.trainer.strategy} on the CPU runs kiban's raw-DeepSpeed loop, which trains the fused "
+            "model only; pretrain an encoder on the CPU with auto or ddp (DeepSpeed runs it on GPUs)",
+        )
+
+
+def _check_encoder(name: str, spec: object, registered: list[str], *, where: str | None = None) -> None:
+    where = where or f"model.encoders.{name}"
     if name not in registered:
         raise ConfigError(where, f"unknown encoder {name!r}; registered encoders: {', '.join(registered)}")
     if spec is None:
