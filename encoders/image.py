@@ -47,7 +47,9 @@ class ImageEncoderConfig:
     model_kwargs: extra keyword arguments of ``timm.create_model``, as (name, value) pairs, e.g.
         (("depth", 2), ("embed_dim", 32)) for a small ViT.
     weights_path: a local timm weights file (.safetensors, or .pth/.pt read with weights_only); a
-        3-channel checkpoint is adapted to ``in_chans`` by timm, a classifier head is dropped.
+        3-channel checkpoint is adapted to ``in_chans`` by timm, a classifier head is dropped. Or a
+        kiban encoder folder (config.json + model.safetensors, as ``kiban pretrain image`` writes
+        it), loaded as it is: same model, same channels.
     z_mode: "tokens" encodes each z-slice and concatenates their tokens (N = Z * patches);
         "mean" averages the tokens of the slices (N = patches).
     normalize: "percentile" rescales each channel so its percentiles[0]..percentiles[1] map to 0..1
@@ -338,10 +340,12 @@ class ImageEncoder(Encoder):
 
 def _create_backbone(config: ImageEncoderConfig) -> torch.nn.Module:
     """``timm.create_model`` without a classifier head, loading ``weights_path`` when set."""
-    import timm
-
     kwargs: dict[str, Any] = dict(config.model_kwargs)
     kwargs.update(in_chans=config.in_chans, num_classes=0)
+    if config.weights_path and Path(config.weights_path).is_dir():
+        model = _timm_model(config, kwargs)
+        _load_encoder_dir(model, Path(config.weights_path), config.model_name)
+        return model
     if config.weights_path:
         path = Path(config.weights_path)
         if not path.is_file():
@@ -350,16 +354,49 @@ def _create_backbone(config: ImageEncoderConfig) -> torch.nn.Module:
         # to in_chans, resamples a ViT's position embeddings and drops the head. custom_load=False:
         # the file is a state dict, never a model-specific format such as JAX .npz.
         kwargs.update(pretrained=True, pretrained_cfg_overlay=dict(file=str(path), custom_load=False))
-    try:
-        # Transformers take the input size; CNNs do not, and refuse the keyword.
-        model = timm.create_model(config.model_name, img_size=config.img_size, **kwargs)
-    except TypeError as error:
-        if "img_size" not in str(error):
-            raise
-        model = timm.create_model(config.model_name, **kwargs)
+    model = _timm_model(config, kwargs)
     if config.weights_path:
         _check_weights_cover(model, path, config.model_name)
     return model
+
+
+def _timm_model(config: ImageEncoderConfig, kwargs: dict[str, Any]) -> torch.nn.Module:
+    import timm
+
+    try:
+        # Transformers take the input size; CNNs do not, and refuse the keyword.
+        return timm.create_model(config.model_name, img_size=config.img_size, **kwargs)
+    except TypeError as error:
+        if "img_size" not in str(error):
+            raise
+        return timm.create_model(config.model_name, **kwargs)
+
+
+def _load_encoder_dir(model: torch.nn.Module, directory: Path, model_name: str) -> None:
+    """Load the backbone of a kiban image-encoder folder (``kiban pretrain image``) into ``model``."""
+    import json
+
+    from safetensors.torch import load_file
+
+    config_file, weights_file = directory / "config.json", directory / "model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(
+            f"image weights_path {str(directory)!r} is a folder but not a kiban encoder folder "
+            "(needs config.json and model.safetensors); a timm weights file is given by its file path"
+        )
+    meta = json.loads(config_file.read_text())
+    saved = meta.get("config", {})
+    if meta.get("modality") != MODALITY or saved.get("model_name") != model_name:
+        raise ValueError(
+            f"{str(directory)!r} holds a {meta.get('modality')!r} encoder of model "
+            f"{saved.get('model_name')!r}, not an image encoder of {model_name!r}"
+        )
+    state = {key.removeprefix("backbone."): value for key, value in load_file(str(weights_file)).items()}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        first = str(error).splitlines()[1].strip() if len(str(error).splitlines()) > 1 else str(error)
+        raise ValueError(f"weights in {str(directory)!r} do not fit this {model_name!r} encoder: {first}") from None
 
 
 def _check_weights_cover(model: torch.nn.Module, path: Path, model_name: str) -> None:

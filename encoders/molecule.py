@@ -5,18 +5,29 @@ are implicit: the tokens are the atoms of RDKit's hydrogen-suppressed graph (``C
 the heavy atoms plus the few hydrogens RDKit keeps (isotopic ``[2H]``, ``[H][H]``). The network is the
 D-MPNN of chemprop (Yang et al. 2019, "Analyzing Learned Molecular Representations for Property
 Prediction", J. Chem. Inf. Model. 59:3370) without its readout: every atom's hidden state is a token.
+
+Published weights: a chemprop v2 model file or a CheMeleon-style message-passing file loads with
+``chemprop_checkpoint: PATH`` (features and network then match chemprop's exactly; see
+``molecule_chemprop.py``). A second kind, ``kind: "smiles_lm"``, is a SMILES language model from a
+Hugging Face RoBERTa/BERT folder (ChemBERTa-style; see ``molecule_lm.py``) behind the same
+``molecule`` name.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
 from rdkit import Chem, rdBase
+from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from kiban.encoders.base import (
@@ -27,15 +38,27 @@ from kiban.encoders.base import (
     register_encoder,
     register_preset,
 )
+from kiban.encoders.molecule_chemprop import (
+    CHEMPROP_BOND_TYPE_COLUMNS,
+    CHEMPROP_FEATURES,
+    read_chemprop_checkpoint,
+)
 
 __all__ = [
     "ATOM_FEATURE_DIM",
     "BOND_FEATURE_DIM",
     "ELEMENTS",
+    "GRAPH_FEATURES",
+    "GraphFeatures",
     "MoleculeEncoder",
     "MoleculeEncoderConfig",
     "MoleculeFeaturizer",
+    "build_molecule_encoder",
+    "graph_features",
+    "read_kiban_encoder_dir",
+    "chemprop_default",
     "default",
+    "register_molecule_kind",
     "tiny",
 ]
 
@@ -138,6 +161,67 @@ def bond_features(bond: Chem.Bond) -> list[float]:
     return row
 
 
+@dataclass(frozen=True)
+class GraphFeatures:
+    """One way of turning atoms and bonds into vectors: two functions and their widths.
+
+    ``element_columns`` and ``bond_type_columns`` are the (start, stop) columns of the element and
+    bond-type one-hots, which self-supervised objectives read back as class labels.
+    """
+
+    atom: Callable[[Chem.Atom], list[float]]
+    bond: Callable[[Chem.Bond], list[float]]
+    atom_dim: int
+    bond_dim: int
+    element_columns: tuple[int, int]
+    bond_type_columns: tuple[int, int]
+
+
+# MoleculeEncoderConfig.featurizer names one of these. "kiban" is the original feature set (chemprop's
+# v1 features on a shorter element list, plus "in ring"); the chemprop ones reproduce chemprop's
+# features exactly, so that chemprop-trained weights see the inputs they were trained on.
+GRAPH_FEATURES: dict[str, GraphFeatures] = {
+    "kiban": GraphFeatures(
+        atom_features,
+        bond_features,
+        ATOM_FEATURE_DIM,
+        BOND_FEATURE_DIM,
+        element_columns=(0, len(ELEMENTS) + 1),
+        bond_type_columns=(0, len(BOND_TYPES) + 1),
+    ),
+    **{
+        name: GraphFeatures(
+            features.atom,
+            features.bond,
+            features.atom_dim,
+            features.bond_dim,
+            element_columns=(0, len(features.atomic_nums) + 1),
+            bond_type_columns=CHEMPROP_BOND_TYPE_COLUMNS,
+        )
+        for name, features in CHEMPROP_FEATURES.items()
+    },
+}
+
+# chemprop's activations (chemprop/nn/utils.py), by the names its hyper-parameters store
+_ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": nn.ReLU,
+    "leakyrelu": partial(nn.LeakyReLU, 0.1),
+    "prelu": nn.PReLU,
+    "tanh": nn.Tanh,
+    "elu": nn.ELU,
+}
+
+
+def graph_features(name: str) -> GraphFeatures:
+    """The feature set registered as ``name`` in GRAPH_FEATURES; ValueError lists the choices."""
+    try:
+        return GRAPH_FEATURES[name]
+    except KeyError:
+        raise ValueError(
+            f"MoleculeEncoderConfig.featurizer {name!r} is unknown; choices: {', '.join(GRAPH_FEATURES)}"
+        ) from None
+
+
 # ----------------------------------------------------------------------------------------------
 # Config and presets
 
@@ -153,6 +237,23 @@ class MoleculeEncoderConfig:
     bias: bias in the input and message layers (chemprop's default is without); the atom output
         layer always has one.
     max_atoms: molecules with more tokens are rejected as InvalidInput (None: no limit).
+    featurizer: the atom/bond features, a key of ``GRAPH_FEATURES``: "kiban" (default), or
+        "chemprop_v2" / "chemprop_v1" for chemprop's own.
+    activation: relu (default), leakyrelu, prelu, tanh or elu, as chemprop names them.
+    undirected: average each bond's two directed states before every message step (chemprop's
+        ``undirected=True``).
+    chemprop_checkpoint: a chemprop v2 model file (``save_model``) or a CheMeleon-style
+        message-passing file. Its hyper-parameters set hidden_dim, depth, bias, activation,
+        undirected and featurizer (the values above are ignored); dropout stays this config's.
+    weights_path: a kiban encoder folder (``config.json`` + ``model.safetensors``, as ``kiban
+        pretrain molecule`` writes it); its architecture replaces the fields above, as with
+        chemprop_checkpoint.
+    kind: "dmpnn" (this graph network) or "smiles_lm" (a Hugging Face SMILES language model; see
+        ``molecule_lm.py``: only max_atoms and the three fields below apply to it).
+    model_path: smiles_lm: the Hugging Face folder (config.json, weights, tokenizer).
+    pretrained: smiles_lm: load the folder's weights (False: its architecture, random weights).
+    max_length: smiles_lm: SMILES tokens per molecule including the special tokens; a longer SMILES
+        is rejected as InvalidInput (a truncated SMILES is another molecule).
     """
 
     hidden_dim: int = 300
@@ -160,6 +261,15 @@ class MoleculeEncoderConfig:
     dropout: float = 0.0
     bias: bool = False
     max_atoms: int | None = None
+    featurizer: str = "kiban"
+    activation: str = "relu"
+    undirected: bool = False
+    chemprop_checkpoint: str | None = None
+    weights_path: str | None = None
+    kind: str = "dmpnn"
+    model_path: str | None = None
+    pretrained: bool = True
+    max_length: int = 256
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,16 +306,20 @@ class MoleculeFeaturizer:
 
     modality = MODALITY
 
-    def __init__(self, *, max_atoms: int | None = None) -> None:
+    def __init__(self, *, max_atoms: int | None = None, features: str = "kiban") -> None:
+        graph_features(features)  # an unknown name fails here, not in a DataLoader worker
         self.max_atoms = max_atoms
+        self.features = features  # a name, not the functions: keeps the featurizer cheap to pickle
 
     @property
     def atom_dim(self) -> int:
-        return ATOM_FEATURE_DIM
+        """Columns of one atom's feature vector."""
+        return graph_features(self.features).atom_dim
 
     @property
     def bond_dim(self) -> int:
-        return BOND_FEATURE_DIM
+        """Columns of one bond's feature vector."""
+        return graph_features(self.features).bond_dim
 
     def __call__(self, item: Any, *, item_id: Any = None) -> dict[str, Tensor]:
         mol, name = self.parse(item, item_id=item_id)
@@ -216,14 +330,15 @@ class MoleculeFeaturizer:
                 name,
                 f"{n_atoms} atoms, more than this encoder's max_atoms={self.max_atoms}",
             )
-        atoms = torch.tensor([atom_features(atom) for atom in mol.GetAtoms()], dtype=torch.float32)
+        features = graph_features(self.features)
+        atoms = torch.tensor([features.atom(atom) for atom in mol.GetAtoms()], dtype=torch.float32)
         edges, bonds = [], []
         for bond in mol.GetBonds():
             begin, end = bond.GetBeginAtomIdx(), bond.GetEndAtomIdx()
             edges += [(begin, end), (end, begin)]
-            bonds += [bond_features(bond)] * 2
+            bonds += [features.bond(bond)] * 2
         edge_index = torch.tensor(edges, dtype=torch.long).reshape(-1, 2).T.contiguous()
-        bond_tensor = torch.tensor(bonds, dtype=torch.float32).reshape(-1, BOND_FEATURE_DIM)
+        bond_tensor = torch.tensor(bonds, dtype=torch.float32).reshape(-1, features.bond_dim)
         return {"atom_features": atoms, "edge_index": edge_index, "bond_features": bond_tensor}
 
     def parse(self, item: Any, *, item_id: Any = None) -> tuple[Chem.Mol, Any]:
@@ -300,14 +415,15 @@ def _examples() -> list[Any]:
     return ["[Na+]", "CCO", "CC(=O)Oc1ccccc1C(=O)O"]  # one atom without bonds, ethanol, aspirin
 
 
-@register_encoder("molecule", config=MoleculeEncoderConfig, examples=_examples, default_preset="default")
 class MoleculeEncoder(Encoder):
     """Directed message-passing network (chemprop's D-MPNN, Yang et al. 2019) giving one token per atom.
 
     Hidden states live on directed bonds: ``h0_vw = W_i [x_v, e_vw]``; each step a bond sums the
     states entering its source atom except its own reverse, ``h_vw <- act(h0_vw + W_h sum_{k != w} h_kv)``;
     finally each atom takes ``act(W_o [x_v, sum_k h_kv])``. Atoms without bonds (``[Na+]``) keep
-    ``act(W_o [x_v, 0])``.
+    ``act(W_o [x_v, 0])``. With ``undirected`` each bond's two directions are averaged before every
+    message step. This is chemprop's ``BondMessagePassing`` step for step (same parameter names),
+    so its per-atom states before aggregation are these tokens.
 
     forward returns ModalityTokens with embeddings [B, N, D] and mask [B, N]: B molecules, N atoms of
     the largest one (padding atoms masked False and set to zero), D = ``config.hidden_dim``.
@@ -317,17 +433,56 @@ class MoleculeEncoder(Encoder):
 
     def __init__(self, config: MoleculeEncoderConfig) -> None:
         super().__init__()
+        checkpoint = None
+        if config.chemprop_checkpoint and config.weights_path:
+            raise ValueError("MoleculeEncoderConfig: set chemprop_checkpoint or weights_path, not both")
+        if config.weights_path:
+            checkpoint = read_kiban_encoder_dir(config.weights_path)
+            config = dataclasses.replace(
+                config, **{name: checkpoint.config[name] for name in _ARCHITECTURE if name in checkpoint.config}
+            )
+        elif config.chemprop_checkpoint:
+            checkpoint = read_chemprop_checkpoint(config.chemprop_checkpoint)
+            config = dataclasses.replace(
+                config,
+                hidden_dim=checkpoint.hidden_dim,
+                depth=checkpoint.depth,
+                bias=checkpoint.bias,
+                activation=checkpoint.activation,
+                undirected=checkpoint.undirected,
+                featurizer=checkpoint.featurizer,
+            )
         if config.depth < 1:
             raise ValueError(f"MoleculeEncoderConfig.depth must be at least 1, got {config.depth}")
+        if config.activation not in _ACTIVATIONS:
+            raise ValueError(
+                f"MoleculeEncoderConfig.activation {config.activation!r} is unknown; "
+                f"choices: {', '.join(_ACTIVATIONS)}"
+            )
         self.config = config
         self.output_dim = config.hidden_dim
-        self.featurizer = MoleculeFeaturizer(max_atoms=config.max_atoms)
-        hidden = config.hidden_dim
-        self.W_i = nn.Linear(ATOM_FEATURE_DIM + BOND_FEATURE_DIM, hidden, bias=config.bias)
+        self.featurizer = MoleculeFeaturizer(max_atoms=config.max_atoms, features=config.featurizer)
+        hidden, atom_dim = config.hidden_dim, self.featurizer.atom_dim
+        self.W_i = nn.Linear(atom_dim + self.featurizer.bond_dim, hidden, bias=config.bias)
         self.W_h = nn.Linear(hidden, hidden, bias=config.bias)
-        self.W_o = nn.Linear(ATOM_FEATURE_DIM + hidden, hidden)
-        self.act = nn.ReLU()
+        self.W_o = nn.Linear(atom_dim + hidden, hidden)
+        self.act = _ACTIVATIONS[config.activation]()
         self.dropout = nn.Dropout(config.dropout)
+        if checkpoint is not None:
+            self._load_chemprop(checkpoint.state_dict)
+
+    def _load_chemprop(self, state: dict[str, Tensor]) -> None:
+        missing, unexpected = self.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            source = self.config.weights_path or self.config.chemprop_checkpoint
+            raise ValueError(
+                f"molecule weights {source!r} do not fit their own hyper-parameters: missing "
+                f"{', '.join(missing) or 'nothing'}, unexpected {', '.join(unexpected) or 'nothing'}"
+            )
+
+    def portable_config(self) -> MoleculeEncoderConfig:
+        """The architecture read from the weights file, without the file: a saved model carries the weights."""
+        return dataclasses.replace(self.config, chemprop_checkpoint=None, weights_path=None)
 
     def forward(
         self, *, atom_features: Tensor, atom_mask: Tensor, edge_index: Tensor, bond_features: Tensor
@@ -344,6 +499,8 @@ class MoleculeEncoder(Encoder):
         h0 = self.W_i(torch.cat([x[source], bond_features.to(dtype)], dim=1))
         h = self.act(h0)
         for _ in range(self.config.depth - 1):
+            if self.config.undirected:
+                h = (h + h[reverse]) / 2
             into_atom = h.new_zeros(x.shape[0], h.shape[1]).index_add_(0, target, h)
             message = into_atom[source] - h[reverse]  # everything entering v except the reverse bond w -> v
             h = self.dropout(self.act(h0 + self.W_h(message)))
@@ -352,6 +509,62 @@ class MoleculeEncoder(Encoder):
 
         atoms = atoms.reshape(batch, n_atoms, -1) * atom_mask.unsqueeze(-1).to(atoms.dtype)
         return ModalityTokens(atoms, atom_mask)
+
+
+# Config fields that a weights folder's config decides (the rest, e.g. dropout, stay the user's).
+_ARCHITECTURE = ("hidden_dim", "depth", "bias", "activation", "undirected", "featurizer")
+
+
+@dataclass
+class _KibanWeights:
+    config: dict[str, Any]
+    state_dict: dict[str, Tensor]
+
+
+def read_kiban_encoder_dir(path: str) -> _KibanWeights:
+    """The config values and weights of a molecule encoder folder written by ``kiban pretrain``."""
+    directory = Path(path)
+    config_file, weights_file = directory / "config.json", directory / "model.safetensors"
+    if not config_file.is_file() or not weights_file.is_file():
+        raise FileNotFoundError(
+            f"molecule weights_path {path!r} is not a kiban encoder folder (needs config.json and "
+            "model.safetensors, as kiban pretrain writes them); a chemprop file goes in chemprop_checkpoint"
+        )
+    meta = json.loads(config_file.read_text())
+    if meta.get("modality") != MODALITY or not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{path!r} holds a {meta.get('modality')!r} encoder, not a molecule encoder")
+    if meta["config"].get("kind", "dmpnn") != "dmpnn":
+        raise ValueError(f"{path!r} holds a {meta['config']['kind']!r} molecule encoder, not the D-MPNN")
+    return _KibanWeights(meta["config"], load_file(str(weights_file)))
+
+
+# MoleculeEncoderConfig.kind -> the encoder class built from the config. The graph network is
+# "dmpnn"; molecule_lm.py registers "smiles_lm".
+_KINDS: dict[str, Callable[[MoleculeEncoderConfig], Encoder]] = {"dmpnn": MoleculeEncoder}
+
+
+def register_molecule_kind(name: str) -> Callable:
+    """Class decorator: another molecule encoder, built from a MoleculeEncoderConfig with ``kind=name``."""
+
+    def wrap(cls: Callable[[MoleculeEncoderConfig], Encoder]) -> Callable[[MoleculeEncoderConfig], Encoder]:
+        if name in _KINDS:
+            raise ValueError(f"molecule encoder kind {name!r} is registered twice")
+        _KINDS[name] = cls
+        return cls
+
+    return wrap
+
+
+@register_encoder("molecule", config=MoleculeEncoderConfig, examples=_examples, default_preset="default")
+def build_molecule_encoder(config: MoleculeEncoderConfig) -> Encoder:
+    """The molecule encoder of ``config.kind``: the D-MPNN or a SMILES language model."""
+    try:
+        kind = _KINDS[config.kind]
+    except KeyError:
+        raise ValueError(
+            f"MoleculeEncoderConfig.kind {config.kind!r} is unknown; kinds: {', '.join(_KINDS)}"
+        ) from None
+    return kind(config)
 
 
 @register_preset("molecule")
@@ -364,3 +577,17 @@ def tiny() -> MoleculeEncoderConfig:
 def default() -> MoleculeEncoderConfig:
     """Chemprop's default size: 300 wide, depth 3, no dropout."""
     return MoleculeEncoderConfig(hidden_dim=300, depth=3, dropout=0.0)
+
+
+@register_preset("molecule")
+def chemprop_default() -> MoleculeEncoderConfig:
+    """chemprop v2's default BondMessagePassing on its own v2 features (300 wide, depth 3).
+
+    Set ``chemprop_checkpoint`` to load a chemprop model file or a CheMeleon-style foundation
+    checkpoint; the file's hyper-parameters then decide the size.
+    """
+    return MoleculeEncoderConfig(hidden_dim=300, depth=3, featurizer="chemprop_v2")
+
+
+# The SMILES language-model kind registers itself; imported last because it builds on the above.
+from kiban.encoders import molecule_lm  # noqa: E402,F401

@@ -111,7 +111,13 @@ class ObjectiveSpec:
 
 _REGISTRY: dict[str, dict[str, ObjectiveSpec]] = {}
 # Modules ``kiban.encoders.<name>`` that register the built-in objectives (one per modality).
-_BUILTINS: tuple[str, ...] = ("protein_objectives", "dna_objectives", "cell_objectives")
+_BUILTINS: tuple[str, ...] = (
+    "protein_objectives",
+    "dna_objectives",
+    "cell_objectives",
+    "molecule_objectives",
+    "image_objectives",
+)
 
 
 def _import_builtin_objectives() -> None:

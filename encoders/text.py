@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ __all__ = [
     "TextEncoder",
     "TextEncoderConfig",
     "TextFeaturizer",
+    "load_transformer",
     "minilm_l6",
     "minilm_path",
     "tiny",
@@ -162,7 +163,7 @@ def _examples() -> list[Any]:
     ]
 
 
-def _load_transformer(config: TextEncoderConfig, model_path: str) -> torch.nn.Module:
+def load_transformer(config: TextEncoderConfig, model_path: str) -> torch.nn.Module:
     """The Hugging Face model of ``config``: the folder's weights, or its architecture with random weights."""
     hf_config = AutoConfig.from_pretrained(model_path, local_files_only=True)
     overrides = {
@@ -212,7 +213,7 @@ class TextEncoder(Encoder):
         self.featurizer = TextFeaturizer(
             tokenizer_path=config.tokenizer_path or model_path, max_length=config.max_length
         )
-        self.model = _load_transformer(config, model_path)
+        self.model = load_transformer(config, model_path)
         self.output_dim = self.model.config.hidden_size
 
     def portable_config(self) -> TextEncoderConfig:
