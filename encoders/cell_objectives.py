@@ -15,7 +15,7 @@ leak through it.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import numpy as np
 import torch
@@ -168,6 +168,8 @@ class RankMasker:
 @register_objective("cell", "rank_mlm")
 class RankMLM(PretrainObjective):
     """Geneformer's masked LM over rank-ordered gene tokens (``mask_ratio`` 0.15, 80/10/10)."""
+
+    tiny_overrides: ClassVar[dict[str, Any]] = {"tokenization": "rank", "mask_id": 2}
 
     def __init__(self, encoder: CellEncoder, *, mask_ratio: float = 0.15) -> None:
         """The objective over ``encoder`` (rank tokenization with a ``mask_id``) with its LM head."""

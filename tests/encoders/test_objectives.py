@@ -20,9 +20,10 @@ from kiban.data.resumable import seeded
 OBJECTIVES = [(modality, name) for modality, names in list_objectives().items() for name in names]
 
 
-def _tiny_encoder(modality):
+def _tiny_encoder(modality, name):
     spec = encoder_spec(modality)
-    return create_encoder(modality, preset="tiny" if "tiny" in spec.presets else spec.default_preset)
+    preset = "tiny" if "tiny" in spec.presets else spec.default_preset
+    return create_encoder(modality, preset=preset, **objective_spec(modality, name).builder.tiny_overrides)
 
 
 def _batch(objective, modality, *, seed=0):
@@ -45,7 +46,7 @@ def test_protein_and_dna_register_their_objectives_as_defaults():
 @pytest.mark.parametrize(("modality", "name"), OBJECTIVES)
 def test_objective_gives_a_finite_loss_and_a_gradient_to_every_trainable_parameter(modality, name):
     torch.manual_seed(0)
-    objective = create_objective(modality, _tiny_encoder(modality), name=name)
+    objective = create_objective(modality, _tiny_encoder(modality, name), name=name)
     pickle.loads(pickle.dumps(objective.masker))  # it runs in DataLoader workers
     out = objective(_batch(objective, modality))
     assert out.loss.dim() == 0 and torch.isfinite(out.loss)
@@ -62,7 +63,7 @@ def test_objective_gives_a_finite_loss_and_a_gradient_to_every_trainable_paramet
 
 @pytest.mark.parametrize(("modality", "name"), OBJECTIVES)
 def test_masking_is_a_pure_function_of_the_seed(modality, name):
-    objective = create_objective(modality, _tiny_encoder(modality), name=name)
+    objective = create_objective(modality, _tiny_encoder(modality, name), name=name)
     first, again, other = (_batch(objective, modality, seed=s) for s in (1, 1, 2))
     assert first.keys() == again.keys()
     for key in first:
@@ -79,7 +80,7 @@ def test_masking_is_a_pure_function_of_the_seed(modality, name):
 @pytest.mark.parametrize(("modality", "name"), OBJECTIVES)
 def test_pretrained_encoder_saves_and_loads_with_the_heads_it_owns(modality, name, tmp_path):
     torch.manual_seed(0)
-    objective = create_objective(modality, _tiny_encoder(modality), name=name)
+    objective = create_objective(modality, _tiny_encoder(modality, name), name=name)
     encoder = objective.encoder.eval()
     save_encoder(encoder, tmp_path / "encoder", extra={"objective": name})
     loaded = load_encoder(tmp_path / "encoder").eval()
