@@ -10,7 +10,12 @@ expression on the same split beside it. No align stage runs here: projectors are
 random initialisation, so each row says what a path keeps before any training (the quickstart's
 align then starts from it). Prints a Markdown table: test accuracy, macro-F1, seconds.
 
+``--trace NAME`` instead follows one variant's cells stage by stage (encoder tokens pooled, after
+the projector, after each decoder layer up to ``HEAD_LAYER``), scoring each with scikit-learn's
+logistic regression on standardised features over the same split: where the information is lost.
+
     .venv/bin/python benchmarks/cell_fusion_variants.py [--variants NAME ...] [--out DIR] [--seed 0]
+    .venv/bin/python benchmarks/cell_fusion_variants.py --trace profile/linear
 """
 
 from __future__ import annotations
@@ -86,6 +91,49 @@ def run_variant(name: str, *, out: Path, seed: int, vocab: list[str], pbmc: Path
     }
 
 
+def trace_variant(name: str, *, seed: int, vocab: list[str], pbmc: Path) -> list[tuple[str, float, float]]:
+    """(stage, test accuracy, test macro-F1) of logistic regression on each stage's pooled states."""
+    import anndata
+    import numpy as np
+    import torch
+    from kiban.fusion.model import KibanConfig, KibanModel, default_config
+    from kiban.quickstart.run import HEAD_LAYER
+    from kiban.tasks.splits import random_split
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.preprocessing import StandardScaler
+
+    adata = anndata.read_h5ad(pbmc)
+    matrix = adata.raw.X.toarray() if hasattr(adata.raw.X, "toarray") else np.asarray(adata.raw.X)
+    labels = adata.obs["bulk_labels"].cat.codes.to_numpy()
+    split = random_split(len(labels), seed=seed)
+    encoder, projector = VARIANTS[name]
+    config = default_config().to_dict()
+    config["encoders"] = {"cell": {**encoder, "gene_vocab": vocab}}
+    config["projectors"] = {"cell": projector}
+    torch.manual_seed(seed)
+    model = KibanModel.from_config(KibanConfig.from_dict(config)).eval()
+    cell_encoder = model.encoders["cell"]
+    cells = [(row, vocab) for row in matrix]
+
+    def score(features: np.ndarray) -> tuple[float, float]:
+        scaler = StandardScaler().fit(features[split.train])
+        fitted = LogisticRegression(max_iter=2000).fit(scaler.transform(features[split.train]), labels[split.train])
+        predicted = fitted.predict(scaler.transform(features[split.test]))
+        return accuracy_score(labels[split.test], predicted), f1_score(labels[split.test], predicted, average="macro")
+
+    rows = [("log-normalised expression as given", *score(matrix))]
+    with torch.no_grad():
+        batch = cell_encoder.featurizer.collate([cell_encoder.featurizer(cell) for cell in cells])
+        tokens = cell_encoder(**batch)
+        rows.append(("cell encoder tokens, pooled", *score(tokens.pooled().numpy())))
+        rows.append(("after the projector, pooled", *score(model.projectors["cell"](tokens).pooled().numpy())))
+        for layer in range(1, HEAD_LAYER + 1):
+            states = model.embed([("cell", cell) for cell in cells], layer=layer).float().numpy()
+            rows.append((f"fused states after decoder layer {layer}, pooled", *score(states)))
+    return rows
+
+
 def _positions(model: Any, vocab: list[str]) -> int:
     """LLM positions one cell takes (projected tokens of a cell expressing every gene)."""
     import numpy as np
@@ -103,6 +151,7 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--out", type=Path, default=None, help="keep each variant's finetune folder here")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trace", choices=list(VARIANTS), default=None, help="follow one variant stage by stage")
     args = parser.parse_args()
 
     import anndata
@@ -113,6 +162,11 @@ def main() -> None:
     torch.set_num_threads(2)
     pbmc = pbmc_path()
     vocab = list(vocab_from_adata(anndata.read_h5ad(pbmc).raw))
+    if args.trace:
+        print(f"\n| {args.trace}: stage | LR accuracy | LR macro-F1 |\n| --- | ---: | ---: |")
+        for stage, accuracy, f1 in trace_variant(args.trace, seed=args.seed, vocab=vocab, pbmc=pbmc):
+            print(f"| {stage} | {accuracy:.3f} | {f1:.3f} |")
+        return
     out = args.out or Path(tempfile.mkdtemp(prefix="cell-fusion-"))
     rows = []
     for name in args.variants:

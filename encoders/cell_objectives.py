@@ -4,7 +4,11 @@
   of each cell's expressed gene tokens has its value hidden (value id ``n_bins + 1``, which scGPT's
   trunk reads as its ``mask_value`` and kiban's as "no value"); an MLP (scGPT's ``ExprDecoder``)
   predicts the hidden bins from the token states, MSE over the hidden genes only. The gene
-  identities stay visible, as in scGPT. For binned tokenization.
+  identities stay visible, as in scGPT. For binned tokenization. An encoder that is a profile
+  token alone (``profile_token="only"``) has no gene tokens: there a fraction of the expressed
+  genes is taken out of the profile and their log-normalised values are predicted from the cell's
+  token, as scGPT's cell-embedding objective (GEPC, its ``MVCDecoder``): the inner product of a
+  query made from the cell token with a learned vector per gene.
 * ``rank_mlm`` (Geneformer's masked LM, Theodoris et al. 2023): 15% of each cell's gene tokens are
   selected; of those 80% become ``<mask>``, 10% a random gene, 10% stay; a BERT LM head predicts the
   selected genes' ids, cross-entropy over them. For rank tokenization with a ``mask_id``.
@@ -25,7 +29,7 @@ from kiban.encoders.cell import CellEncoder
 from kiban.encoders.pretraining import ObjectiveOutput, PretrainObjective, register_objective
 from torch import Tensor, nn
 
-__all__ = ["MaskedExpression", "MaskedExpressionMasker", "RankMLM", "RankMasker"]
+__all__ = ["MaskedExpression", "MaskedExpressionMasker", "ProfileMasker", "RankMLM", "RankMasker"]
 
 
 def _n_masked(n: int, ratio: float) -> int:
@@ -84,9 +88,44 @@ class MaskedExpressionMasker:
         return _collate_with(self.featurizer, items, {"target_values": 0.0, "masked": False})
 
 
+class ProfileMasker:
+    """Takes ``mask_ratio`` of a cell's expressed genes out of its profile (weight 0).
+
+    Adds ``profile_masked`` (bool) and ``profile_targets`` (the hidden log-normalised values) per
+    profile entry.
+    """
+
+    def __init__(self, featurizer: Any, *, mask_ratio: float) -> None:
+        """Mask for ``featurizer``'s cells with a profile."""
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
+        self.featurizer = featurizer
+        self.mask_ratio = mask_ratio
+
+    def __call__(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Corrupted features of one cell, with its targets."""
+        out = dict(features)
+        values = features["profile_values"]
+        masked = torch.zeros(len(values), dtype=torch.bool)
+        if len(values) > 1:  # keep at least one gene in the profile
+            n = min(_n_masked(len(values), self.mask_ratio), len(values) - 1)
+            masked[torch.randperm(len(values))[:n]] = True
+        out["profile_masked"] = masked
+        out["profile_targets"] = values
+        out["profile_values"] = values.masked_fill(masked, 0.0)
+        return out
+
+    def collate(self, items: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """The featurizer's batch plus profile_masked and profile_targets [B, G]."""
+        return _collate_with(self.featurizer, items, {"profile_masked": False, "profile_targets": 0.0})
+
+
+_TARGET_KEYS = ("target_values", "masked", "labels", "profile_masked", "profile_targets")
+
+
 def _gene_states(encoder: CellEncoder, batch: dict[str, Tensor]) -> Tensor:
     """The trunk's token states [B, N, D], aligned with gene_ids (a profile token is skipped)."""
-    inputs = {k: v for k, v in batch.items() if k not in ("target_values", "masked", "labels")}
+    inputs = {k: v for k, v in batch.items() if k not in _TARGET_KEYS}
     tokens = encoder(**inputs).embeddings
     return tokens[:, 1:] if encoder.profile is not None else tokens
 
@@ -98,29 +137,49 @@ def _needs_trunk(encoder: CellEncoder, name: str) -> None:
 
 @register_objective("cell", "masked_expression")
 class MaskedExpression(PretrainObjective):
-    """scGPT's GEP: MSE of the predicted bins of hidden expressed genes (``mask_ratio``, default 0.4)."""
+    """scGPT's GEP: MSE of the predicted bins of hidden expressed genes (``mask_ratio``, default 0.4).
+
+    For a profile-token-only encoder: MSE of the hidden genes' log-normalised values predicted
+    from the cell token (scGPT's GEPC).
+    """
 
     def __init__(self, encoder: CellEncoder, *, mask_ratio: float = 0.4) -> None:
-        """The objective over ``encoder`` (binned tokenization) with its expression decoder."""
+        """The objective over ``encoder`` (binned tokenization, or a profile token alone) with its decoder."""
         super().__init__(encoder)
+        width = encoder.output_dim
+        self.from_profile = encoder.trunk is None
+        if self.from_profile:
+            self.masker = ProfileMasker(encoder.featurizer, mask_ratio=mask_ratio)
+            # scGPT's MVCDecoder ("inner product"): a query from the cell, one vector per gene
+            self.query = nn.Sequential(nn.Linear(width, width), nn.Sigmoid())
+            self.gene_vectors = nn.Embedding(encoder.featurizer.vocab_size, width)
+            self.gene_bias = nn.Embedding(encoder.featurizer.vocab_size, 1)
+            nn.init.zeros_(self.gene_bias.weight)
+            return
         if encoder.featurizer.tokenization != "binning":
             raise ValueError(
                 "masked_expression predicts binned values; this cell encoder ranks genes: use objective 'rank_mlm'"
             )
-        _needs_trunk(encoder, self.name)
         self.masker = MaskedExpressionMasker(encoder.featurizer, mask_ratio=mask_ratio)
-        width = encoder.output_dim
         # scGPT's ExprDecoder
         self.decoder = nn.Sequential(
             nn.Linear(width, width), nn.LeakyReLU(), nn.Linear(width, width), nn.LeakyReLU(), nn.Linear(width, 1)
         )
 
     def forward(self, batch: dict[str, Tensor]) -> ObjectiveOutput:
-        """Loss = mean squared error over the hidden genes' bins."""
-        states = _gene_states(self.encoder, batch)
-        masked = batch["masked"]
-        predicted = self.decoder(states[masked]).squeeze(-1)
-        target = batch["target_values"][masked]
+        """Loss = mean squared error over the hidden genes' values."""
+        if self.from_profile:
+            inputs = {k: v for k, v in batch.items() if k not in _TARGET_KEYS}
+            cell = self.encoder(**inputs).embeddings[:, 0]  # [B, D]
+            masked = batch["profile_masked"]
+            genes = batch["profile_index"]
+            predicted = (self.gene_vectors(genes) * self.query(cell).unsqueeze(1)).sum(-1) + self.gene_bias(genes)[..., 0]
+            predicted, target = predicted[masked], batch["profile_targets"][masked]
+        else:
+            states = _gene_states(self.encoder, batch)
+            masked = batch["masked"]
+            predicted = self.decoder(states[masked]).squeeze(-1)
+            target = batch["target_values"][masked]
         loss = F.mse_loss(predicted, target)
         return ObjectiveOutput(
             loss, {"mse": loss.detach(), "n_masked": masked.sum().detach().to(torch.float32)}

@@ -338,3 +338,21 @@ def test_real_size_presets_run_on_the_registered_examples(preset):
     specials = (encoder.config.cls_id is not None) + (encoder.config.eos_id is not None)
     expressed = [3, 8, int((spec.examples()[2].X.toarray() > 0).sum())]
     assert tokens.mask.sum(1).tolist() == [n + specials for n in expressed]
+
+
+def test_state_dicts_saved_before_the_trunks_were_split_out_still_load():
+    # kiban's trunk used to sit at the top level of the encoder: gene_embedding.*, transformer.* ...
+    source = _tiny()
+    old_layout = {key.removeprefix("trunk."): value for key, value in source.state_dict().items()}
+    assert "gene_embedding.weight" in old_layout and not any(k.startswith("trunk.") for k in old_layout)
+    torch.manual_seed(123)
+    loaded = _tiny()
+    loaded.load_state_dict(old_layout)
+    # and inside a fused model's state dict, under the encoder's prefix
+    holder = torch.nn.ModuleDict({"cell": _tiny()})
+    holder.load_state_dict({f"cell.{key}": value for key, value in old_layout.items()})
+    cells = [make_adata(1, 40, seed=s) for s in range(2)]
+    with torch.no_grad():
+        expected = source.encode(cells).embeddings
+        assert torch.equal(loaded.encode(cells).embeddings, expected)
+        assert torch.equal(holder["cell"].encode(cells).embeddings, expected)

@@ -74,6 +74,19 @@ def test_masked_expression_hides_the_set_fraction_of_expressed_values_and_keeps_
         assert torch.equal(out["profile_values"][~is_hidden], features["profile_values"][~is_hidden])
 
 
+def test_a_profile_only_encoder_hides_genes_from_its_profile(cells):
+    encoder = _encoder(cells, "tiny", profile_token="only")
+    masker = create_objective("cell", encoder, mask_ratio=0.3).masker
+    torch.manual_seed(4)
+    for features in _features(encoder, cells[:40]):
+        out = masker(features)
+        hidden = out["profile_masked"]
+        assert hidden.sum().item() == max(1, round(0.3 * len(hidden)))
+        assert (out["profile_values"][hidden] == 0).all()
+        assert torch.equal(out["profile_values"][~hidden], features["profile_values"][~hidden])
+        assert torch.equal(out["profile_targets"], features["profile_values"])
+
+
 def test_rank_mlm_selects_15_percent_of_gene_tokens_80_10_10(cells):
     encoder = _encoder(cells, "geneformer", cls_id=2, eos_id=3)
     masker = create_objective("cell", encoder, name="rank_mlm").masker
@@ -104,10 +117,12 @@ def test_rank_mlm_selects_15_percent_of_gene_tokens_80_10_10(cells):
     [
         ("tiny", "masked_expression", {}, 0.8),
         ("scgpt", "masked_expression", {"profile_token": "first"}, 0.8),
+        # the quickstart's cell path: one profile token, its hidden genes predicted from it (GEPC)
+        ("tiny", "masked_expression", {"profile_token": "only"}, 0.8),
         # cross-entropy over 2,000 genes starts near ln(2000) = 7.6; 25 steps learn about a nat
         ("geneformer", "rank_mlm", {"cls_id": 2, "eos_id": 3}, 0.9),
     ],
-    ids=["kiban-binning", "scgpt-with-profile", "geneformer-rank"],
+    ids=["kiban-binning", "scgpt-with-profile", "profile-only", "geneformer-rank"],
 )
 def test_a_few_seeded_steps_lower_the_loss_on_real_cells(cells, preset, name, overrides, fraction):
     encoder = _encoder(cells, preset, **overrides)
