@@ -66,6 +66,7 @@ class ImageEncoderConfig:
     percentiles: tuple[float, float] = (1.0, 99.0)
 
     def __post_init__(self) -> None:
+        """Normalise list values from YAML/JSON to tuples."""
         # YAML/JSON give lists; keep tuples so configs compare equal after a round trip
         self.model_kwargs = tuple((str(key), value) for key, value in self.model_kwargs)
         self.percentiles = tuple(self.percentiles)
@@ -124,6 +125,7 @@ class ImageFeaturizer:
         normalize: str = "percentile",
         percentiles: Sequence[float] = (1.0, 99.0),
     ) -> None:
+        """Check and keep the normalisation settings."""
         if in_chans < 1:
             raise ValueError(f"in_chans must be at least 1, got {in_chans}")
         if normalize not in ("percentile", "zscore"):
@@ -157,7 +159,7 @@ class ImageFeaturizer:
         return {"pixels": self._normalized(pixels)}
 
     def collate(self, features: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """pixels [B, Z, C, S, S] (Z = the most slices of any item) and slice_mask [B, Z]."""
+        """Pixels [B, Z, C, S, S] (Z = the most slices of any item) and slice_mask [B, Z]."""
         pixels, slice_mask = pad_stack([f["pixels"] for f in features])
         return {"pixels": pixels, "slice_mask": slice_mask}
 
@@ -292,6 +294,7 @@ class ImageEncoder(Encoder):
     modality = MODALITY
 
     def __init__(self, config: ImageEncoderConfig) -> None:
+        """Build the timm backbone of ``config`` (loading ``weights_path`` when set) and its featurizer."""
         super().__init__()
         if config.z_mode not in ("tokens", "mean"):
             raise ValueError(f"z_mode must be 'tokens' or 'mean', got {config.z_mode!r}")

@@ -19,11 +19,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
-
 from kiban.encoders.base import pad_stack
 from kiban.encoders.image import ImageEncoder, ImageFeaturizer
 from kiban.encoders.pretraining import ObjectiveOutput, PretrainObjective, register_objective
+from torch import Tensor, nn
 
 __all__ = ["MaskedAutoencoder", "PatchMasker", "patchify"]
 
@@ -37,6 +36,7 @@ class PatchMasker:
     """
 
     def __init__(self, featurizer: ImageFeaturizer, *, num_patches: int, ratio: float = 0.75) -> None:
+        """Mask ``ratio`` of the ``num_patches`` patches of every slice."""
         if not 0.0 < ratio < 1.0:
             raise ValueError(f"MAE mask ratio must be between 0 and 1, got {ratio}")
         self.featurizer = featurizer
@@ -98,6 +98,7 @@ class MaskedAutoencoder(PretrainObjective):
         decoder_heads: int = 4,
         norm_pix_loss: bool = True,
     ) -> None:
+        """Wrap ``encoder`` (a timm ViT) with MAE's mask token and decoder."""
         from timm.models.vision_transformer import Block
 
         _check_vit(encoder)

@@ -26,10 +26,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rdkit import Chem, rdBase
-from safetensors.torch import load_file
-from torch import Tensor, nn
-
 from kiban.encoders.base import (
     Encoder,
     InvalidInput,
@@ -43,6 +39,9 @@ from kiban.encoders.molecule_chemprop import (
     CHEMPROP_FEATURES,
     read_chemprop_checkpoint,
 )
+from rdkit import Chem, rdBase
+from safetensors.torch import load_file
+from torch import Tensor, nn
 
 __all__ = [
     "ATOM_FEATURE_DIM",
@@ -54,10 +53,10 @@ __all__ = [
     "MoleculeEncoderConfig",
     "MoleculeFeaturizer",
     "build_molecule_encoder",
-    "graph_features",
-    "read_kiban_encoder_dir",
     "chemprop_default",
     "default",
+    "graph_features",
+    "read_kiban_encoder_dir",
     "register_molecule_kind",
     "tiny",
 ]
@@ -307,6 +306,7 @@ class MoleculeFeaturizer:
     modality = MODALITY
 
     def __init__(self, *, max_atoms: int | None = None, features: str = "kiban") -> None:
+        """Featurize with the ``features`` set of GRAPH_FEATURES, refusing more than ``max_atoms`` atoms."""
         graph_features(features)  # an unknown name fails here, not in a DataLoader worker
         self.max_atoms = max_atoms
         self.features = features  # a name, not the functions: keeps the featurizer cheap to pickle
@@ -322,6 +322,7 @@ class MoleculeFeaturizer:
         return graph_features(self.features).bond_dim
 
     def __call__(self, item: Any, *, item_id: Any = None) -> dict[str, Tensor]:
+        """Features of one molecule; raises InvalidInput naming ``item_id`` (or the item)."""
         mol, name = self.parse(item, item_id=item_id)
         n_atoms = mol.GetNumAtoms()
         if self.max_atoms is not None and n_atoms > self.max_atoms:
@@ -432,6 +433,7 @@ class MoleculeEncoder(Encoder):
     modality = MODALITY
 
     def __init__(self, config: MoleculeEncoderConfig) -> None:
+        """Build the network of ``config``, loading chemprop_checkpoint or weights_path when set."""
         super().__init__()
         checkpoint = None
         if config.chemprop_checkpoint and config.weights_path:
@@ -581,7 +583,7 @@ def default() -> MoleculeEncoderConfig:
 
 @register_preset("molecule")
 def chemprop_default() -> MoleculeEncoderConfig:
-    """chemprop v2's default BondMessagePassing on its own v2 features (300 wide, depth 3).
+    """Chemprop v2's default BondMessagePassing on its own v2 features (300 wide, depth 3).
 
     Set ``chemprop_checkpoint`` to load a chemprop model file or a CheMeleon-style foundation
     checkpoint; the file's hyper-parameters then decide the size.

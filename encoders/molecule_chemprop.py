@@ -23,7 +23,7 @@ import collections
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from rdkit import Chem
@@ -87,7 +87,7 @@ class ChempropFeatures:
         return CHEMPROP_BOND_DIM
 
     def atom(self, atom: Chem.Atom) -> list[float]:
-        """chemprop's feature vector of one atom."""
+        """Chemprop's feature vector of one atom."""
         row = [0.0] * self.atom_dim
         values = (
             atom.GetAtomicNum(),
@@ -106,7 +106,7 @@ class ChempropFeatures:
         return row
 
     def bond(self, bond: Chem.Bond) -> list[float]:
-        """chemprop's feature vector of one bond: [null, type x4, conjugated, in ring, stereo x7]."""
+        """Chemprop's feature vector of one bond: [null, type x4, conjugated, in ring, stereo x7]."""
         row = [0.0] * CHEMPROP_BOND_DIM
         bond_type = bond.GetBondType()
         # chemprop's one-hot has no "other" column for bond types: an unknown type sets no type bit
@@ -115,7 +115,7 @@ class ChempropFeatures:
         row[5] = float(bond.GetIsConjugated())
         row[6] = float(bond.IsInRing())
         stereo = int(bond.GetStereo())
-        row[7 + (stereo if stereo < _N_STEREO else _N_STEREO)] = 1.0
+        row[7 + (min(_N_STEREO, stereo))] = 1.0
         return row
 
 
@@ -172,7 +172,7 @@ class RefusedPickle(pickle.UnpicklingError):
 class _RestrictedUnpickler(pickle.Unpickler):
     """Resolves only plain containers, tensors and inert records; anything else is refused."""
 
-    _records: dict[str, type] = {}
+    _records: ClassVar[dict[str, type]] = {}
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in _ALLOWED:
@@ -309,7 +309,7 @@ def read_chemprop_checkpoint(path: str | Path) -> ChemPropCheckpoint:
 
 
 def _kiban_name(key: str) -> str | None:
-    """chemprop's parameter name -> kiban's (its activation ``tau`` is kiban's ``act``); others dropped."""
+    """Chemprop's parameter name -> kiban's (its activation ``tau`` is kiban's ``act``); others dropped."""
     head = key.split(".")[0]
     if head in ("W_i", "W_h", "W_o"):
         return key

@@ -19,13 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from kiban.encoders.base import Encoder, InvalidInput, ModalityTokens, pad_stack
+from kiban.encoders.molecule import (
+    MODALITY,
+    MoleculeEncoderConfig,
+    MoleculeFeaturizer,
+    register_molecule_kind,
+)
+from kiban.encoders.text import TextEncoderConfig, load_transformer
 from rdkit import Chem, rdBase
 from torch import Tensor
 from transformers import AutoTokenizer
-
-from kiban.encoders.base import Encoder, InvalidInput, ModalityTokens, pad_stack
-from kiban.encoders.molecule import MODALITY, MoleculeEncoderConfig, MoleculeFeaturizer, register_molecule_kind
-from kiban.encoders.text import TextEncoderConfig, load_transformer
 
 __all__ = ["SmilesLanguageModelEncoder", "SmilesTokenFeaturizer"]
 
@@ -40,6 +44,7 @@ class SmilesTokenFeaturizer:
     modality = MODALITY
 
     def __init__(self, *, tokenizer_path: str, max_length: int, max_atoms: int | None = None) -> None:
+        """Validate with RDKit, then tokenise with the tokenizer in ``tokenizer_path``."""
         self.molecules = MoleculeFeaturizer(max_atoms=max_atoms)
         self.tokenizer_path = tokenizer_path
         self.max_length = max_length
@@ -86,6 +91,7 @@ class SmilesLanguageModelEncoder(Encoder):
     modality = MODALITY
 
     def __init__(self, config: MoleculeEncoderConfig) -> None:
+        """Load the Hugging Face model and tokenizer in ``config.model_path``."""
         super().__init__()
         if not config.model_path:
             raise ValueError('MoleculeEncoderConfig.kind="smiles_lm" needs model_path, a Hugging Face folder')

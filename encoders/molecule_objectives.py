@@ -21,10 +21,9 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
 from kiban.encoders.molecule import MoleculeEncoder, MoleculeFeaturizer, graph_features
 from kiban.encoders.pretraining import ObjectiveOutput, PretrainObjective, register_objective
+from torch import Tensor, nn
 
 __all__ = ["AttributeMasker", "AttributeMasking"]
 
@@ -50,6 +49,7 @@ class AttributeMasker:
     """
 
     def __init__(self, featurizer: MoleculeFeaturizer, *, rate: float = 0.15, views: int = 1) -> None:
+        """Mask ``rate`` of each molecule's atoms, in ``views`` independent copies."""
         if not 0.0 < rate < 1.0:
             raise ValueError(f"attribute masking rate must be between 0 and 1, got {rate}")
         if views not in (1, 2):
@@ -129,6 +129,7 @@ class AttributeMasking(PretrainObjective):
         contrastive_weight: float = 0.0,
         temperature: float = 0.1,
     ) -> None:
+        """Wrap ``encoder`` (the D-MPNN) with an element head and a bond-type head."""
         if not isinstance(encoder, MoleculeEncoder):
             raise ValueError(
                 f"attribute masking pretrains the D-MPNN molecule encoder (kind 'dmpnn'); got a "

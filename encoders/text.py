@@ -18,9 +18,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
-from transformers import AutoConfig, AutoModel, AutoTokenizer
-
 from kiban.encoders.base import (
     Encoder,
     InvalidInput,
@@ -29,6 +26,8 @@ from kiban.encoders.base import (
     register_encoder,
     register_preset,
 )
+from torch import Tensor
+from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 __all__ = [
     "TextEncoder",
@@ -101,6 +100,7 @@ class TextFeaturizer:
     modality = MODALITY
 
     def __init__(self, *, tokenizer_path: str, max_length: int) -> None:
+        """Load the tokenizer in ``tokenizer_path``; passages keep at most ``max_length`` tokens."""
         self.tokenizer_path = tokenizer_path
         self.max_length = max_length
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_path, local_files_only=True)
@@ -108,6 +108,7 @@ class TextFeaturizer:
             raise ValueError(f"the tokenizer in {tokenizer_path} has no padding token")
 
     def __call__(self, item: Any, *, item_id: Any = None) -> dict[str, Tensor]:
+        """Token ids of one passage; raises InvalidInput naming the item."""
         text = item
         if isinstance(item, dict):
             if item_id is None:
@@ -207,6 +208,7 @@ class TextEncoder(Encoder):
     modality = MODALITY
 
     def __init__(self, config: TextEncoderConfig) -> None:
+        """Load the model and tokenizer of ``config`` (the packaged MiniLM by default)."""
         super().__init__()
         self.config = config
         model_path = config.model_path or minilm_path()
@@ -226,8 +228,10 @@ class TextEncoder(Encoder):
         return dataclasses.replace(self.config, pretrained=False, **sizes)
 
     def export_assets(self, directory: Path) -> tuple[TextEncoderConfig, tuple[str, ...]]:
-        """The tokenizer and the architecture's config.json (no weights), so that a saved model
-        rebuilds this encoder from its own folder."""
+        """Write the tokenizer and the architecture's config.json (no weights) into ``directory``.
+
+        A saved model then rebuilds this encoder from its own folder.
+        """
         directory.mkdir(parents=True, exist_ok=True)
         self.featurizer.tokenizer.save_pretrained(directory)
         self.model.config.save_pretrained(directory)

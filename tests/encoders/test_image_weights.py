@@ -13,10 +13,9 @@ import numpy as np
 import pytest
 import timm
 import torch
+from kiban.encoders import create_encoder
 from safetensors.torch import save_file
 from timm.models import adapt_input_conv
-
-from kiban.encoders import create_encoder
 
 CROPS = Path(__file__).resolve().parents[3] / "shared" / "data" / "microscopy" / "bccd_blood_cells" / "crops"
 VIT = ("vit_tiny_patch16_224", (("patch_size", 8), ("depth", 2), ("embed_dim", 32), ("num_heads", 2)), "patch_embed.proj")
@@ -85,7 +84,7 @@ def test_five_channel_tokens_equal_timms_adapted_model(tmp_path, architecture, s
 
 
 def test_timms_own_loader_gives_the_same_stem(tmp_path):
-    """kiban's weights_path is timm's load_pretrained with a file overlay: the same tensors as calling timm directly."""
+    """Kiban's weights_path is timm's load_pretrained with a file overlay: the same tensors as calling timm directly."""
     model_name, kwargs, first_conv = VIT
     path = tmp_path / "rgb.safetensors"
     _rgb_checkpoint(model_name, kwargs, path)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from kiban.encoders import create_encoder
 from kiban.encoders.molecule import MoleculeEncoderConfig
 
@@ -72,7 +71,7 @@ def smiles() -> list[str]:
 
 
 def _chemprop_atom_states(chemprop, message_passing, smiles: list[str]) -> tuple[list, torch.Tensor]:
-    """chemprop's own graphs and its per-atom hidden states (before aggregation) for the molecules."""
+    """Chemprop's own graphs and its per-atom hidden states (before aggregation) for the molecules."""
     from chemprop.data import BatchMolGraph
     from chemprop.featurizers import SimpleMoleculeMolGraphFeaturizer
     from chemprop.utils import make_mol
