@@ -79,13 +79,18 @@ def test_killed_kiban_pretrain_resumes_exactly_as_an_uninterrupted_run(tmp_path,
     run.send_signal(signal.SIGKILL)
     run.wait(timeout=60)
     assert not (broken / "encoder").exists()
-    assert max(entry["step"] for entry in _log(broken)) == 8  # steps 5-8 were logged, then lost
+    lost = [e for e in _log(broken) if e["step"] > 4]
+    assert [e["step"] for e in lost] == [5, 6, 7, 8]  # logged, then lost with the torn save
     resumed = _kiban(*common, "--out", str(broken))
     output = resumed.stdout.read()
     assert resumed.wait(timeout=300) == 0, output
     assert "resumed from" in output and "ckpt-000004" in output
 
     a, b = _log(tmp_path / "straight"), _log(broken)
+    again = b[8:12]  # a resumed run appends: steps 5-8 trained again, with the same numbers
+    assert [e["step"] for e in again] == [5, 6, 7, 8]
+    assert [(e["loss"], e["ids"]) for e in again] == [(e["loss"], e["ids"]) for e in lost]
+    b = b[:4] + b[8:]
     assert [e["step"] for e in a] == [e["step"] for e in b] == list(range(1, 13))
     for x, y in zip(a, b, strict=True):
         for key in ("ids", "loss", "lr", "grad_norm", "masked_accuracy", "perplexity", "n_masked"):
