@@ -246,3 +246,12 @@ def test_the_shipped_pretraining_config_parses_and_validates(tmp_path):
     validate_config(config)
     assert config.stage == "pretrain" and config.pretrain.encoder == {"preset": "esm2_t6_8m"}
     assert config_from_dict(yaml.safe_load(config.to_yaml())).pretrain == config.pretrain  # round trip
+
+
+def test_the_pretraining_yaml_goes_to_slurm_as_it_is(tmp_path, capsys):
+    data = str(_fasta(tmp_path / "train.fa"))
+    path = Path(__file__).resolve().parents[2] / "configs" / "pretrain_esm2.yaml"
+    args = ["--set", f"pretrain.train=[{data}]", "--set", f"pretrain.val=[{data}]", "--set", f"run.dir={tmp_path / 'run'}"]
+    assert main(["slurm", "submit", str(path), "--nodes", "1", "--gpus-per-node", "1", "--dry-run", *args]) == 0
+    script = capsys.readouterr().out
+    assert "kiban fit --config" in script and str(path) in script
