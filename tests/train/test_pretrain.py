@@ -255,3 +255,33 @@ def test_the_pretraining_yaml_goes_to_slurm_as_it_is(tmp_path, capsys):
     assert main(["slurm", "submit", str(path), "--nodes", "1", "--gpus-per-node", "1", "--dry-run", *args]) == 0
     script = capsys.readouterr().out
     assert "kiban fit --config" in script and str(path) in script
+
+
+def test_h5ad_files_with_different_gene_sets_are_each_matched_once_and_counted(tmp_path):
+    from kiban.data.rejects import Rejects
+    from kiban.encoders.cell import make_adata
+    from kiban.train.pretrain_data import read_pretrain_source
+
+    featurizer = create_encoder("cell", preset="tiny").featurizer
+    first = make_adata(30, 60, seed=0)
+    second = make_adata(20, 80, seed=1)
+    second.var_names = [f"NOTAGENE{i}" if i % 4 == 0 else name for i, name in enumerate(second.var_names)]
+    second.X[3] = 0  # a cell with nothing expressed: rejected with its reason
+    first.write_h5ad(tmp_path / "a.h5ad")
+    second.write_h5ad(tmp_path / "b.h5ad")
+    rejects = Rejects(sink=tmp_path / "rejects.jsonl")
+    source = read_pretrain_source(
+        [str(tmp_path / "a.h5ad"), str(tmp_path / "b.h5ad")], modality="cell", featurizer=featurizer, rejects=rejects
+    )
+    rejects.close()
+    files = rejects.notes["files"]
+    a, b = files[str(tmp_path / "a.h5ad")], files[str(tmp_path / "b.h5ad")]
+    assert a["gene_match"]["matched"] == 60 and a["gene_match"]["unmatched"] == 0
+    assert b["gene_match"]["matched"] == 60 and b["gene_match"]["unmatched"] == 20
+    assert (a["read"], a["accepted"], b["read"], b["accepted"], b["rejected"]) == (30, 30, 20, 19, 1)
+    assert rejects.read == 50 == rejects.accepted + rejects.rejected and len(source) == 49
+    (line,) = (tmp_path / "rejects.jsonl").read_text().splitlines()
+    reject = json.loads(line)  # stored zeros pass the reader; the featurizer refuses the empty cell
+    assert reject["id"] == "cell3" and reject["reason"] == "invalid cell input" and reject["detail"]
+    record = source.read_many([45])[0]  # a cell of the second file, read from disk by row
+    assert record.location.startswith(str(tmp_path / "b.h5ad")) and len(record.item["genes"]) > 0
