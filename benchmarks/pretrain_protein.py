@@ -61,6 +61,8 @@ def main() -> None:
     results = {"heldout": args.heldout, "sequences": len(records), "crop": args.crop}
     for name, encoder in (("random_init", random), ("pretrained", pretrained)):
         objective = create_objective("protein", encoder)
+        if name == "random_init":
+            objective.init_for_training()  # where a from-scratch pretraining run starts
         batches = masked_batches(objective, records, batch_size=16, seed=12345, crop=args.crop)
         results[name] = evaluate_objective(objective, batches)
     results["pretrained_step"] = json.loads((run / "encoder" / "config.json").read_text()).get("step")

@@ -98,6 +98,13 @@ class PretrainObjective(nn.Module):
         super().__init__()
         self.encoder = encoder
 
+    def init_for_training(self) -> None:
+        """Re-initialise a *randomly built* encoder (and heads) the way its pretraining starts.
+
+        Called by ``stage: pretrain`` only when the encoder loads no weights; an encoder's build-time
+        random init is not always a training init (fair-esm's is not). Default: keep it.
+        """
+
     def forward(self, batch: dict[str, Tensor]) -> ObjectiveOutput:  # pragma: no cover - abstract
         """The loss and metrics of one collated, masked batch."""
         raise NotImplementedError

@@ -11,7 +11,8 @@ projection tied to the token embedding). The encoder keeps that head frozen for 
 forward pass is fair-esm's own, so ESM-2's token dropout (the ``<mask>`` embeddings zeroed and the
 rest rescaled by the masked share) applies exactly as in its training.
 
-A randomly initialised encoder (no ``weights_path``) is re-initialised for training first:
+Pretraining from scratch (``stage: pretrain`` with no ``weights_path``) first re-initialises the
+encoder for training (``init_for_training``):
 fair-esm's modules keep PyTorch's defaults, which give the token embedding (and so the tied LM
 head) unit-variance weights and masked-LM logits of about ``sqrt(embed_dim)`` in size, a starting
 loss near 25 instead of ln(33) = 3.5. The re-initialisation is the one of the Hugging Face ESM-2
@@ -68,12 +69,14 @@ class ProteinMaskedLM(PretrainObjective):
             mask_fraction=mask_fraction,
             random_fraction=random_fraction,
         )
-        if encoder.config.weights_path is None:
-            init_for_training(encoder.model)
         # Every layer and the LM head take part in the masked-LM pass; only the contact
         # regression (read by contacts(), never by this loss) stays frozen.
         for name, parameter in encoder.model.named_parameters():
             parameter.requires_grad_(not name.startswith("contact_head."))
+
+    def init_for_training(self) -> None:
+        """ESM-2's training initialisation of the whole ESM-2 (LM head included)."""
+        init_for_training(self.encoder.model)
 
     def forward(self, batch: dict[str, Tensor]) -> ObjectiveOutput:
         """Masked-residue loss of a collated, masked batch."""

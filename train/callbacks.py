@@ -167,8 +167,8 @@ class ThroughputMonitor(Callback):
 class StepLog(Callback):
     """Appends one JSON line per optimizer step to ``path`` (rank 0): step, epoch, loss, grad norm,
     lr, the ids of rank 0's records, samples and tokens, plus an objective's metrics (mean over the
-    step's micro-batches). A resumed run first drops the lines of steps after its checkpoint (a
-    killed run logged them, the resumed run trains them again), then appends: one line per step."""
+    step's micro-batches). A resumed run appends to the same file: steps trained again after a
+    kill appear twice (with the same numbers, which the resume tests check); the last one counts."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -176,8 +176,6 @@ class StepLog(Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step
-        if trainer.is_global_zero and self.path.is_file():
-            _keep_steps_through(self.path, trainer.global_step)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -209,17 +207,3 @@ class StepLog(Callback):
         with self.path.open("a") as handle:
             handle.write(json.dumps(entry) + "\n")
 
-
-def _keep_steps_through(path: Path, step: int) -> None:
-    """Rewrite the step log without lines past ``step`` (atomically; unparseable tails go too)."""
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            entry = json.loads(line)
-        except json.JSONDecodeError:  # a line cut by a kill
-            continue
-        if entry.get("step", 0) <= step:
-            kept.append(line)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text("".join(line + "\n" for line in kept))
-    partial.replace(path)

@@ -39,6 +39,12 @@ def build_pretrain_encoder(config: TrainConfig) -> Any:
     return create_encoder(p.modality, preset=preset, **spec)
 
 
+def _loads_weights(spec: dict[str, Any]) -> bool:
+    """Whether an encoder spec (``{preset, ...}`` or ``{config: {...}}``) names weights to load."""
+    values = {**spec, **(spec.get("config") or {})}
+    return any(values.get(key) for key in ("weights_path", "hf_path", "path"))
+
+
 class PretrainLightningModule(pl.LightningModule):
     """Pretrains one encoder on its objective. ``config``: the run's TrainConfig (or its dict)."""
 
@@ -59,6 +65,8 @@ class PretrainLightningModule(pl.LightningModule):
         p = self.config.pretrain
         encoder = build_pretrain_encoder(self.config)
         self.objective = create_objective(p.modality, encoder, name=p.objective, **p.options)
+        if not _loads_weights(p.encoder):  # from scratch: start as the objective's own training does
+            self.objective.init_for_training()
         trainable = sum(q.numel() for q in self.objective.parameters() if q.requires_grad)
         total = sum(q.numel() for q in self.objective.parameters())
         log.info(

@@ -1,15 +1,16 @@
 """ESM-2's masked-residue objective: the 15% / 80-10-10 statistics, its LM head, and learning on real sequences."""
 
 import itertools
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from kiban.data import Rejects, read
+from kiban.data.resumable import seeded
 from kiban.encoders.base import create_encoder
 from kiban.encoders.pretraining import IGNORE_INDEX, create_objective
 from kiban.encoders.protein_objectives import STANDARD_RESIDUES
-from kiban.data.resumable import seeded
 from kiban.train.pretrain_data import evaluate_objective, masked_batches
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -109,5 +110,18 @@ def test_the_objective_trains_esm2s_own_lm_head_and_leaves_the_contact_regressio
 def test_a_few_seeded_steps_lower_the_loss_on_real_protein_sequences():
     records = _real_records("protein/sequences/enzyme_ec_clean_split10_train.tsv", modality="protein", n=96)
     encoder = create_encoder("protein", preset="tiny", num_layers=2, embed_dim=32, attention_heads=4)
-    before, after = _lowers_loss(create_objective("protein", encoder), records, steps=40, crop=96, lr=3e-3)
+    objective = create_objective("protein", encoder)
+    objective.init_for_training()
+    before, after = _lowers_loss(objective, records, steps=40, crop=96, lr=3e-3)
     assert after < before - 0.1, (before, after)
+
+
+def test_creating_the_objective_keeps_the_encoders_weights_and_init_for_training_starts_near_ln33():
+    encoder = create_encoder("protein", preset="tiny")
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    objective = create_objective("protein", encoder)
+    assert all(torch.equal(before[k], v) for k, v in encoder.state_dict().items())  # a loaded encoder stays
+    objective.init_for_training()
+    assert float(encoder.model.embed_tokens.weight.std()) == pytest.approx(0.02, rel=0.2)
+    batch = objective.masker.collate([objective.masker(encoder.featurizer("MKTAYIAKQRQISFVKSHFSRQ" * 4))])
+    assert float(objective(batch).loss) == pytest.approx(math.log(33), abs=0.3)

@@ -79,13 +79,18 @@ def test_killed_kiban_pretrain_resumes_exactly_as_an_uninterrupted_run(tmp_path,
     run.send_signal(signal.SIGKILL)
     run.wait(timeout=60)
     assert not (broken / "encoder").exists()
-    assert max(entry["step"] for entry in _log(broken)) == 8  # steps 5-8 were logged, then lost
+    lost = [e for e in _log(broken) if e["step"] > 4]
+    assert [e["step"] for e in lost] == [5, 6, 7, 8]  # logged, then lost with the torn save
     resumed = _kiban(*common, "--out", str(broken))
     output = resumed.stdout.read()
     assert resumed.wait(timeout=300) == 0, output
     assert "resumed from" in output and "ckpt-000004" in output
 
     a, b = _log(tmp_path / "straight"), _log(broken)
+    again = b[8:12]  # a resumed run appends: steps 5-8 trained again, with the same numbers
+    assert [e["step"] for e in again] == [5, 6, 7, 8]
+    assert [(e["loss"], e["ids"]) for e in again] == [(e["loss"], e["ids"]) for e in lost]
+    b = b[:4] + b[8:]
     assert [e["step"] for e in a] == [e["step"] for e in b] == list(range(1, 13))
     for x, y in zip(a, b, strict=True):
         for key in ("ids", "loss", "lr", "grad_norm", "masked_accuracy", "perplexity", "n_masked"):
@@ -241,3 +246,42 @@ def test_the_shipped_pretraining_config_parses_and_validates(tmp_path):
     validate_config(config)
     assert config.stage == "pretrain" and config.pretrain.encoder == {"preset": "esm2_t6_8m"}
     assert config_from_dict(yaml.safe_load(config.to_yaml())).pretrain == config.pretrain  # round trip
+
+
+def test_the_pretraining_yaml_goes_to_slurm_as_it_is(tmp_path, capsys):
+    data = str(_fasta(tmp_path / "train.fa"))
+    path = Path(__file__).resolve().parents[2] / "configs" / "pretrain_esm2.yaml"
+    args = ["--set", f"pretrain.train=[{data}]", "--set", f"pretrain.val=[{data}]", "--set", f"run.dir={tmp_path / 'run'}"]
+    assert main(["slurm", "submit", str(path), "--nodes", "1", "--gpus-per-node", "1", "--dry-run", *args]) == 0
+    script = capsys.readouterr().out
+    assert "kiban fit --config" in script and str(path) in script
+
+
+def test_h5ad_files_with_different_gene_sets_are_each_matched_once_and_counted(tmp_path):
+    from kiban.data.rejects import Rejects
+    from kiban.encoders.cell import make_adata
+    from kiban.train.pretrain_data import read_pretrain_source
+
+    featurizer = create_encoder("cell", preset="tiny").featurizer
+    first = make_adata(30, 60, seed=0)
+    second = make_adata(20, 80, seed=1)
+    second.var_names = [f"NOTAGENE{i}" if i % 4 == 0 else name for i, name in enumerate(second.var_names)]
+    second.X[3] = 0  # a cell with nothing expressed: rejected with its reason
+    first.write_h5ad(tmp_path / "a.h5ad")
+    second.write_h5ad(tmp_path / "b.h5ad")
+    rejects = Rejects(sink=tmp_path / "rejects.jsonl")
+    source = read_pretrain_source(
+        [str(tmp_path / "a.h5ad"), str(tmp_path / "b.h5ad")], modality="cell", featurizer=featurizer, rejects=rejects
+    )
+    rejects.close()
+    files = rejects.notes["files"]
+    a, b = files[str(tmp_path / "a.h5ad")], files[str(tmp_path / "b.h5ad")]
+    assert a["gene_match"]["matched"] == 60 and a["gene_match"]["unmatched"] == 0
+    assert b["gene_match"]["matched"] == 60 and b["gene_match"]["unmatched"] == 20
+    assert (a["read"], a["accepted"], b["read"], b["accepted"], b["rejected"]) == (30, 30, 20, 19, 1)
+    assert rejects.read == 50 == rejects.accepted + rejects.rejected and len(source) == 49
+    (line,) = (tmp_path / "rejects.jsonl").read_text().splitlines()
+    reject = json.loads(line)  # stored zeros pass the reader; the featurizer refuses the empty cell
+    assert reject["id"] == "cell3" and reject["reason"] == "invalid cell input" and reject["detail"]
+    record = source.read_many([45])[0]  # a cell of the second file, read from disk by row
+    assert record.location.startswith(str(tmp_path / "b.h5ad")) and len(record.item["genes"]) > 0
