@@ -26,9 +26,13 @@ from kiban.serve.engine import NotReady, Overloaded, RequestTimeout, UnknownTask
 from kiban.serve.metrics import ServeMetrics
 from kiban.serve.schemas import error_payload
 
-__all__ = ["add_error_handlers", "describe_validation_errors", "error_response"]
+__all__ = ["ClientDisconnected", "add_error_handlers", "describe_validation_errors", "error_response"]
 
 log = logging.getLogger(__name__)
+
+class ClientDisconnected(RuntimeError):
+    """The client closed the connection before its answer was ready; its work was cancelled."""
+
 
 # How pydantic names the members of a union in an error location.
 _PRIMITIVE_MEMBERS = {"str", "int", "float", "bool", "none", "bytes"}
@@ -55,9 +59,18 @@ def _location(loc: tuple) -> str:
     return out or "body"
 
 
-def _score(loc: tuple) -> float:
-    # the deepest member got furthest; a primitive member ("str") reached no field at all
-    return len(loc) - (0.5 if loc and loc[-1] in _PRIMITIVE_MEMBERS else 0)
+def _score(problem: dict[str, Any]) -> float:
+    # the deepest member got furthest; a primitive member ("str") reached no field at all; a value
+    # check (invalid Unicode, an out-of-range number) means the member's type matched
+    loc = tuple(problem.get("loc", ()))
+    score = len(loc) - (0.5 if loc and loc[-1] in _PRIMITIVE_MEMBERS else 0)
+    return score + (100 if problem.get("type") == "value_error" else 0)
+
+
+def _message(problem: dict[str, Any]) -> str:
+    if problem.get("type") == "extra_forbidden":
+        return "is not a field of this request (what the server accepts it honours; see docs/api.md)"
+    return str(problem.get("msg", "")).removeprefix("Value error, ")
 
 
 def describe_validation_errors(problems: list[dict[str, Any]]) -> tuple[str, str]:
@@ -67,20 +80,15 @@ def describe_validation_errors(problems: list[dict[str, Any]]) -> tuple[str, str
         loc = tuple(problem.get("loc", ()))
         union = next((i for i, part in enumerate(loc) if _is_member(part)), None)
         key = loc[:union] if union is not None else loc
-        best[key] = max(best.get(key, float("-inf")), _score(loc))
+        best[key] = max(best.get(key, float("-inf")), _score(problem))
     kept = []
     for problem in problems:
         loc = tuple(problem.get("loc", ()))
         union = next((i for i, part in enumerate(loc) if _is_member(part)), None)
-        if union is None or _score(loc) == best[loc[:union]]:
+        if union is None or _score(problem) == best[loc[:union]]:
             kept.append(problem)
     kept.sort(key=lambda p: p.get("type") != "union_tag_invalid")  # an unknown part type says the most
-    lines = list(
-        dict.fromkeys(
-            f"{_location(tuple(p.get('loc', ())))}: {str(p.get('msg', '')).removeprefix('Value error, ')}"
-            for p in kept
-        )
-    )
+    lines = list(dict.fromkeys(f"{_location(tuple(p.get('loc', ())))}: {_message(p)}" for p in kept))
     message = "; ".join(lines[:4]) + (f"; and {len(lines) - 4} more" if len(lines) > 4 else "")
     return message, _location(tuple(kept[0].get("loc", ()))) if kept else "body"
 
@@ -152,6 +160,12 @@ def add_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
         return error_response(
             503, f"not ready: {error}", type="not_ready", code="not_ready", headers={"retry-after": "5"}
         )
+
+    @app.exception_handler(ClientDisconnected)
+    async def disconnected(request: Request, error: ClientDisconnected) -> JSONResponse:
+        metrics.reject("client_disconnected")
+        # nobody reads it; 499 (nginx's "client closed request") keeps it apart in the access log and metrics
+        return error_response(499, str(error), type="client_closed_request", code="client_disconnected")
 
     @app.exception_handler(RequestTimeout)
     async def timeout(request: Request, error: RequestTimeout) -> JSONResponse:

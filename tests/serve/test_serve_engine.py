@@ -11,7 +11,7 @@ import torch
 
 from kiban.encoders import InvalidInput
 from kiban.serve import BatchingOptions, InferenceEngine, NotReady, Overloaded, RequestTimeout
-from kiban.serve.generation import RowControl, generate_rows
+from kiban.fusion.generation import GenerationSettings
 from kiban.tiny import tiny_model
 
 PROTEINS = [
@@ -73,17 +73,17 @@ def test_concurrent_generation_equals_one_by_one(model):
         return await asyncio.gather(*jobs, stream(_record(PROTEINS[-1]), budgets[-1])), streamed
 
     (answers, streamed), batches = _run(together, model, max_batch=8, max_wait_ms=50)
-    assert [a.text.strip() for a in answers] == alone
+    assert [a.text for a in answers] == alone
     assert len(set(alone)) == len(alone), "the test needs answers that differ"
     assert [a.completion_tokens for a in answers] == budgets  # each row stopped at its own budget
     assert streamed == [answers[-1].text]
     assert max(rows for _, rows in batches) > 1, f"nothing was batched: {batches}"
 
 
-def test_generate_rows_matches_generate_for_mixed_prompt_lengths(model):
+def test_a_batch_of_rows_matches_generate_one_by_one_for_mixed_prompt_lengths(model):
     records = [_record(p, s) for p, s in zip(PROTEINS, ["CCO", "c1ccccc1", "CC(=O)O", "N", "CCN", "O=C=O"])]
-    rows = generate_rows(model, records, [RowControl(10) for _ in records])
-    assert [r.text.strip() for r in rows] == [model.generate([r], max_new_tokens=10)[0] for r in records]
+    rows = model.complete(records, [GenerationSettings(max_tokens=10) for _ in records])
+    assert [r.text for r in rows] == [model.generate([r], max_new_tokens=10)[0] for r in records]
 
 
 def test_concurrent_embeddings_equal_one_by_one(model):
@@ -110,7 +110,7 @@ def test_a_bad_input_fails_only_its_own_request(model):
         )
 
     (good, bad, good_vector, bad_vector), _ = _run(together, model, max_batch=8, max_wait_ms=50)
-    assert good.text.strip() == model.generate([_record(PROTEINS[0])], max_new_tokens=5)[0]
+    assert good.text == model.generate([_record(PROTEINS[0])], max_new_tokens=5)[0]
     assert isinstance(bad, InvalidInput) and "SMILES" in str(bad)
     assert good_vector.shape == (1, 32)
     assert isinstance(bad_vector, InvalidInput) and "protein" in str(bad_vector)
@@ -200,5 +200,5 @@ def test_tiny_temperatures_decode_greedily_instead_of_failing(model):
         )
 
     (tiny, sampled), _ = _run(both, model)
-    assert tiny.text.strip() == model.generate([_record(PROTEINS[0])], max_new_tokens=6)[0]
+    assert tiny.text == model.generate([_record(PROTEINS[0])], max_new_tokens=6)[0]
     assert sampled.completion_tokens >= 1
