@@ -45,15 +45,17 @@ def _is_member(part: Any) -> bool:
 def _location(loc: tuple) -> str:
     """``("body", "messages", 0, "content", "list[...]", 1, "protein", "protein", "sequence")`` ->
     ``messages[0].content[1].protein.sequence``."""
-    out, skip_tag = "", False
-    for part in loc:
-        if skip_tag:  # a tagged union names the tag right after itself; the field follows
-            skip_tag = False
+    out, skip_at = "", None
+    for k, part in enumerate(loc):
+        if k == skip_at:  # a tagged union names the tag right after itself (after the index in a list)
             continue
         if part == "body" and not out:
             continue
         if _is_member(part):
-            skip_tag = "tagged-union" in part
+            if part.startswith("tagged-union"):
+                skip_at = k + 1
+            elif part.startswith("list[tagged-union"):
+                skip_at = k + 2
             continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "body"
@@ -64,10 +66,12 @@ def _score(problem: dict[str, Any]) -> float:
     # check (invalid Unicode, an out-of-range number) means the member's type matched
     loc = tuple(problem.get("loc", ()))
     score = len(loc) - (0.5 if loc and loc[-1] in _PRIMITIVE_MEMBERS else 0)
-    return score + (100 if problem.get("type") == "value_error" else 0)
+    return score + (100 if problem.get("type") in ("value_error", "string_unicode") else 0)
 
 
 def _message(problem: dict[str, Any]) -> str:
+    if problem.get("type") == "string_unicode":  # pydantic's own check of the same thing as _valid_unicode
+        return "is not valid Unicode: it holds an unpaired UTF-16 surrogate"
     if problem.get("type") == "extra_forbidden":
         return "is not a field of this request (what the server accepts it honours; see docs/api.md)"
     return str(problem.get("msg", "")).removeprefix("Value error, ")

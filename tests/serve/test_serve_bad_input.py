@@ -127,7 +127,7 @@ def _bad_requests(make_data_url) -> list[tuple[str, dict, int, tuple[str, ...]]]
             "max_tokens over the limit",
             {"url": chat, "json": {**GOOD_CHAT, "max_tokens": 5000}},
             422,
-            ("max_tokens is 5000", "max_tokens=64"),
+            ("max_tokens is 5000", "max_tokens=2000"),
         ),
         ("too many inputs", {"url": chat, "json": _chat(*[_protein("MKT")] * 9)}, 422, ("max_inputs=8",)),
         (
