@@ -184,7 +184,8 @@ async def _run(args: argparse.Namespace, settings, options) -> int:
         log_level=args.log_level,
         access_log=not args.no_access_log,
         limit_concurrency=args.max_connections,
-        timeout_graceful_shutdown=max(options.drain_s, 0.1),
+        # the engine drains and cancels first (below), so connections close before uvicorn gives up
+        timeout_graceful_shutdown=options.drain_s + 5,
         server_header=False,
     )
     logging.getLogger("uvicorn.access").addFilter(_redact_query)
@@ -202,10 +203,18 @@ async def _run(args: argparse.Namespace, settings, options) -> int:
             failed = True
             server.should_exit = True
 
+    async def drain_on_signal() -> None:
+        # uvicorn sets should_exit on SIGTERM / SIGINT and then waits for open requests: make them end
+        while not server.should_exit:
+            await asyncio.sleep(0.05)
+        await engine.begin_shutdown()
+
     watcher = asyncio.create_task(exit_if_loading_fails())
+    drainer = asyncio.create_task(drain_on_signal())
     try:
         await server.serve()
     finally:
         watcher.cancel()
+        drainer.cancel()
         await engine.stop()
     return 1 if failed else 0

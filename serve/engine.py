@@ -147,6 +147,7 @@ class InferenceEngine:
         self._running: list[_Job] = []  # the chunk in the worker thread now
         self._running_since: float | None = None  # monotonic
         self._stopping = False
+        self._draining: asyncio.Future | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -189,19 +190,35 @@ class InferenceEngine:
         if self.model is None:
             self._loader = self._loop.run_in_executor(self._executor, self._load)
 
-    async def stop(self) -> None:
-        """Refuse queued and new work, let the running batch finish for up to ``drain_s`` seconds,
-        then cancel it (generation stops at its next step) and stop the worker. Idempotent."""
-        if self._batcher is None or self._batcher.done():
-            return
+    async def begin_shutdown(self) -> None:
+        """Refuse queued and new work (``NotReady``, HTTP 503), let the running batch finish for up
+        to ``drain_s`` seconds, then cancel it: a generation stops at its next step and its caller
+        gets ``NotReady``. Idempotent; ``stop`` calls it too."""
+        if self._draining is None:
+            self._draining = asyncio.ensure_future(self._drain())
+        await asyncio.shield(self._draining)
+
+    async def _drain(self) -> None:
         self._stopping = True
-        while not self._queue.empty():
+        while self._queue is not None and not self._queue.empty():
             self._resolve(self._queue.get_nowait(), error=NotReady("the server is shutting down"))
         until = time.monotonic() + self.options.drain_s
         while self._running and time.monotonic() < until:
             await asyncio.sleep(0.05)
+        if self._running:
+            log.warning(
+                "shutting down: cancelled %d running request(s) still at work after drain_s=%g s",
+                len(self._running),
+                self.options.drain_s,
+            )
         for job in self._running:
             job.cancelled = True
+
+    async def stop(self) -> None:
+        """``begin_shutdown``, then stop the batcher and the worker. Idempotent."""
+        if self._batcher is None or self._batcher.done():
+            return
+        await self.begin_shutdown()
         self._batcher.cancel()
         await asyncio.gather(self._batcher, return_exceptions=True)
         while not self._queue.empty():
@@ -275,7 +292,9 @@ class InferenceEngine:
         return await self._wait(job)
 
     def _finished_completion(self, completion: Completion) -> Completion:
-        if completion.finish_reason == "cancelled":  # only the deadline cancels a row still awaited
+        if completion.finish_reason == "cancelled" and self._stopping:
+            raise NotReady("the server is shutting down; the request was cancelled after drain_s")
+        if completion.finish_reason == "cancelled":  # else only the deadline cancels a row still awaited
             self.stats.on_reject("timeout")
             raise RequestTimeout(f"no answer within the server's timeout of {self.options.timeout_s:g} s")
         return completion
