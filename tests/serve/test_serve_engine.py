@@ -202,3 +202,47 @@ def test_tiny_temperatures_decode_greedily_instead_of_failing(model):
     (tiny, sampled), _ = _run(both, model)
     assert tiny.text == model.generate([_record(PROTEINS[0])], max_new_tokens=6)[0]
     assert sampled.completion_tokens >= 1
+
+
+def _no_eos(model) -> dict[int, float]:
+    return {model.tokenizer.eos_token_id: -100.0}
+
+
+def test_retry_after_follows_the_measured_drain_rate(model):
+    settings = GenerationSettings(max_tokens=40, logit_bias=_no_eos(model))  # equal jobs
+
+    async def measure(engine):
+        for protein in PROTEINS[:4]:  # one at a time: the engine measures how fast jobs leave
+            await engine.generate(_record(protein), settings)
+        jobs = [asyncio.ensure_future(engine.generate(_record(p), settings)) for p in PROTEINS + PROTEINS[:4]]
+        await asyncio.sleep(0)  # all queued
+        predicted = engine.retry_after()
+        started = time.monotonic()
+        await asyncio.gather(*jobs)
+        return predicted, time.monotonic() - started
+
+    (predicted, actual), _ = _run(measure, model, max_batch=1, max_wait_ms=0, max_queue=16)
+    # whole seconds, from a rate measured on four jobs: right within a factor of two
+    assert actual / 2 - 1 <= predicted <= 2 * actual + 1, (predicted, actual)
+
+
+def test_the_engine_says_it_is_saturated_while_its_queue_outlasts_the_timeout(model):
+    settings = GenerationSettings(max_tokens=40, logit_bias=_no_eos(model))
+
+    async def flood(engine):
+        for protein in PROTEINS[:3]:
+            await engine.generate(_record(protein), settings)
+        idle = engine.saturated
+        jobs = [engine.generate(_record(p), settings) for p in PROTEINS * 3]
+        flooded = asyncio.gather(*jobs, return_exceptions=True)
+        await asyncio.sleep(0.05)
+        busy = engine.saturated
+        results = await flooded
+        while engine.queue_depth:  # expired jobs leave the queue as the batcher reaches them
+            await asyncio.sleep(0.05)
+        return idle, busy, engine.saturated, results
+
+    (idle, busy, after, results), _ = _run(flood, model, max_batch=1, max_wait_ms=0, max_queue=32, timeout_s=4.0)
+    assert idle is None and after is None
+    assert busy is not None and "timeout_s=4" in busy
+    assert any(isinstance(r, RequestTimeout) for r in results)  # the flood did outlast the deadline
