@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
-
 from kiban.encoders.base import InvalidInput
+from torch import Tensor
 
 __all__ = [
     "GREEDY_BELOW",
@@ -80,7 +79,8 @@ class GenerationSettings:
 @dataclass
 class RowHooks:
     """Per-row callbacks: ``on_text(piece)`` receives the answer as it grows (streaming);
-    ``should_stop()`` returning True ends the row with finish_reason "cancelled"."""
+    ``should_stop()`` returning True ends the row with finish_reason "cancelled".
+    """
 
     on_text: Callable[[str], None] | None = None
     should_stop: Callable[[], bool] | None = None
@@ -227,7 +227,8 @@ def _choose(logits: Tensor, row: _Row) -> int:
 
 def _logprob(raw: Tensor, token: int, row: _Row) -> TokenLogprob:
     """The chosen token's log-probability under the model's distribution (raw logits, before
-    temperature and penalties) and the ``logprobs`` most likely alternatives."""
+    temperature and penalties) and the ``logprobs`` most likely alternatives.
+    """
     logp = torch.log_softmax(raw, dim=-1)
     decode = row.tokenizer.decode
     top = []

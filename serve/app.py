@@ -18,16 +18,14 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import kiban
 import numpy as np
 from fastapi import FastAPI, Path, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.concurrency import run_in_threadpool
-
-import kiban
 from kiban.encoders.base import InvalidInput
-from kiban.serve import decode
 from kiban.fusion.prompt import encode_text
+from kiban.serve import decode
 from kiban.serve.engine import Completion, InferenceEngine, NotReady, RequestTimeout, UnknownTask
 from kiban.serve.errors import ClientDisconnected, add_error_handlers
 from kiban.serve.guard import Guard, TokenBuckets
@@ -60,6 +58,7 @@ from kiban.serve.schemas import (
 )
 from kiban.serve.settings import ServeSettings
 from kiban.tasks.predict import input_modalities
+from starlette.concurrency import run_in_threadpool
 
 __all__ = ["create_app"]
 
@@ -496,7 +495,8 @@ async def _events(
 
 def _openapi(app: FastAPI, engine: InferenceEngine, *, secured: bool) -> dict[str, Any]:
     """The generated document, plus what only the running server knows: the bearer scheme and,
-    once the model is loaded, the tasks ``/v1/predict/{task}`` accepts (cached from then on)."""
+    once the model is loaded, the tasks ``/v1/predict/{task}`` accepts (cached from then on).
+    """
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)

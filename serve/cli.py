@@ -119,7 +119,8 @@ _QUERY_VALUE = re.compile(r"=[^&#]*")
 
 def _redact_query(record: logging.LogRecord) -> bool:
     """Blank every query-string value in an access-log line: a client may put a key in the URL
-    (``?api_key=...``), and no key may reach a log in any form."""
+    (``?api_key=...``), and no key may reach a log in any form.
+    """
     if isinstance(record.args, tuple) and len(record.args) >= 3 and isinstance(record.args[2], str):
         path, mark, query = record.args[2].partition("?")
         if mark:
@@ -171,7 +172,6 @@ async def _run(args: argparse.Namespace, settings, options) -> int:
     import asyncio
 
     import uvicorn
-
     from kiban.serve.app import create_app
     from kiban.serve.engine import InferenceEngine, NotReady
 

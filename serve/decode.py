@@ -272,7 +272,8 @@ def prompt_tokens(record: dict[str, Any], tokenizer: Any) -> int:
     """Tokens of a chat record's prompt before its inputs are encoded: the rendered chat with every
     placeholder as one token (each later widens to its input's projected tokens, so this never
     over-counts; typed special-token strings count as one token here, as several in the model).
-    Cheap: no featurizer and no model runs."""
+    Cheap: no featurizer and no model runs.
+    """
     rendered = tokenizer.apply_chat_template(record["messages"], tokenize=False, add_generation_prompt=True)
     pieces = _TAGS.split(rendered)  # text, modality, text, ...
     text = [piece for piece in pieces[::2] if piece]
@@ -316,7 +317,8 @@ def predict_items(
 ) -> list[Any]:
     """Raw items for a head whose one input is of the modalities ``reads``: one modality (a bare
     string is an item of it) or two for a pair head, whose every input is a two-item array of them
-    in order (a tuple item). The request's inputs count against ``max_inputs``, a pair as one."""
+    in order (a tuple item). The request's inputs count against ``max_inputs``, a pair as one.
+    """
     if len(request.inputs) > limits.max_inputs:
         raise _over("inputs", len(request.inputs), "inputs", "max_inputs", limits.max_inputs, param="inputs")
     known = [*modalities, "text"]

@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from kiban.encoders.base import InvalidInput
 from kiban.fusion.generation import Completion, GenerationSettings, RowHooks, context_length
 from kiban.serve.settings import BatchingOptions
@@ -193,7 +192,8 @@ class InferenceEngine:
     async def begin_shutdown(self) -> None:
         """Refuse queued and new work (``NotReady``, HTTP 503), let the running batch finish for up
         to ``drain_s`` seconds, then cancel it: a generation stops at its next step and its caller
-        gets ``NotReady``. Idempotent; ``stop`` calls it too."""
+        gets ``NotReady``. Idempotent; ``stop`` calls it too.
+        """
         if self._draining is None:
             self._draining = asyncio.ensure_future(self._drain())
         await asyncio.shield(self._draining)
@@ -249,7 +249,8 @@ class InferenceEngine:
         self, record: Mapping[str, Any], settings: GenerationSettings | None = None, **options: Any
     ) -> Completion:
         """Answer one chat record (``{"messages": [...], "inputs": {...}}``) under ``settings`` (or
-        ``GenerationSettings(**options)``, e.g. ``max_tokens=64, temperature=0.7, seed=1``)."""
+        ``GenerationSettings(**options)``, e.g. ``max_tokens=64, temperature=0.7, seed=1``).
+        """
         job = self._submit("generate", ("generate",), [record], settings=settings or GenerationSettings(**options))
         return self._finished_completion(await self._wait(job))
 
@@ -283,7 +284,8 @@ class InferenceEngine:
     async def predict(self, task: str, items: Sequence[Any], **options: Any) -> list[dict[str, Any]]:
         """A task head's outputs (``head.predict``) for raw inputs of the head's modality, or
         (protein, molecule) tuples for a pair head; ``options`` go to ``head.predict`` (contact
-        heads: ``top_k``, ``min_separation``). Requests with equal options share a batch."""
+        heads: ``top_k``, ``min_separation``). Requests with equal options share a batch.
+        """
         if task not in self.heads:
             known = ", ".join(sorted(self.heads)) or "none"
             raise UnknownTask(f"no task head named {task!r} is loaded (tasks: {known})")
@@ -301,7 +303,8 @@ class InferenceEngine:
 
     def check_capacity(self) -> None:
         """Raise ``NotReady`` or ``Overloaded`` now when a request could not be queued, so callers
-        can refuse it before spending time decoding it."""
+        can refuse it before spending time decoding it.
+        """
         if not self.ready:
             raise NotReady(self.load_error or "the model is still loading")
         if self._queue.full():
@@ -462,7 +465,8 @@ class InferenceEngine:
 
     def _chunks(self, jobs: list[_Job]) -> list[list[_Job]]:
         """Jobs with the same key, in arrival order, cut into chunks of at most ``max_batch`` rows
-        (a job larger than that forms its own chunk and is split again in ``_run_jobs``)."""
+        (a job larger than that forms its own chunk and is split again in ``_run_jobs``).
+        """
         chunks: list[list[_Job]] = []
         by_key: dict[tuple, list[_Job]] = {}
         for job in jobs:
@@ -569,7 +573,8 @@ def _load_model_dir(model_dir: Path) -> tuple[Any, dict[str, Any]]:
     """(model, heads) of a saved model folder: ``kiban.serve.loading.check_model_dir`` (nothing
     outside the folder is read), ``KibanModel.from_pretrained``, then every head under ``heads/``,
     each checked against the model by its own rule (a pooled head: the model's width; a
-    per-residue or contact head: the protein encoder's width; a pair head: both encoders)."""
+    per-residue or contact head: the protein encoder's width; a pair head: both encoders).
+    """
     from kiban.fusion.model import KibanModel
     from kiban.serve.loading import check_model_dir
     from kiban.tasks.predict import load_model_heads

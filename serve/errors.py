@@ -18,13 +18,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
 from kiban.encoders.base import InvalidInput
 from kiban.serve.decode import RequestError
 from kiban.serve.engine import NotReady, Overloaded, RequestTimeout, UnknownTask
 from kiban.serve.metrics import ServeMetrics
 from kiban.serve.schemas import error_payload
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 __all__ = ["ClientDisconnected", "add_error_handlers", "describe_validation_errors", "error_response"]
 
@@ -44,7 +43,8 @@ def _is_member(part: Any) -> bool:
 
 def _location(loc: tuple) -> str:
     """``("body", "messages", 0, "content", "list[...]", 1, "protein", "protein", "sequence")`` ->
-    ``messages[0].content[1].protein.sequence``."""
+    ``messages[0].content[1].protein.sequence``.
+    """
     out, skip_at = "", None
     for k, part in enumerate(loc):
         if k == skip_at:  # a tagged union names the tag right after itself (after the index in a list)

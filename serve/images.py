@@ -42,7 +42,8 @@ class ImageError(ValueError):
 
 def image_passes(shape: tuple[int, ...]) -> int:
     """Encoder passes of an array of ``shape`` as the image featurizer reads it: a 4-D (Z, C, H, W)
-    or (Z, H, W, C) stack is one pass per z-slice; a 2-D or 3-D image one pass."""
+    or (Z, H, W, C) stack is one pass per z-slice; a 2-D or 3-D image one pass.
+    """
     return int(shape[0]) if len(shape) == 4 else 1
 
 
