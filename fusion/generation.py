@@ -73,12 +73,15 @@ class GenerationSettings:
 
     @property
     def greedy(self) -> bool:
+        """True when the row decodes greedily (temperature under ``GREEDY_BELOW``)."""
         return self.temperature < GREEDY_BELOW
 
 
 @dataclass
 class RowHooks:
-    """Per-row callbacks: ``on_text(piece)`` receives the answer as it grows (streaming);
+    """Per-row callbacks of one generation.
+
+    Per-row callbacks: ``on_text(piece)`` receives the answer as it grows (streaming);
     ``should_stop()`` returning True ends the row with finish_reason "cancelled".
     """
 
@@ -115,6 +118,7 @@ class PromptTooLong(InvalidInput):
     """A prompt whose tokens plus its ``max_tokens`` do not fit the backbone's context."""
 
     def __init__(self, item_id: Any, *, prompt_tokens: int, max_tokens: int, context: int) -> None:
+        """Name the prompt, its token count and the context it does not fit."""
         self.prompt_tokens, self.max_tokens, self.context = prompt_tokens, max_tokens, context
         super().__init__(
             "prompt",
@@ -226,7 +230,9 @@ def _choose(logits: Tensor, row: _Row) -> int:
 
 
 def _logprob(raw: Tensor, token: int, row: _Row) -> TokenLogprob:
-    """The chosen token's log-probability under the model's distribution (raw logits, before
+    """The chosen token's log-probability and the most likely alternatives.
+
+    The chosen token's log-probability under the model's distribution (raw logits, before
     temperature and penalties) and the ``logprobs`` most likely alternatives.
     """
     logp = torch.log_softmax(raw, dim=-1)

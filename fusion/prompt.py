@@ -32,8 +32,11 @@ IGNORE_INDEX = -100
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
-    """Token ids of text someone typed: special-token strings in it (``<|im_end|>``, ...) are
-    encoded as the literal characters they are, never as the control tokens they spell."""
+    """Token ids of text someone typed, special-token strings in it read as plain characters.
+
+    ``<|im_end|>`` typed by a person is encoded as the literal characters it is made of, never as
+    the control token it spells, so user text cannot end a turn or open a system turn.
+    """
     return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
 
 

@@ -399,7 +399,9 @@ def _token_logprob(token: Any) -> TokenLogprob:
 
 
 async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work`` unless the client disconnects first; then cancel it, which marks its engine
+    """Await ``work``, or cancel it when the client disconnects first.
+
+    Await ``work`` unless the client disconnects first; then cancel it, which marks its engine
     job cancelled (queued: dropped; running: stopped at its next step), and raise ClientDisconnected.
 
     The body has been read by now, so the next ASGI message is ``http.disconnect``, sent when the
@@ -494,7 +496,9 @@ async def _events(
 
 
 def _openapi(app: FastAPI, engine: InferenceEngine, *, secured: bool) -> dict[str, Any]:
-    """The generated document, plus what only the running server knows: the bearer scheme and,
+    """The OpenAPI document, with what only the running server knows.
+
+    The generated document, plus what only the running server knows: the bearer scheme and,
     once the model is loaded, the tasks ``/v1/predict/{task}`` accepts (cached from then on).
     """
     if app.openapi_schema:

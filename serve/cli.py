@@ -118,7 +118,9 @@ _QUERY_VALUE = re.compile(r"=[^&#]*")
 
 
 def _redact_query(record: logging.LogRecord) -> bool:
-    """Blank every query-string value in an access-log line: a client may put a key in the URL
+    """Blank every query-string value in an access-log line.
+
+    Blank every query-string value in an access-log line: a client may put a key in the URL
     (``?api_key=...``), and no key may reach a log in any form.
     """
     if isinstance(record.args, tuple) and len(record.args) >= 3 and isinstance(record.args[2], str):
@@ -133,6 +135,7 @@ def _redact_query(record: logging.LogRecord) -> bool:
 )
 @_arguments(_serve_arguments)
 def serve(args: argparse.Namespace) -> int:
+    """Run ``kiban serve`` with the parsed command line; the process's exit code."""
     import asyncio
 
     from kiban.serve.loading import check_model_dir

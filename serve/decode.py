@@ -60,6 +60,7 @@ class RequestError(ValueError):
     def __init__(
         self, message: str, *, status: int = 422, param: str | None = None, code: str | None = None
     ) -> None:
+        """A refusal with its HTTP status, the field it is about and a machine-readable code."""
         self.status = status
         self.param = param
         self.code = code
@@ -269,7 +270,9 @@ def generation_settings(request: ChatCompletionRequest, *, limits: Limits, vocab
 
 
 def prompt_tokens(record: dict[str, Any], tokenizer: Any) -> int:
-    """Tokens of a chat record's prompt before its inputs are encoded: the rendered chat with every
+    """A lower bound of a chat record's prompt tokens, counted before any model work.
+
+    Tokens of a chat record's prompt before its inputs are encoded: the rendered chat with every
     placeholder as one token (each later widens to its input's projected tokens, so this never
     over-counts; typed special-token strings count as one token here, as several in the model).
     Cheap: no featurizer and no model runs.
@@ -315,7 +318,9 @@ def embedding_items(
 def predict_items(
     request: PredictRequest, *, reads: Sequence[str], limits: Limits, modalities: Sequence[str]
 ) -> list[Any]:
-    """Raw items for a head whose one input is of the modalities ``reads``: one modality (a bare
+    """Raw items of a predict request for a head that reads ``reads``.
+
+    Raw items for a head whose one input is of the modalities ``reads``: one modality (a bare
     string is an item of it) or two for a pair head, whose every input is a two-item array of them
     in order (a tuple item). The request's inputs count against ``max_inputs``, a pair as one.
     """

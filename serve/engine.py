@@ -69,6 +69,7 @@ class Overloaded(RuntimeError):
     """The queue is full; try again after ``retry_after`` seconds."""
 
     def __init__(self, retry_after: float) -> None:
+        """Carry the seconds a client should wait before retrying."""
         self.retry_after = retry_after
         super().__init__(f"the server is at capacity (queue full); retry after {retry_after:.0f} s")
 
@@ -129,6 +130,7 @@ class InferenceEngine:
         heads: Mapping[str, Any] | None = None,
         options: BatchingOptions | None = None,
     ) -> None:
+        """Hold the model (or the folder to load it from), its heads and the batching options."""
         if (model is None) == (model_dir is None):
             raise ValueError("give exactly one of model= and model_dir=")
         self.options = options or BatchingOptions()
@@ -164,6 +166,7 @@ class InferenceEngine:
 
     @property
     def queue_depth(self) -> int:
+        """Requests waiting for the model."""
         return self._queue.qsize() if self._queue is not None else 0
 
     @property
@@ -190,7 +193,9 @@ class InferenceEngine:
             self._loader = self._loop.run_in_executor(self._executor, self._load)
 
     async def begin_shutdown(self) -> None:
-        """Refuse queued and new work (``NotReady``, HTTP 503), let the running batch finish for up
+        """Stop taking work, drain the running batch, then cancel it.
+
+        Refuse queued and new work (``NotReady``, HTTP 503), let the running batch finish for up
         to ``drain_s`` seconds, then cancel it: a generation stops at its next step and its caller
         gets ``NotReady``. Idempotent; ``stop`` calls it too.
         """
@@ -248,7 +253,9 @@ class InferenceEngine:
     async def generate(
         self, record: Mapping[str, Any], settings: GenerationSettings | None = None, **options: Any
     ) -> Completion:
-        """Answer one chat record (``{"messages": [...], "inputs": {...}}``) under ``settings`` (or
+        """Answer one chat record.
+
+        Answer one chat record (``{"messages": [...], "inputs": {...}}``) under ``settings`` (or
         ``GenerationSettings(**options)``, e.g. ``max_tokens=64, temperature=0.7, seed=1``).
         """
         job = self._submit("generate", ("generate",), [record], settings=settings or GenerationSettings(**options))
@@ -282,7 +289,9 @@ class InferenceEngine:
         return await self._wait(job)
 
     async def predict(self, task: str, items: Sequence[Any], **options: Any) -> list[dict[str, Any]]:
-        """A task head's outputs (``head.predict``) for raw inputs of the head's modality, or
+        """A task head's outputs for raw inputs.
+
+        A task head's outputs (``head.predict``) for raw inputs of the head's modality, or
         (protein, molecule) tuples for a pair head; ``options`` go to ``head.predict`` (contact
         heads: ``top_k``, ``min_separation``). Requests with equal options share a batch.
         """
@@ -302,7 +311,9 @@ class InferenceEngine:
         return completion
 
     def check_capacity(self) -> None:
-        """Raise ``NotReady`` or ``Overloaded`` now when a request could not be queued, so callers
+        """Refuse at once a request that could not be queued.
+
+        Raise ``NotReady`` or ``Overloaded`` now when a request could not be queued, so callers
         can refuse it before spending time decoding it.
         """
         if not self.ready:
@@ -464,7 +475,9 @@ class InferenceEngine:
         return group
 
     def _chunks(self, jobs: list[_Job]) -> list[list[_Job]]:
-        """Jobs with the same key, in arrival order, cut into chunks of at most ``max_batch`` rows
+        """Group jobs into chunks that share a forward pass.
+
+        Jobs with the same key, in arrival order, cut into chunks of at most ``max_batch`` rows
         (a job larger than that forms its own chunk and is split again in ``_run_jobs``).
         """
         chunks: list[list[_Job]] = []
@@ -570,7 +583,9 @@ class InferenceEngine:
 
 
 def _load_model_dir(model_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """(model, heads) of a saved model folder: ``kiban.serve.loading.check_model_dir`` (nothing
+    """Load the model and its heads from a saved model folder.
+
+    (model, heads) of a saved model folder: ``kiban.serve.loading.check_model_dir`` (nothing
     outside the folder is read), ``KibanModel.from_pretrained``, then every head under ``heads/``,
     each checked against the model by its own rule (a pooled head: the model's width; a
     per-residue or contact head: the protein encoder's width; a pair head: both encoders).

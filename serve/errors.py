@@ -42,7 +42,9 @@ def _is_member(part: Any) -> bool:
 
 
 def _location(loc: tuple) -> str:
-    """``("body", "messages", 0, "content", "list[...]", 1, "protein", "protein", "sequence")`` ->
+    """A pydantic error location as a JSON path.
+
+    ``("body", "messages", 0, "content", "list[...]", 1, "protein", "protein", "sequence")`` ->
     ``messages[0].content[1].protein.sequence``.
     """
     out, skip_at = "", None
@@ -106,12 +108,14 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
+    """An OpenAI-shaped error response."""
     return JSONResponse(
         error_payload(message, type=type, param=param, code=code), status_code=status, headers=headers
     )
 
 
 def add_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
+    """Install the handlers that turn every exception into an OpenAI-shaped error."""
     @app.exception_handler(RequestValidationError)
     async def validation(request: Request, error: RequestValidationError) -> JSONResponse:
         metrics.reject("invalid_request")

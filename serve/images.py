@@ -36,12 +36,15 @@ class ImageError(ValueError):
     """An image that cannot be used; ``limit`` names the server limit it broke, if any."""
 
     def __init__(self, message: str, *, limit: str | None = None) -> None:
+        """Name the problem and, if one was broken, the server limit."""
         self.limit = limit
         super().__init__(message)
 
 
 def image_passes(shape: tuple[int, ...]) -> int:
-    """Encoder passes of an array of ``shape`` as the image featurizer reads it: a 4-D (Z, C, H, W)
+    """Encoder passes of an image array.
+
+    Encoder passes of an array of ``shape`` as the image featurizer reads it: a 4-D (Z, C, H, W)
     or (Z, H, W, C) stack is one pass per z-slice; a 2-D or 3-D image one pass.
     """
     return int(shape[0]) if len(shape) == 4 else 1

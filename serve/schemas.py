@@ -196,6 +196,7 @@ REFUSED_CHAT_FIELDS = {
 
 
 class ChatCompletionRequest(_Request):
+    """OpenAI's chat completion request, with the kiban part types (docs/api.md lists every field)."""
     model: Text | None = Field(default=None, description="the served model's id (GET /v1/models); optional")
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(
@@ -288,6 +289,7 @@ class Choice(_Model):
 
 
 class ChatCompletion(_Model):
+    """OpenAI's chat completion response."""
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -327,6 +329,7 @@ InputItem = Union[Text, ContentPart]  # noqa: UP007 - ContentPart is an Annotate
 
 
 class EmbeddingRequest(_Request):
+    """OpenAI's embeddings request, with typed inputs for every modality."""
     input: Text | ContentPart | list[InputItem] = Field(
         description="text, a typed input ({'type': 'protein', 'protein': {...}}, ...), or a list of either; "
         "at most max_inputs items"
@@ -351,6 +354,7 @@ class EmbeddingUsage(_Model):
 
 
 class EmbeddingResponse(_Model):
+    """OpenAI's embeddings response."""
     object: Literal["list"] = "list"
     data: list[EmbeddingData]
     model: str
@@ -369,6 +373,7 @@ PairItem = Annotated[
 
 
 class PredictRequest(_Request):
+    """Inputs for a task head, and the options of contact heads."""
     inputs: list[InputItem | PairItem] = Field(
         min_length=1,
         description="raw inputs of the head's modality: strings (sequence, SMILES, text) or typed inputs; "
@@ -431,6 +436,7 @@ class Prediction(_Model):
 
 
 class PredictResponse(_Model):
+    """A task head's answers, one row per input."""
     object: Literal["list"] = "list"
     task: str
     model: str
@@ -474,6 +480,7 @@ class ModelCard(_Model):
 
 
 class ModelList(_Model):
+    """OpenAI's model list: the one served model."""
     object: Literal["list"] = "list"
     data: list[ModelCard]
 

@@ -33,6 +33,7 @@ class BatchingOptions:
     drain_s: float = 10.0
 
     def __post_init__(self) -> None:
+        """Refuse values that cannot work."""
         if self.max_batch < 1 or self.max_queue < 1:
             raise ValueError("max_batch and max_queue must be at least 1")
         if self.max_wait_ms < 0 or self.timeout_s <= 0 or self.drain_s < 0:
@@ -66,6 +67,7 @@ class Limits:
     max_text_chars: int = 100_000
 
     def __post_init__(self) -> None:
+        """Refuse limits under 1, and a default over the maximum."""
         for name in (
             "max_body_bytes",
             "max_sequence_length",
@@ -101,6 +103,7 @@ class ServeSettings:
     model_name: str = "kiban"
 
     def __post_init__(self) -> None:
+        """Refuse a rate limit that cannot work, and serving beyond loopback without keys."""
         if self.rate_limit < 0 or self.rate_burst < 1:
             raise ValueError("rate_limit must be >= 0 and rate_burst >= 1")
         if not self.api_keys and not is_loopback(self.host):
@@ -109,6 +112,7 @@ class ServeSettings:
             )
 
     def __repr__(self) -> str:  # keys never reach a log line, even through a repr
+        """The settings with the keys counted, never shown."""
         return (
             f"ServeSettings(host={self.host!r}, port={self.port}, api_keys=<{len(self.api_keys)} keys>, "
             f"rate_limit={self.rate_limit}, rate_burst={self.rate_burst}, limits={self.limits}, "
