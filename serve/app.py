@@ -160,9 +160,11 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
     )
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         model_name = check_model(body.model)
-        engine.check_capacity()
+        known = modalities()  # NotReady while the model loads
+        # a request the server would refuse anyway is told why, even when the queue is full
         settings = decode.generation_settings(body, limits=limits, vocab_size=len(engine.model.tokenizer))
-        record = await run_in_threadpool(decode.chat_record, body, limits=limits, modalities=modalities())
+        engine.check_capacity()
+        record = await run_in_threadpool(decode.chat_record, body, limits=limits, modalities=known)
         await run_in_threadpool(check_prompt_length, record, settings.max_tokens)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
