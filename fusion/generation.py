@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from kiban.encoders.base import InvalidInput
 from torch import Tensor
+
+from kiban.encoders.base import InvalidInput
 
 __all__ = [
     "GREEDY_BELOW",

@@ -18,11 +18,13 @@ from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
-import kiban
 import numpy as np
 from fastapi import FastAPI, Path, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+import kiban
 from kiban.encoders.base import InvalidInput
 from kiban.fusion.prompt import encode_text
 from kiban.serve import decode
@@ -58,7 +60,6 @@ from kiban.serve.schemas import (
 )
 from kiban.serve.settings import ServeSettings
 from kiban.tasks.predict import input_modalities
-from starlette.concurrency import run_in_threadpool
 
 __all__ = ["create_app"]
 

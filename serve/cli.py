@@ -175,6 +175,7 @@ async def _run(args: argparse.Namespace, settings, options) -> int:
     import asyncio
 
     import uvicorn
+
     from kiban.serve.app import create_app
     from kiban.serve.engine import InferenceEngine, NotReady
 

@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
 from kiban.encoders.base import InvalidInput
 from kiban.fusion.generation import Completion, GenerationSettings, RowHooks, context_length
 from kiban.serve.settings import BatchingOptions

@@ -18,12 +18,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
 from kiban.encoders.base import InvalidInput
 from kiban.serve.decode import RequestError
 from kiban.serve.engine import NotReady, Overloaded, RequestTimeout, UnknownTask
 from kiban.serve.metrics import ServeMetrics
 from kiban.serve.schemas import error_payload
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 __all__ = ["ClientDisconnected", "add_error_handlers", "describe_validation_errors", "error_response"]
 

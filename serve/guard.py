@@ -24,9 +24,10 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from starlette.routing import Match
+
 from kiban.serve.metrics import ServeMetrics
 from kiban.serve.schemas import error_payload
-from starlette.routing import Match
 
 __all__ = ["Guard", "TokenBuckets"]
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kiban.encoders import InvalidInput
-from kiban.serve import BatchingOptions, InferenceEngine, NotReady, Overloaded, RequestTimeout
 from kiban.fusion.generation import GenerationSettings
+from kiban.serve import BatchingOptions, InferenceEngine, NotReady, Overloaded, RequestTimeout
 from kiban.tiny import tiny_model
 
 PROTEINS = [
@@ -235,8 +235,10 @@ def test_the_engine_says_it_is_saturated_while_its_queue_outlasts_the_timeout(mo
         idle = engine.saturated
         jobs = [engine.generate(_record(p), settings) for p in PROTEINS * 3]
         flooded = asyncio.gather(*jobs, return_exceptions=True)
-        await asyncio.sleep(0.05)
-        busy = engine.saturated
+        busy = None
+        while not flooded.done() and busy is None:  # read it as a probe would, while the flood lasts
+            await asyncio.sleep(0.05)
+            busy = engine.saturated
         results = await flooded
         while engine.queue_depth:  # expired jobs leave the queue as the batcher reaches them
             await asyncio.sleep(0.05)
