@@ -30,9 +30,10 @@ from torch import Tensor, nn
 import kiban
 from kiban.encoders.base import Encoder, InvalidInput, ModalityTokens, config_to_dict, create_encoder
 from kiban.fusion.backbone import BackboneConfig, load_backbone, smollm2_gguf
+from kiban.fusion.generation import Completion, GenerationSettings, RowHooks, generate_completions
 from kiban.fusion.merge import merge_modality_tokens
 from kiban.fusion.projector import ProjectorConfig, create_projector
-from kiban.fusion.prompt import IGNORE_INDEX, FusedBatch, KibanProcessor, ProcessedRecord, slot_id
+from kiban.fusion.prompt import IGNORE_INDEX, FusedBatch, KibanProcessor, ProcessedRecord, encode_text, slot_id
 
 __all__ = ["STAGES", "KibanConfig", "KibanModel", "apply_freeze_policy", "default_config"]
 
@@ -152,7 +153,6 @@ class KibanModel(nn.Module):
 
     # -- generation ------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def generate(
         self,
         records: Sequence[Mapping[str, Any]],
@@ -162,28 +162,35 @@ class KibanModel(nn.Module):
         temperature: float = 1.0,
         top_p: float = 1.0,
         repetition_penalty: float = 1.0,
-        streamer: Any = None,
+        seed: int | None = None,
+        stop: Sequence[str] = (),
     ) -> list[str]:
-        """Answer each record's conversation (the last turn must be the user's). Mixed modalities and
-        lengths batch together: rows are left-padded after the modality tokens are in place.
-        ``streamer`` is passed to Hugging Face ``generate`` (e.g. a ``TextIteratorStreamer``, batch of 1)."""
-        batch = self.prepare(records, add_generation_prompt=True)
-        embeds, mask, _ = self.embed_inputs(batch, padding_side="left")
-        options: dict[str, Any] = {"do_sample": do_sample}
-        if repetition_penalty != 1.0:
-            options["repetition_penalty"] = repetition_penalty
-        if do_sample:
-            options.update(temperature=temperature, top_p=top_p)
-        out = self.llm.generate(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-            streamer=streamer,
-            **options,
+        """Answer each record's conversation (the last turn must be the user's); the answers' text.
+
+        Mixed modalities and lengths batch together: rows are left-padded after the modality tokens
+        are in place, so a greedy row's answer does not depend on the others. ``do_sample`` draws
+        each row from its own generator seeded with ``seed`` (the same seed gives the same answer,
+        here and from ``kiban serve``). For streaming, per-row budgets, logprobs or cancellation use
+        ``complete``.
+        """
+        settings = GenerationSettings(
+            max_tokens=max_new_tokens,
+            temperature=temperature if do_sample else 0.0,
+            top_p=top_p,
+            seed=seed,
+            stop=tuple(stop),
+            repetition_penalty=repetition_penalty,
         )
-        return [text.strip() for text in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+        return [c.text for c in self.complete(records, [settings] * len(records))]
+
+    def complete(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        settings: Sequence[GenerationSettings],
+        hooks: Sequence[RowHooks] | None = None,
+    ) -> list[Completion]:
+        """One ``Completion`` per record under its own settings and hooks (``kiban.fusion.generation``)."""
+        return generate_completions(self, records, settings, hooks)
 
     @property
     def num_layers(self) -> int:
@@ -213,7 +220,7 @@ class KibanModel(nn.Module):
         records = []
         for modality, item in items:
             if modality == "text" and "text" not in self.encoders:
-                records.append(ProcessedRecord(self.tokenizer(item, add_special_tokens=False)["input_ids"], [], []))
+                records.append(ProcessedRecord(encode_text(self.tokenizer, item), [], []))
                 if not records[-1].input_ids:
                     raise InvalidInput("text", item, "is empty")
                 continue
@@ -232,7 +239,8 @@ class KibanModel(nn.Module):
     def chat(self, question: str, *, max_new_tokens: int = 64, repetition_penalty: float = 1.0, **inputs: Any) -> str:
         """One question with its inputs: ``model.chat("What is <molecule>?", molecule="CCO")``."""
         record = {"messages": [{"role": "user", "content": question}], "inputs": inputs}
-        return self.generate([record], max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)[0]
+        answer = self.generate([record], max_new_tokens=max_new_tokens, repetition_penalty=repetition_penalty)[0]
+        return answer.strip()
 
     # -- save / load -----------------------------------------------------------------------------
 

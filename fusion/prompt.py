@@ -26,9 +26,25 @@ from torch import Tensor
 
 from kiban.encoders.base import Featurizer, InvalidInput, list_encoders
 
-__all__ = ["FusedBatch", "KibanProcessor", "ProcessedRecord", "IGNORE_INDEX", "slot_id"]
+__all__ = ["FusedBatch", "KibanProcessor", "ProcessedRecord", "IGNORE_INDEX", "encode_text", "slot_id"]
 
 IGNORE_INDEX = -100
+
+
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of text someone typed, special-token strings in it read as plain characters.
+
+    ``<|im_end|>`` typed by a person is encoded as the literal characters it is made of, never as
+    the control token it spells, so user text cannot end a turn or open a system turn.
+    """
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+
+def _marks(messages: Sequence[Mapping]) -> tuple[str, str]:
+    """Two private-use characters that occur in no message, to stand in for message contents."""
+    used = set("".join(str(m.get("content", "")) for m in messages))
+    free = (chr(c) for c in range(0xF0000, 0xFFFFE) if chr(c) not in used)  # plane 15, private use
+    return next(free), next(free)
 
 
 def slot_id(modality_index: int) -> int:
@@ -97,12 +113,14 @@ class KibanProcessor:
         labels: list[int] = []
         features: list[tuple[str, dict[str, Tensor]]] = []
         used = {m: 0 for m in inputs}
-        for text, trained in self._segments(messages, add_generation_prompt):
+        for text, trained, typed in self._segments(messages, add_generation_prompt):
             parts = self._placeholder.split(text)
             # re.split with one group alternates: text, modality, text, modality, ..., text
             for j, part in enumerate(parts):
                 if j % 2 == 0:
-                    ids = self.tokenizer(part, add_special_tokens=False)["input_ids"] if part else []
+                    # the template's own markup may hold special tokens; text someone typed never does
+                    ids = (encode_text(self.tokenizer, part) if typed else self.tokenizer(
+                        part, add_special_tokens=False)["input_ids"]) if part else []
                     input_ids += ids
                     labels += ids if trained else [IGNORE_INDEX] * len(ids)
                     continue
@@ -143,29 +161,43 @@ class KibanProcessor:
                 )
         return bound
 
-    def _segments(self, messages: Sequence[Mapping], add_generation_prompt: bool) -> list[tuple[str, bool]]:
-        """Split the rendered chat into (text, is_assistant_turn) pieces.
+    def _segments(self, messages: Sequence[Mapping], add_generation_prompt: bool) -> list[tuple[str, bool, bool]]:
+        """Split the rendered chat into (text, is_assistant_turn, is_message_content) pieces.
 
         Rendering prefixes of the conversation and taking differences works for any chat template
         that renders a prefix of the chat as a prefix of the text (ChatML, Llama, Mistral, ...).
+        Each message's content is rendered as a stand-in mark and put back afterwards, so the
+        pieces a person typed are told apart from the template's markup: a typed ``<|im_end|>`` is
+        text, never the control token (a template that edits content, e.g. trims it, sees the mark).
         """
+        opening, closing = _marks(messages)
+        stand_ins = [{**m, "content": f"{opening}{i}{closing}"} for i, m in enumerate(messages)]
+        mark = re.compile(re.escape(opening) + r"(\d+)" + re.escape(closing))
         render = self.tokenizer.apply_chat_template
-        segments: list[tuple[str, bool]] = []
+        rendered: list[tuple[str, bool]] = []
         previous = ""
-        for i, message in enumerate(messages):
+        for i, message in enumerate(stand_ins):
             if message.get("role") == "assistant":
                 # the assistant header ("<|im_start|>assistant\n") is prompt, the answer is trained
-                header = render(list(messages[:i]), tokenize=False, add_generation_prompt=True)
-                full = render(list(messages[: i + 1]), tokenize=False)
-                segments += [(header[len(previous):], False), (full[len(header):], True)]
+                header = render(stand_ins[:i], tokenize=False, add_generation_prompt=True)
+                full = render(stand_ins[: i + 1], tokenize=False)
+                rendered += [(header[len(previous):], False), (full[len(header):], True)]
                 previous = full
             else:
-                full = render(list(messages[: i + 1]), tokenize=False)
-                segments.append((full[len(previous):], False))
+                full = render(stand_ins[: i + 1], tokenize=False)
+                rendered.append((full[len(previous):], False))
                 previous = full
         if add_generation_prompt:
-            full = render(list(messages), tokenize=False, add_generation_prompt=True)
-            segments.append((full[len(previous):], False))
+            full = render(stand_ins, tokenize=False, add_generation_prompt=True)
+            rendered.append((full[len(previous):], False))
+        segments: list[tuple[str, bool, bool]] = []
+        for text, trained in rendered:
+            pieces = mark.split(text)  # markup, message index, markup, message index, ..., markup
+            for j, piece in enumerate(pieces):
+                if j % 2:
+                    segments.append((messages[int(piece)]["content"], trained, True))
+                elif piece:
+                    segments.append((piece, trained, False))
         return segments
 
     # -- a batch ---------------------------------------------------------------------------------

@@ -8,26 +8,28 @@ and body size before any route runs; ``errors.py`` turns every failure into an O
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
-from fastapi import FastAPI, Path
+from fastapi import FastAPI, Path, Request
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 import kiban
 from kiban.encoders.base import InvalidInput
+from kiban.fusion.prompt import encode_text
 from kiban.serve import decode
 from kiban.serve.engine import Completion, InferenceEngine, NotReady, RequestTimeout, UnknownTask
-from kiban.serve.errors import add_error_handlers
+from kiban.serve.errors import ClientDisconnected, add_error_handlers
 from kiban.serve.guard import Guard, TokenBuckets
 from kiban.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
 from kiban.serve.schemas import (
@@ -36,6 +38,7 @@ from kiban.serve.schemas import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     Choice,
+    ChoiceLogprobs,
     ChunkChoice,
     Delta,
     EmbeddingData,
@@ -50,6 +53,8 @@ from kiban.serve.schemas import (
     PredictRequest,
     PredictResponse,
     Status,
+    TokenLogprob,
+    TopLogprob,
     Usage,
     error_payload,
 )
@@ -59,6 +64,8 @@ from kiban.tasks.predict import input_modalities
 __all__ = ["create_app"]
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def _errors(*codes: int) -> dict[int, dict[str, Any]]:
@@ -152,20 +159,20 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
         responses={200: {"content": {"text/event-stream": {"schema": _SSE_SCHEMA}}}, **_INFERENCE_ERRORS},
         tags=["openai"],
     )
-    async def chat_completions(body: ChatCompletionRequest) -> Any:
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
         model_name = check_model(body.model)
+        known = modalities()  # NotReady while the model loads
+        # a request the server would refuse anyway is told why, even when the queue is full
+        settings = decode.generation_settings(body, limits=limits, vocab_size=len(engine.model.tokenizer))
         engine.check_capacity()
-        record = await run_in_threadpool(decode.chat_record, body, limits=limits, modalities=modalities())
-        options = {
-            "max_tokens": decode.max_tokens(body, limits=limits),
-            "temperature": body.temperature or 0.0,
-            "top_p": body.top_p or 1.0,
-        }
+        record = await run_in_threadpool(decode.chat_record, body, limits=limits, modalities=known)
+        await run_in_threadpool(check_prompt_length, record, settings.max_tokens)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            pieces = engine.stream(record, **options)
-            first = await anext(pieces)  # errors before the first token are ordinary HTTP errors
+            pieces = engine.stream(record, settings)
+            # errors before the first token are ordinary HTTP errors
+            first = await _unless_disconnected(request, anext(pieces))
             events = _events(
                 pieces, first, ident=ident, created=created, model=model_name, include_usage=include_usage
             )
@@ -174,25 +181,46 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
                 media_type="text/event-stream",
                 headers={"cache-control": "no-cache", "x-accel-buffering": "no"},
             )
-        answer = await engine.generate(record, **options)
+        answer = await _unless_disconnected(request, engine.generate(record, settings))
+        logprobs = None
+        if answer.logprobs is not None:
+            logprobs = ChoiceLogprobs(content=[_token_logprob(t) for t in answer.logprobs])
         return ChatCompletion(
             id=ident,
             created=created,
             model=model_name,
             choices=[
                 Choice(
-                    index=0, message=AssistantMessage(content=answer.text), finish_reason=answer.finish_reason
+                    index=0,
+                    message=AssistantMessage(content=answer.text),
+                    finish_reason=answer.finish_reason,
+                    logprobs=logprobs,
                 )
             ],
             usage=_usage(answer),
         )
+
+    def check_prompt_length(record: dict[str, Any], max_tokens: int) -> None:
+        """A 422 before any model work when the prompt's text alone leaves no room for max_tokens."""
+        context = engine.context_length
+        if context is None:
+            return
+        tokens = decode.prompt_tokens(record, engine.model.tokenizer)
+        if tokens + max_tokens > context:
+            raise decode.RequestError(
+                f"the prompt is {tokens} tokens; with max_tokens={max_tokens} that is over the limit "
+                f"context_length={context} tokens of the model (at most {max(context - max_tokens, 0)} "
+                "prompt tokens: shorten the messages or lower max_tokens)",
+                param="messages",
+                code="context_length_exceeded",
+            )
 
     # -- embeddings ------------------------------------------------------------------------------
 
     @app.post(
         "/v1/embeddings", response_model=EmbeddingResponse, responses=_INFERENCE_ERRORS, tags=["openai"]
     )
-    async def embeddings(body: EmbeddingRequest) -> EmbeddingResponse:
+    async def embeddings(body: EmbeddingRequest, request: Request) -> EmbeddingResponse:
         model_name = check_model(body.model)
         engine.check_capacity()
         items = await run_in_threadpool(decode.embedding_items, body, limits=limits, modalities=modalities())
@@ -200,7 +228,10 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
             raise decode.RequestError(
                 f"dimensions must be {engine.width} (this model's width) or absent", param="dimensions"
             )
-        vectors = (await engine.embed(items)).float().cpu().numpy()
+        try:
+            vectors = (await _unless_disconnected(request, engine.embed(items))).float().cpu().numpy()
+        except InvalidInput as error:
+            raise _at_index(error, [item for _, item in items], name="input") from None
         data = [
             EmbeddingData(index=i, embedding=_encode_vector(v, body.encoding_format))
             for i, v in enumerate(vectors)
@@ -221,6 +252,7 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
     )
     async def predict(
         body: PredictRequest,
+        request: Request,
         task: str = Path(description="a task listed under 'heads' by GET /v1/models", max_length=64),
     ) -> PredictResponse:
         """A task head's answer per input; its shape follows the head's kind (see Prediction)."""
@@ -239,7 +271,10 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
             limits=limits,
             modalities=modalities(),
         )
-        rows = await engine.predict(task, items, **options)
+        try:
+            rows = await _unless_disconnected(request, engine.predict(task, items, **options))
+        except InvalidInput as error:
+            raise _at_index(error, items, name="inputs") from None
         return PredictResponse(
             task=task, model=model_name, data=[Prediction(index=i, **row) for i, row in enumerate(rows)]
         )
@@ -282,10 +317,17 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
         tags=["operations"],
     )
     async def readyz() -> Any:
-        """The model is loaded and the batcher is running."""
+        """The model is loaded, the batcher is running and a new request would be answered in time."""
         if engine.ready:
-            return Status(status="ready")
-        state = "failed" if engine.load_error else "loading"
+            saturated = engine.saturated
+            if saturated is None:
+                return Status(status="ready")
+            return JSONResponse(
+                Status(status="saturated", detail=saturated).model_dump(exclude_none=True),
+                status_code=503,
+                headers={"retry-after": str(engine.retry_after())},
+            )
+        state = "failed" if engine.load_error else ("stopping" if engine.stopping else "loading")
         return JSONResponse(
             Status(status=state, detail=engine.load_error).model_dump(exclude_none=True),
             status_code=503,
@@ -347,10 +389,59 @@ def _encode_vector(vector: np.ndarray, encoding: str) -> list[float] | str:
 def _count_tokens(engine: InferenceEngine, items: list[tuple[str, Any]]) -> int:
     """Text inputs count their backbone tokens; every other input counts as its one placeholder."""
     tokenizer = engine.model.tokenizer
-    return sum(
-        len(tokenizer(item, add_special_tokens=False)["input_ids"]) if modality == "text" else 1
-        for modality, item in items
+    return sum(len(encode_text(tokenizer, item)) if modality == "text" else 1 for modality, item in items)
+
+
+def _token_logprob(token: Any) -> TokenLogprob:
+    return TokenLogprob(
+        token=token.token,
+        logprob=token.logprob,
+        bytes=list(token.token.encode("utf-8")),
+        top_logprobs=[TopLogprob(token=t, logprob=p, bytes=list(t.encode("utf-8"))) for t, p in token.top],
     )
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work``, or cancel it when the client disconnects first.
+
+    Await ``work`` unless the client disconnects first; then cancel it, which marks its engine
+    job cancelled (queued: dropped; running: stopped at its next step), and raise ClientDisconnected.
+
+    The body has been read by now, so the next ASGI message is ``http.disconnect``, sent when the
+    client closes the connection.
+    """
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the server is shutting down: the work stops too
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientDisconnected("the client closed the connection before the answer was ready")
+
+
+def _at_index(error: InvalidInput, items: Sequence[Any], *, name: str) -> decode.RequestError:
+    """The whole batch refused with the index of the input the error is about (the first such)."""
+
+    def holds(item: Any) -> bool:
+        if isinstance(item, tuple):
+            return any(holds(part) for part in item)
+        return item is error.item_id or (isinstance(item, str) and item == error.item_id)
+
+    index = next((i for i, item in enumerate(items) if holds(item)), None)
+    where = name if index is None else f"{name}[{index}]"
+    return decode.RequestError(f"{where}: {error}", param=where, code="invalid_input")
 
 
 def _sse(payload: Any) -> str:
@@ -408,8 +499,11 @@ async def _events(
 
 
 def _openapi(app: FastAPI, engine: InferenceEngine, *, secured: bool) -> dict[str, Any]:
-    """The generated document, plus what only the running server knows: the bearer scheme and,
-    once the model is loaded, the tasks ``/v1/predict/{task}`` accepts (cached from then on)."""
+    """The OpenAPI document, with what only the running server knows.
+
+    The generated document, plus what only the running server knows: the bearer scheme and,
+    once the model is loaded, the tasks ``/v1/predict/{task}`` accepts (cached from then on).
+    """
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)

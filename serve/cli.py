@@ -1,7 +1,9 @@
 """``kiban serve MODEL_DIR``: the inference API over a saved model, on uvicorn.
 
-The port opens at once and ``/healthz`` answers while the model loads in the background;
-``/readyz`` turns 200 when it is loaded. A model directory that fails to load ends the process
+The port opens once the Python packages are imported (a few seconds) and ``/healthz`` answers
+while the model loads in the background; ``/readyz`` turns 200 when it is loaded. SIGTERM refuses
+new work, lets running requests finish for ``--drain-s`` seconds, cancels what is left (a
+generation stops at its next step) and exits. A model directory that fails to load ends the process
 with exit code 1 (the error is logged), so a supervisor sees it instead of a server that is never
 ready. Binds 127.0.0.1 unless ``--host`` says otherwise; another host needs ``--api-keys-file``.
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 
 from kiban.cli import _arguments, command
 
@@ -60,7 +63,14 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--timeout-s",
         type=float,
         default=batching.timeout_s,
-        help="per-request timeout in seconds, answered 504 (default: %(default)s)",
+        help="per-request timeout in seconds, answered 504; work past it stops (default: %(default)s)",
+    )
+    group.add_argument(
+        "--drain-s",
+        type=float,
+        default=batching.drain_s,
+        help="on SIGTERM, seconds running requests may take to finish before they are cancelled "
+        "(default: %(default)s)",
     )
     group = parser.add_argument_group("limits")
     group.add_argument(
@@ -79,7 +89,8 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
         ("max_body_bytes", "request body size, answered 413"),
         ("max_sequence_length", "characters of one sequence or SMILES, genes of one cell"),
         ("max_inputs", "modality inputs per chat request; inputs per embeddings/predict request"),
-        ("max_image_pixels", "height x width (x slices) of one image"),
+        ("max_image_voxels", "values of one decoded image, every axis counted (H x W x channels x slices)"),
+        ("max_image_passes", "image-encoder passes of one image (one per z-slice)"),
         ("max_tokens", "most tokens a chat completion may ask for"),
         ("default_max_tokens", "tokens generated when a request does not say"),
         ("max_text_chars", "characters of all text in one request"),
@@ -103,11 +114,28 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-access-log", action="store_true", help="do not log one line per request")
 
 
+_QUERY_VALUE = re.compile(r"=[^&#]*")
+
+
+def _redact_query(record: logging.LogRecord) -> bool:
+    """Blank every query-string value in an access-log line.
+
+    Blank every query-string value in an access-log line: a client may put a key in the URL
+    (``?api_key=...``), and no key may reach a log in any form.
+    """
+    if isinstance(record.args, tuple) and len(record.args) >= 3 and isinstance(record.args[2], str):
+        path, mark, query = record.args[2].partition("?")
+        if mark:
+            record.args = (*record.args[:2], f"{path}?{_QUERY_VALUE.sub('=<redacted>', query)}", *record.args[3:])
+    return True
+
+
 @command(
     "serve", help="serve a saved model over HTTP: OpenAI-compatible chat and embeddings, task predictions"
 )
 @_arguments(_serve_arguments)
 def serve(args: argparse.Namespace) -> int:
+    """Run ``kiban serve`` with the parsed command line; the process's exit code."""
     import asyncio
 
     from kiban.serve.loading import check_model_dir
@@ -131,6 +159,7 @@ def serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
         timeout_s=args.timeout_s,
+        drain_s=args.drain_s,
     )
     check_model_dir(args.model_dir)  # a wrong directory is a one-line error before anything starts
     if not settings.api_keys:
@@ -159,9 +188,11 @@ async def _run(args: argparse.Namespace, settings, options) -> int:
         log_level=args.log_level,
         access_log=not args.no_access_log,
         limit_concurrency=args.max_connections,
-        timeout_graceful_shutdown=5,
+        # the engine drains and cancels first (below), so connections close before uvicorn gives up
+        timeout_graceful_shutdown=options.drain_s + 5,
         server_header=False,
     )
+    logging.getLogger("uvicorn.access").addFilter(_redact_query)
     server = uvicorn.Server(config)
     await engine.start()
     failed = False
@@ -176,10 +207,18 @@ async def _run(args: argparse.Namespace, settings, options) -> int:
             failed = True
             server.should_exit = True
 
+    async def drain_on_signal() -> None:
+        # uvicorn sets should_exit on SIGTERM / SIGINT and then waits for open requests: make them end
+        while not server.should_exit:
+            await asyncio.sleep(0.05)
+        await engine.begin_shutdown()
+
     watcher = asyncio.create_task(exit_if_loading_fails())
+    drainer = asyncio.create_task(drain_on_signal())
     try:
         await server.serve()
     finally:
         watcher.cancel()
+        drainer.cancel()
         await engine.stop()
     return 1 if failed else 0

@@ -12,15 +12,25 @@ A chat message's parts are joined with single spaces; each non-text part becomes
 A predict request's input is one item of the head's modality (a bare string, or a typed part), or,
 for a pair head (modality ``protein+molecule``), a two-item array of them in that order, decoded to
 a ``(protein, molecule)`` tuple; a pair counts as one input against ``max_inputs``.
+
+One rule for placeholders in every route: text a client sends (message text, text parts, text to
+embed, text to predict on) may not contain a placeholder tag (``<protein>``, ``<molecule>``, ...);
+modality inputs are typed parts, and a tag typed into text is a 422 that says so. Special tokens
+of the tokenizer typed into text are not refused: the model reads them as the literal characters
+(``kiban.fusion.prompt.encode_text``).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from kiban.encoders.base import list_encoders
+from kiban.fusion.generation import GenerationSettings
 from kiban.serve.images import ImageError, decode_data_url
 from kiban.serve.schemas import (
+    REFUSED_CHAT_FIELDS,
     CellPart,
     ChatCompletionRequest,
     DnaPart,
@@ -33,7 +43,15 @@ from kiban.serve.schemas import (
 )
 from kiban.serve.settings import Limits
 
-__all__ = ["RequestError", "chat_record", "embedding_items", "max_tokens", "predict_items"]
+__all__ = [
+    "RequestError",
+    "chat_record",
+    "embedding_items",
+    "generation_settings",
+    "max_tokens",
+    "predict_items",
+    "prompt_tokens",
+]
 
 
 class RequestError(ValueError):
@@ -42,6 +60,7 @@ class RequestError(ValueError):
     def __init__(
         self, message: str, *, status: int = 422, param: str | None = None, code: str | None = None
     ) -> None:
+        """A refusal with its HTTP status, the field it is about and a machine-readable code."""
         self.status = status
         self.param = param
         self.code = code
@@ -52,6 +71,26 @@ def _over(what: str, size: int, unit: str, limit: str, value: int, *, param: str
     return RequestError(
         f"{what} is {size} {unit}, over the limit {limit}={value}", param=param, code="limit_exceeded"
     )
+
+
+def _placeholder_tags() -> re.Pattern:
+    return re.compile("<(" + "|".join(map(re.escape, sorted(list_encoders()))) + ")>")
+
+
+_TAGS = _placeholder_tags()
+
+
+def _plain_text(text: str, *, where: str) -> str:
+    """``text`` if it holds no placeholder tag, else the 422 of the one placeholder rule."""
+    found = _TAGS.search(text)
+    if found:
+        raise RequestError(
+            f"{where} contains the placeholder tag {found.group(0)}: text may not hold placeholder "
+            f"tags; send the input as a typed part (e.g. {{'type': '{found.group(1)}', ...}}) instead",
+            param=where,
+            code="placeholder_in_text",
+        )
+    return text
 
 
 # part model -> (modality, raw item, length counted against max_sequence_length)
@@ -68,7 +107,9 @@ _READERS: dict[type, Callable[[Any], tuple[str, Any, int]]] = {
 def _part_item(part: Any, *, where: str, limits: Limits, modalities: Sequence[str]) -> tuple[str, Any]:
     """(modality, raw item) of one typed part or bare string; text gives ("text", str)."""
     if isinstance(part, str):
-        return "text", part
+        return "text", _plain_text(part, where=where)
+    if isinstance(part, TextPart):
+        return "text", _plain_text(part.text, where=f"{where}.text")
     reader = _READERS.get(type(part))
     if reader is None:  # the schema's union admits nothing else; this guards a part added there only
         raise RequestError(f"{where}: unsupported part type {getattr(part, 'type', '?')!r}", param=where)
@@ -84,7 +125,9 @@ def _part_item(part: Any, *, where: str, limits: Limits, modalities: Sequence[st
         )
     if modality == "image":
         try:
-            return modality, decode_data_url(item, max_pixels=limits.max_image_pixels)
+            return modality, decode_data_url(
+                item, max_voxels=limits.max_image_voxels, max_passes=limits.max_image_passes
+            )
         except ImageError as error:
             raise RequestError(
                 f"{where}.image_url.url {error}",
@@ -111,14 +154,19 @@ def chat_record(
     messages, inputs, n_inputs, chars = [], {}, 0, 0
     for i, message in enumerate(request.messages):
         content = message.content
+        if message.role == "user" and (not content or all(isinstance(p, TextPart) and not p.text for p in content)):
+            raise RequestError(
+                f"messages[{i}].content: a user message needs content (got {content!r})",
+                param=f"messages[{i}].content",
+            )
         if content is None or isinstance(content, str):
-            text = content or ""
+            text = _plain_text(content or "", where=f"messages[{i}].content")
         else:
             pieces = []
             for j, part in enumerate(content):
                 where = f"messages[{i}].content[{j}]"
                 if isinstance(part, TextPart):
-                    pieces.append(part.text)
+                    pieces.append(_plain_text(part.text, where=f"{where}.text"))
                     continue
                 n_inputs += 1
                 if n_inputs > limits.max_inputs:
@@ -157,10 +205,83 @@ def chat_record(
 
 
 def max_tokens(request: ChatCompletionRequest, *, limits: Limits) -> int:
+    """The completion's token budget: ``max_completion_tokens``, ``max_tokens`` or the default."""
     wanted = request.max_completion_tokens or request.max_tokens or limits.default_max_tokens
     if wanted > limits.max_tokens:
         raise _over("max_tokens", wanted, "tokens", "max_tokens", limits.max_tokens, param="max_tokens")
     return wanted
+
+
+_ACCEPTED_VALUES: dict[str, tuple[Any, ...]] = {
+    "tool_choice": (None, "none"),
+    "store": (None, False),
+    "modalities": (None, ["text"]),
+    "service_tier": (None, "auto", "default"),
+}
+
+
+def generation_settings(request: ChatCompletionRequest, *, limits: Limits, vocab_size: int) -> GenerationSettings:
+    """The per-row settings of a chat request; a 422 naming the field for anything not honoured."""
+    for name, why in REFUSED_CHAT_FIELDS.items():
+        if getattr(request, name) is not None:
+            raise RequestError(f"{name} is not supported: {why}", param=name, code="unsupported_field")
+    for name, accepted in _ACCEPTED_VALUES.items():
+        if getattr(request, name) not in accepted:
+            shown = " or ".join(repr(v) for v in accepted if v is not None)
+            raise RequestError(
+                f"{name}={getattr(request, name)!r} is not supported: only {shown} (or leaving it out)",
+                param=name,
+                code="unsupported_value",
+            )
+    if request.response_format is not None and request.response_format.type != "text":
+        raise RequestError(
+            f"response_format {request.response_format.type!r} is not supported: this server does not "
+            "constrain decoding to JSON (see docs/api.md); only {'type': 'text'}",
+            param="response_format",
+            code="unsupported_value",
+        )
+    stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+    if len(stop) > 4 or any(not s for s in stop):
+        raise RequestError("stop takes at most 4 strings, none empty", param="stop")
+    if request.top_logprobs is not None and not request.logprobs:
+        raise RequestError("top_logprobs needs logprobs: true", param="top_logprobs")
+    if request.logprobs and request.stream:
+        raise RequestError(
+            "logprobs are not streamed: ask for them without stream: true", param="logprobs", code="unsupported_value"
+        )
+    bias = {}
+    for key, value in (request.logit_bias or {}).items():
+        if not key.isdigit() or int(key) >= vocab_size:
+            raise RequestError(
+                f"logit_bias: {key!r} is not a token id of this model (0..{vocab_size - 1})", param="logit_bias"
+            )
+        bias[int(key)] = float(value)
+    return GenerationSettings(
+        max_tokens=max_tokens(request, limits=limits),
+        temperature=request.temperature or 0.0,
+        top_p=request.top_p or 1.0,
+        seed=request.seed,
+        stop=tuple(stop),
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        logit_bias=bias,
+        logprobs=(request.top_logprobs or 0) if request.logprobs else None,
+    )
+
+
+def prompt_tokens(record: dict[str, Any], tokenizer: Any) -> int:
+    """A lower bound of a chat record's prompt tokens, counted before any model work.
+
+    Tokens of a chat record's prompt before its inputs are encoded: the rendered chat with every
+    placeholder as one token (each later widens to its input's projected tokens, so this never
+    over-counts; typed special-token strings count as one token here, as several in the model).
+    Cheap: no featurizer and no model runs.
+    """
+    rendered = tokenizer.apply_chat_template(record["messages"], tokenize=False, add_generation_prompt=True)
+    pieces = _TAGS.split(rendered)  # text, modality, text, ...
+    text = [piece for piece in pieces[::2] if piece]
+    counted = tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+    return sum(len(ids) for ids in counted) + len(pieces) // 2
 
 
 def _items(raw: list[Any], *, name: str, limits: Limits, modalities: Sequence[str]) -> list[tuple[str, Any]]:
@@ -197,9 +318,12 @@ def embedding_items(
 def predict_items(
     request: PredictRequest, *, reads: Sequence[str], limits: Limits, modalities: Sequence[str]
 ) -> list[Any]:
-    """Raw items for a head whose one input is of the modalities ``reads``: one modality (a bare
+    """Raw items of a predict request for a head that reads ``reads``.
+
+    Raw items for a head whose one input is of the modalities ``reads``: one modality (a bare
     string is an item of it) or two for a pair head, whose every input is a two-item array of them
-    in order (a tuple item). The request's inputs count against ``max_inputs``, a pair as one."""
+    in order (a tuple item). The request's inputs count against ``max_inputs``, a pair as one.
+    """
     if len(request.inputs) > limits.max_inputs:
         raise _over("inputs", len(request.inputs), "inputs", "max_inputs", limits.max_inputs, param="inputs")
     known = [*modalities, "text"]

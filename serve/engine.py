@@ -5,7 +5,8 @@ program::
 
     engine = InferenceEngine(model=model, heads=heads, options=BatchingOptions(max_batch=8))
     await engine.start()
-    answer = await engine.generate(record, max_tokens=64)          # Completion
+    answer = await engine.generate(record, max_tokens=64)          # Completion (kiban.fusion.generation)
+    answer = await engine.generate(record, GenerationSettings(max_tokens=64, temperature=0.7, seed=1))
     vectors = await engine.embed([("protein", "MKT..."), ("text", "a passage")])   # [B, H] tensor
     rows = await engine.predict("toxicity", ["CCO"])               # any head: see kiban.tasks.predict
     rows = await engine.predict("contacts", ["MKT..."], top_k=20)  # options a head's predict takes
@@ -20,6 +21,13 @@ worker thread, so the event loop keeps accepting, refusing and streaming while t
 Each job's answer goes back to its own future. A batch that fails on a bad input (featurizers
 check inputs before any forward pass, so this is cheap) is re-run one job at a time, so one bad
 request never fails its neighbours.
+
+Generation is ``kiban.fusion.generation`` (the path ``KibanModel.generate`` takes); the engine only
+supplies each row's settings and hooks: a text sink for streaming and a ``should_stop`` that turns
+True at the request's deadline or when its caller stops waiting (a client that left), checked
+before encoding, before the prefill and between decoding steps. Embedding and prediction batches
+check it between their parts. ``stop`` lets running work finish for ``drain_s`` and then cancels it,
+so a shutdown takes a bounded time.
 """
 
 from __future__ import annotations
@@ -27,7 +35,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -37,10 +47,21 @@ from typing import Any
 import torch
 
 from kiban.encoders.base import InvalidInput
-from kiban.serve.generation import Completion, RowControl, generate_rows, sampling_key
+from kiban.fusion.generation import Completion, GenerationSettings, RowHooks, context_length
 from kiban.serve.settings import BatchingOptions
 
-__all__ = ["Completion", "InferenceEngine", "NotReady", "Overloaded", "RequestTimeout", "UnknownTask"]
+__all__ = [
+    "Completion",
+    "GenerationSettings",
+    "InferenceEngine",
+    "NotReady",
+    "Overloaded",
+    "RequestTimeout",
+    "UnknownTask",
+]
+
+# Retry-After and readiness read the drain rate over this many recent seconds.
+_RATE_WINDOW_S = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +70,7 @@ class Overloaded(RuntimeError):
     """The queue is full; try again after ``retry_after`` seconds."""
 
     def __init__(self, retry_after: float) -> None:
+        """Carry the seconds a client should wait before retrying."""
         self.retry_after = retry_after
         super().__init__(f"the server is at capacity (queue full); retry after {retry_after:.0f} s")
 
@@ -72,7 +94,7 @@ class _Job:
     rows: list[Any]  # generate: [record]; embed / predict: [(modality, item), ...]
     future: asyncio.Future
     deadline: float  # loop.time() by which it must be answered
-    max_tokens: int = 0
+    settings: GenerationSettings | None = None  # generate: the row's settings
     options: dict[str, Any] = field(default_factory=dict)  # predict: keyword options of head.predict
     sink: asyncio.Queue | None = None  # streamed text deltas (generate with stream=True)
     cancelled: bool = False  # set on the loop, read by the worker: a plain flag is enough
@@ -109,6 +131,7 @@ class InferenceEngine:
         heads: Mapping[str, Any] | None = None,
         options: BatchingOptions | None = None,
     ) -> None:
+        """Hold the model (or the folder to load it from), its heads and the batching options."""
         if (model is None) == (model_dir is None):
             raise ValueError("give exactly one of model= and model_dir=")
         self.options = options or BatchingOptions()
@@ -122,16 +145,29 @@ class InferenceEngine:
         self._batcher: asyncio.Task | None = None
         self._loader: asyncio.Future | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._seconds_per_batch = 0.1  # running estimate, for Retry-After
+        self._finished: deque[float] = deque(maxlen=4096)  # monotonic times at which jobs left the engine
+        self._running: list[_Job] = []  # the chunk in the worker thread now
+        self._running_since: float | None = None  # monotonic
+        self._stopping = False
+        self._draining: asyncio.Future | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
     @property
     def ready(self) -> bool:
-        return self.model is not None and self._batcher is not None and not self._batcher.done()
+        """The model is loaded, the batcher runs and the engine is not shutting down."""
+        return (
+            self.model is not None and self._batcher is not None and not self._batcher.done() and not self._stopping
+        )
+
+    @property
+    def stopping(self) -> bool:
+        """``stop`` has begun: new work is refused."""
+        return self._stopping
 
     @property
     def queue_depth(self) -> int:
+        """Requests waiting for the model."""
         return self._queue.qsize() if self._queue is not None else 0
 
     @property
@@ -157,15 +193,43 @@ class InferenceEngine:
         if self.model is None:
             self._loader = self._loop.run_in_executor(self._executor, self._load)
 
+    async def begin_shutdown(self) -> None:
+        """Stop taking work, drain the running batch, then cancel it.
+
+        Refuse queued and new work (``NotReady``, HTTP 503), let the running batch finish for up
+        to ``drain_s`` seconds, then cancel it: a generation stops at its next step and its caller
+        gets ``NotReady``. Idempotent; ``stop`` calls it too.
+        """
+        if self._draining is None:
+            self._draining = asyncio.ensure_future(self._drain())
+        await asyncio.shield(self._draining)
+
+    async def _drain(self) -> None:
+        self._stopping = True
+        while self._queue is not None and not self._queue.empty():
+            self._resolve(self._queue.get_nowait(), error=NotReady("the server is shutting down"))
+        until = time.monotonic() + self.options.drain_s
+        while self._running and time.monotonic() < until:
+            await asyncio.sleep(0.05)
+        if self._running:
+            log.warning(
+                "shutting down: cancelled %d running request(s) still at work after drain_s=%g s",
+                len(self._running),
+                self.options.drain_s,
+            )
+        for job in self._running:
+            job.cancelled = True
+
     async def stop(self) -> None:
-        """Refuse queued work, finish the running batch and stop the worker. Idempotent."""
+        """``begin_shutdown``, then stop the batcher and the worker. Idempotent."""
         if self._batcher is None or self._batcher.done():
             return
+        await self.begin_shutdown()
         self._batcher.cancel()
         await asyncio.gather(self._batcher, return_exceptions=True)
         while not self._queue.empty():
             self._resolve(self._queue.get_nowait(), error=NotReady("the server is shutting down"))
-        # in a thread: a running batch may take a while, and the loop must keep serving meanwhile
+        # in a thread: the cancelled batch ends at its next step, and the loop keeps serving meanwhile
         await asyncio.to_thread(self._executor.shutdown, wait=True, cancel_futures=True)
 
     async def wait_ready(self, timeout: float | None = None) -> None:
@@ -188,16 +252,18 @@ class InferenceEngine:
     # -- the public API --------------------------------------------------------------------------
 
     async def generate(
-        self, record: Mapping[str, Any], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0
+        self, record: Mapping[str, Any], settings: GenerationSettings | None = None, **options: Any
     ) -> Completion:
-        """Answer one chat record (``{"messages": [...], "inputs": {...}}``)."""
-        job = self._submit(
-            "generate", ("generate", *sampling_key(temperature, top_p)), [record], max_tokens=max_tokens
-        )
-        return self._finished(await self._wait(job))
+        """Answer one chat record.
+
+        Answer one chat record (``{"messages": [...], "inputs": {...}}``) under ``settings`` (or
+        ``GenerationSettings(**options)``, e.g. ``max_tokens=64, temperature=0.7, seed=1``).
+        """
+        job = self._submit("generate", ("generate",), [record], settings=settings or GenerationSettings(**options))
+        return self._finished_completion(await self._wait(job))
 
     async def stream(
-        self, record: Mapping[str, Any], *, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0
+        self, record: Mapping[str, Any], settings: GenerationSettings | None = None, **options: Any
     ) -> AsyncIterator[str | Completion]:
         """Yield the answer's text in pieces as it is generated, then the final ``Completion``.
 
@@ -206,17 +272,13 @@ class InferenceEngine:
         """
         sink: asyncio.Queue = asyncio.Queue()
         job = self._submit(
-            "generate",
-            ("generate", *sampling_key(temperature, top_p)),
-            [record],
-            max_tokens=max_tokens,
-            sink=sink,
+            "generate", ("generate",), [record], settings=settings or GenerationSettings(**options), sink=sink
         )
         try:
             while True:
                 piece = await self._within_deadline(job, sink.get())
                 if piece is None:  # the worker is done with the job
-                    yield self._finished(await job.future)
+                    yield self._finished_completion(await job.future)
                     return
                 yield piece
         finally:
@@ -228,9 +290,12 @@ class InferenceEngine:
         return await self._wait(job)
 
     async def predict(self, task: str, items: Sequence[Any], **options: Any) -> list[dict[str, Any]]:
-        """A task head's outputs (``head.predict``) for raw inputs of the head's modality, or
+        """A task head's outputs for raw inputs.
+
+        A task head's outputs (``head.predict``) for raw inputs of the head's modality, or
         (protein, molecule) tuples for a pair head; ``options`` go to ``head.predict`` (contact
-        heads: ``top_k``, ``min_separation``). Requests with equal options share a batch."""
+        heads: ``top_k``, ``min_separation``). Requests with equal options share a batch.
+        """
         if task not in self.heads:
             known = ", ".join(sorted(self.heads)) or "none"
             raise UnknownTask(f"no task head named {task!r} is loaded (tasks: {known})")
@@ -238,20 +303,62 @@ class InferenceEngine:
         job = self._submit("predict", key, list(items), options=options)
         return await self._wait(job)
 
-    def _finished(self, completion: Completion) -> Completion:
-        if completion.finish_reason == "cancelled":  # only the deadline cancels a row still awaited
+    def _finished_completion(self, completion: Completion) -> Completion:
+        if completion.finish_reason == "cancelled" and self._stopping:
+            raise NotReady("the server is shutting down; the request was cancelled after drain_s")
+        if completion.finish_reason == "cancelled":  # else only the deadline cancels a row still awaited
             self.stats.on_reject("timeout")
             raise RequestTimeout(f"no answer within the server's timeout of {self.options.timeout_s:g} s")
         return completion
 
     def check_capacity(self) -> None:
-        """Raise ``NotReady`` or ``Overloaded`` now when a request could not be queued, so callers
-        can refuse it before spending time decoding it."""
+        """Refuse at once a request that could not be queued.
+
+        Raise ``NotReady`` or ``Overloaded`` now when a request could not be queued, so callers
+        can refuse it before spending time decoding it.
+        """
         if not self.ready:
             raise NotReady(self.load_error or "the model is still loading")
         if self._queue.full():
             self.stats.on_reject("queue_full")
-            raise Overloaded(self._retry_after())
+            raise Overloaded(self.retry_after())
+
+    @property
+    def context_length(self) -> int | None:
+        """Prompt plus answer tokens the backbone attends over, once the model is loaded."""
+        return context_length(self.model.llm) if self.model is not None else None
+
+    def drain_rate(self) -> float | None:
+        """Jobs answered per second over the last ``_RATE_WINDOW_S`` seconds (None: too few to say)."""
+        now = time.monotonic()
+        while self._finished and self._finished[0] < now - _RATE_WINDOW_S:
+            self._finished.popleft()
+        if len(self._finished) < 2:
+            return None
+        span = max(now - self._finished[0], 1e-3)
+        return len(self._finished) / span
+
+    def retry_after(self) -> int:
+        """Seconds until the queue has drained at the measured rate (at least 1, at most timeout_s)."""
+        rate = self.drain_rate()
+        waiting = self.queue_depth + len(self._running)
+        seconds = waiting / rate if rate else self.options.timeout_s / 2
+        return int(min(max(1, math.ceil(seconds)), math.ceil(self.options.timeout_s)))
+
+    @property
+    def saturated(self) -> str | None:
+        """Why a new request would not be answered within ``timeout_s`` now, or None.
+
+        Saturated: the running batch has taken longer than ``timeout_s`` already, or the queue
+        would take longer than that to drain at the measured rate (readiness then says not ready).
+        """
+        timeout = self.options.timeout_s
+        if self._running_since is not None and time.monotonic() - self._running_since > timeout:
+            return f"the running batch has taken over timeout_s={timeout:g} s"
+        rate = self.drain_rate()
+        if rate and self.queue_depth / rate > timeout:
+            return f"the queue ({self.queue_depth} requests) drains in over timeout_s={timeout:g} s"
+        return None
 
     # -- queueing --------------------------------------------------------------------------------
 
@@ -261,10 +368,12 @@ class InferenceEngine:
         key: tuple,
         rows: list[Any],
         *,
-        max_tokens: int = 0,
+        settings: GenerationSettings | None = None,
         options: dict[str, Any] | None = None,
         sink: asyncio.Queue | None = None,
     ) -> _Job:
+        if self._stopping:
+            raise NotReady("the server is shutting down")
         if not self.ready:
             raise NotReady(self.load_error or "the model is still loading")
         if not rows:
@@ -276,7 +385,7 @@ class InferenceEngine:
             rows,
             loop.create_future(),
             loop.time() + self.options.timeout_s,
-            max_tokens=max_tokens,
+            settings=settings,
             options=dict(options or {}),
             sink=sink,
         )
@@ -284,7 +393,7 @@ class InferenceEngine:
             self._queue.put_nowait(job)
         except asyncio.QueueFull:
             self.stats.on_reject("queue_full")
-            raise Overloaded(self._retry_after()) from None
+            raise Overloaded(self.retry_after()) from None
         return job
 
     async def _wait(self, job: _Job) -> Any:
@@ -304,10 +413,6 @@ class InferenceEngine:
                 f"no answer within the server's timeout of {self.options.timeout_s:g} s"
             ) from None
 
-    def _retry_after(self) -> float:
-        batches_waiting = self.queue_depth / self.options.max_batch + 1
-        return max(1.0, round(batches_waiting * self._seconds_per_batch))
-
     # -- batching --------------------------------------------------------------------------------
 
     async def _batch_loop(self) -> None:
@@ -319,14 +424,15 @@ class InferenceEngine:
                 now = loop.time()
                 live = []
                 for job in group:
-                    if job.expired(now):  # its caller already got a 504 or went away
-                        self._resolve(job, error=RequestTimeout("expired in the queue"))
-                    else:
+                    if not self._drop_if_expired(job, now):
                         live.append(job)
                 waiting = self._chunks(live)
                 while waiting:
                     chunk = waiting.pop(0)
-                    started = time.perf_counter()
+                    chunk = [job for job in chunk if not self._drop_if_expired(job, loop.time())]
+                    if not chunk:
+                        continue
+                    self._running, self._running_since = chunk, time.monotonic()
                     try:
                         await loop.run_in_executor(self._executor, self._run_chunk, chunk)
                     except asyncio.CancelledError:
@@ -335,12 +441,18 @@ class InferenceEngine:
                         log.exception("batch of %d %s jobs failed", len(chunk), chunk[0].kind)
                         for job in chunk:
                             self._resolve(job, error=error)
-                    elapsed = time.perf_counter() - started
-                    self._seconds_per_batch = 0.8 * self._seconds_per_batch + 0.2 * elapsed
+                    finally:
+                        self._running, self._running_since = [], None
         finally:
             for chunk in waiting:
                 for job in chunk:
                     self._resolve(job, error=NotReady("the server is shutting down"))
+
+    def _drop_if_expired(self, job: _Job, now: float) -> bool:
+        if job.expired(now):  # its caller already got a 504 or went away: no work for it
+            self._resolve(job, error=RequestTimeout("expired in the queue"))
+            return True
+        return False
 
     async def _gather(self) -> list[_Job]:
         """The first waiting job plus those arriving within ``max_wait_ms``, up to ``max_batch`` rows."""
@@ -364,8 +476,11 @@ class InferenceEngine:
         return group
 
     def _chunks(self, jobs: list[_Job]) -> list[list[_Job]]:
-        """Jobs with the same key, in arrival order, cut into chunks of at most ``max_batch`` rows
-        (a job larger than that forms its own chunk and is split again in ``_run_jobs``)."""
+        """Group jobs into chunks that share a forward pass.
+
+        Jobs with the same key, in arrival order, cut into chunks of at most ``max_batch`` rows
+        (a job larger than that forms its own chunk and is split again in ``_run_jobs``).
+        """
         chunks: list[list[_Job]] = []
         by_key: dict[tuple, list[_Job]] = {}
         for job in jobs:
@@ -386,6 +501,10 @@ class InferenceEngine:
     def _run_chunk(self, chunk: list[_Job]) -> None:
         try:
             results = self._run_jobs(chunk)
+        except RequestTimeout as error:
+            for job in chunk:
+                self._resolve(job, error=error)
+            return
         except InvalidInput as error:
             if len(chunk) == 1:
                 self._resolve(chunk[0], error=error)
@@ -400,17 +519,17 @@ class InferenceEngine:
 
     def _run_jobs(self, chunk: list[_Job]) -> list[Any]:
         kind = chunk[0].kind
+        stops = [self._should_stop(job) for job in chunk]
         if kind == "generate":
-            _, temperature, top_p = chunk[0].key
-            controls = [self._control(job) for job in chunk]
             self.stats.on_batch(kind, len(chunk))
-            return generate_rows(
-                self.model, [job.rows[0] for job in chunk], controls, temperature=temperature, top_p=top_p
-            )
+            hooks = [RowHooks(self._text_sink(job), stop) for job, stop in zip(chunk, stops)]
+            return self.model.complete([job.rows[0] for job in chunk], [job.settings for job in chunk], hooks)
         rows = [row for job in chunk for row in job.rows]
         answers: list[Any] = []
         with torch.inference_mode():
             for part in _split(rows, self.options.max_batch):
+                if all(stop() for stop in stops):  # every caller has gone or timed out: stop here
+                    raise RequestTimeout("no answer within the server's timeout")
                 self.stats.on_batch(kind, len(part))
                 if kind == "predict":  # the jobs of a chunk share their task and options (the key)
                     answers.extend(self.heads[chunk[0].key[1]].predict(self.model, part, **chunk[0].options))
@@ -424,25 +543,29 @@ class InferenceEngine:
             start += len(job.rows)
         return out
 
-    def _control(self, job: _Job) -> RowControl:
+    def _should_stop(self, job: _Job) -> Callable[[], bool]:
         # the deadline on this thread's clock (the loop's clock may have another origin, as uvloop's does)
         monotonic_deadline = job.deadline - self._loop.time() + time.monotonic()
 
         def should_stop() -> bool:
             return job.cancelled or time.monotonic() >= monotonic_deadline
 
-        on_text = None
-        if job.sink is not None:
+        return should_stop
 
-            def on_text(piece: str) -> None:
-                self._loop.call_soon_threadsafe(job.sink.put_nowait, piece)
+    def _text_sink(self, job: _Job) -> Callable[[str], None] | None:
+        if job.sink is None:
+            return None
 
-        return RowControl(job.max_tokens, on_text, should_stop)
+        def on_text(piece: str) -> None:
+            self._loop.call_soon_threadsafe(job.sink.put_nowait, piece)
+
+        return on_text
 
     def _resolve(self, job: _Job, *, result: Any = None, error: BaseException | None = None) -> None:
         """Answer a job's future on the event loop, from any thread."""
 
         def settle() -> None:
+            self._finished.append(time.monotonic())
             if not job.future.done():
                 if error is not None:
                     job.future.set_exception(error)
@@ -461,10 +584,13 @@ class InferenceEngine:
 
 
 def _load_model_dir(model_dir: Path) -> tuple[Any, dict[str, Any]]:
-    """(model, heads) of a saved model folder: ``kiban.serve.loading.check_model_dir`` (nothing
+    """Load the model and its heads from a saved model folder.
+
+    (model, heads) of a saved model folder: ``kiban.serve.loading.check_model_dir`` (nothing
     outside the folder is read), ``KibanModel.from_pretrained``, then every head under ``heads/``,
     each checked against the model by its own rule (a pooled head: the model's width; a
-    per-residue or contact head: the protein encoder's width; a pair head: both encoders)."""
+    per-residue or contact head: the protein encoder's width; a pair head: both encoders).
+    """
     from kiban.fusion.model import KibanModel
     from kiban.serve.loading import check_model_dir
     from kiban.tasks.predict import load_model_heads

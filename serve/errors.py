@@ -26,9 +26,13 @@ from kiban.serve.engine import NotReady, Overloaded, RequestTimeout, UnknownTask
 from kiban.serve.metrics import ServeMetrics
 from kiban.serve.schemas import error_payload
 
-__all__ = ["add_error_handlers", "describe_validation_errors", "error_response"]
+__all__ = ["ClientDisconnected", "add_error_handlers", "describe_validation_errors", "error_response"]
 
 log = logging.getLogger(__name__)
+
+class ClientDisconnected(RuntimeError):
+    """The client closed the connection before its answer was ready; its work was cancelled."""
+
 
 # How pydantic names the members of a union in an error location.
 _PRIMITIVE_MEMBERS = {"str", "int", "float", "bool", "none", "bytes"}
@@ -39,25 +43,41 @@ def _is_member(part: Any) -> bool:
 
 
 def _location(loc: tuple) -> str:
-    """``("body", "messages", 0, "content", "list[...]", 1, "protein", "protein", "sequence")`` ->
-    ``messages[0].content[1].protein.sequence``."""
-    out, skip_tag = "", False
-    for part in loc:
-        if skip_tag:  # a tagged union names the tag right after itself; the field follows
-            skip_tag = False
+    """A pydantic error location as a JSON path.
+
+    ``("body", "messages", 0, "content", "list[...]", 1, "protein", "protein", "sequence")`` ->
+    ``messages[0].content[1].protein.sequence``.
+    """
+    out, skip_at = "", None
+    for k, part in enumerate(loc):
+        if k == skip_at:  # a tagged union names the tag right after itself (after the index in a list)
             continue
         if part == "body" and not out:
             continue
         if _is_member(part):
-            skip_tag = "tagged-union" in part
+            if part.startswith("tagged-union"):
+                skip_at = k + 1
+            elif part.startswith("list[tagged-union"):
+                skip_at = k + 2
             continue
         out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "body"
 
 
-def _score(loc: tuple) -> float:
-    # the deepest member got furthest; a primitive member ("str") reached no field at all
-    return len(loc) - (0.5 if loc and loc[-1] in _PRIMITIVE_MEMBERS else 0)
+def _score(problem: dict[str, Any]) -> float:
+    # the deepest member got furthest; a primitive member ("str") reached no field at all; a value
+    # check (invalid Unicode, an out-of-range number) means the member's type matched
+    loc = tuple(problem.get("loc", ()))
+    score = len(loc) - (0.5 if loc and loc[-1] in _PRIMITIVE_MEMBERS else 0)
+    return score + (100 if problem.get("type") in ("value_error", "string_unicode") else 0)
+
+
+def _message(problem: dict[str, Any]) -> str:
+    if problem.get("type") == "string_unicode":  # pydantic's own check of the same thing as _valid_unicode
+        return "is not valid Unicode: it holds an unpaired UTF-16 surrogate"
+    if problem.get("type") == "extra_forbidden":
+        return "is not a field of this request (what the server accepts it honours; see docs/api.md)"
+    return str(problem.get("msg", "")).removeprefix("Value error, ")
 
 
 def describe_validation_errors(problems: list[dict[str, Any]]) -> tuple[str, str]:
@@ -67,20 +87,15 @@ def describe_validation_errors(problems: list[dict[str, Any]]) -> tuple[str, str
         loc = tuple(problem.get("loc", ()))
         union = next((i for i, part in enumerate(loc) if _is_member(part)), None)
         key = loc[:union] if union is not None else loc
-        best[key] = max(best.get(key, float("-inf")), _score(loc))
+        best[key] = max(best.get(key, float("-inf")), _score(problem))
     kept = []
     for problem in problems:
         loc = tuple(problem.get("loc", ()))
         union = next((i for i, part in enumerate(loc) if _is_member(part)), None)
-        if union is None or _score(loc) == best[loc[:union]]:
+        if union is None or _score(problem) == best[loc[:union]]:
             kept.append(problem)
     kept.sort(key=lambda p: p.get("type") != "union_tag_invalid")  # an unknown part type says the most
-    lines = list(
-        dict.fromkeys(
-            f"{_location(tuple(p.get('loc', ())))}: {str(p.get('msg', '')).removeprefix('Value error, ')}"
-            for p in kept
-        )
-    )
+    lines = list(dict.fromkeys(f"{_location(tuple(p.get('loc', ())))}: {_message(p)}" for p in kept))
     message = "; ".join(lines[:4]) + (f"; and {len(lines) - 4} more" if len(lines) > 4 else "")
     return message, _location(tuple(kept[0].get("loc", ()))) if kept else "body"
 
@@ -94,12 +109,14 @@ def error_response(
     code: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
+    """An OpenAI-shaped error response."""
     return JSONResponse(
         error_payload(message, type=type, param=param, code=code), status_code=status, headers=headers
     )
 
 
 def add_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
+    """Install the handlers that turn every exception into an OpenAI-shaped error."""
     @app.exception_handler(RequestValidationError)
     async def validation(request: Request, error: RequestValidationError) -> JSONResponse:
         metrics.reject("invalid_request")
@@ -152,6 +169,12 @@ def add_error_handlers(app: FastAPI, metrics: ServeMetrics) -> None:
         return error_response(
             503, f"not ready: {error}", type="not_ready", code="not_ready", headers={"retry-after": "5"}
         )
+
+    @app.exception_handler(ClientDisconnected)
+    async def disconnected(request: Request, error: ClientDisconnected) -> JSONResponse:
+        metrics.reject("client_disconnected")
+        # nobody reads it; 499 (nginx's "client closed request") keeps it apart in the access log and metrics
+        return error_response(499, str(error), type="client_closed_request", code="client_disconnected")
 
     @app.exception_handler(RequestTimeout)
     async def timeout(request: Request, error: RequestTimeout) -> JSONResponse:

@@ -44,6 +44,7 @@ class TokenBuckets:
     """One token bucket per client: ``rate`` tokens per second, at most ``burst`` stored."""
 
     def __init__(self, *, rate: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        """Buckets of ``burst`` tokens refilled at ``rate`` per second, read on ``clock``."""
         self.rate, self.burst, self.clock = rate, burst, clock
         self._buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, last refill time)
         self._lock = threading.Lock()
@@ -80,6 +81,7 @@ class Guard:
         metrics: ServeMetrics,
         routes: Callable[[], list],
     ) -> None:
+        """Wrap ``app``; ``routes`` is read lazily because routes are added after the middleware."""
         self.app = app
         self._keys = [key.encode() for key in keys]
         self.buckets = buckets
@@ -88,6 +90,7 @@ class Guard:
         self.routes = routes  # the app's routes, read lazily: routes are added after the middleware
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the checks, then the app; count the request in the metrics whatever happens."""
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return

@@ -3,6 +3,14 @@
 The server never fetches a URL (no ``http(s)://``): images travel inside the request, so a request
 can make the server read nothing but its own body. Sizes are checked from the file header before
 any pixel is decoded, so a small file that claims a huge image (a decompression bomb) costs nothing.
+
+Two limits, both in the unit of the work they bound:
+
+* voxels: the decoded array's size, every axis counted (height, width, channels, samples, slices,
+  time ...): what decoding costs in memory;
+* encoder passes: how many 2-D slices the image encoder runs its backbone on (slices x tiles; the
+  image encoder does not tile, so one pass per z-slice). Every slice is resized to the encoder's
+  input size, so a (100000, 3, 1, 1) stack of a few hundred bytes would be 100000 full passes.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import re
 
 import numpy as np
 
-__all__ = ["ImageError", "decode_data_url"]
+__all__ = ["ImageError", "decode_data_url", "image_passes"]
 
 _DATA_URL = re.compile(
     r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*)(?P<b64>;base64)?,", re.IGNORECASE
@@ -28,14 +36,25 @@ class ImageError(ValueError):
     """An image that cannot be used; ``limit`` names the server limit it broke, if any."""
 
     def __init__(self, message: str, *, limit: str | None = None) -> None:
+        """Name the problem and, if one was broken, the server limit."""
         self.limit = limit
         super().__init__(message)
 
 
-def decode_data_url(url: str, *, max_pixels: int) -> np.ndarray:
+def image_passes(shape: tuple[int, ...]) -> int:
+    """Encoder passes of an image array.
+
+    Encoder passes of an array of ``shape`` as the image featurizer reads it: a 4-D (Z, C, H, W)
+    or (Z, H, W, C) stack is one pass per z-slice; a 2-D or 3-D image one pass.
+    """
+    return int(shape[0]) if len(shape) == 4 else 1
+
+
+def decode_data_url(url: str, *, max_voxels: int, max_passes: int) -> np.ndarray:
     """The image in a ``data:image/...;base64,...`` URL as an array: (H, W), (H, W, C) or TIFF axes as stored.
 
-    max_pixels bounds height x width x slices (channels not counted). Raises ImageError.
+    max_voxels bounds the decoded array's size (every axis counted), max_passes the encoder passes
+    (``image_passes``); both are checked from the header, before decoding. Raises ImageError.
     """
     match = _DATA_URL.match(url)
     if not match:
@@ -52,17 +71,18 @@ def decode_data_url(url: str, *, max_pixels: int) -> np.ndarray:
     if not raw:
         raise ImageError("holds no image bytes")
     if raw.startswith(_TIFF_MAGIC):
-        return _tiff(raw, max_pixels)
-    return _pil(raw, max_pixels)
+        return _tiff(raw, max_voxels, max_passes)
+    return _pil(raw, max_voxels)
 
 
-def _pil(raw: bytes, max_pixels: int) -> np.ndarray:
+def _pil(raw: bytes, max_voxels: int) -> np.ndarray:
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(raw), formats=_PIL_FORMATS) as image:
             width, height = image.size  # from the header; nothing decoded yet
-            _check_pixels(width * height, f"{width}x{height}", max_pixels)
+            bands = len(image.getbands())
+            _check_voxels(width * height * bands, f"{width}x{height}x{bands} (width x height x channels)", max_voxels)
             image.load()
             if image.mode in ("P", "PA", "RGBA", "CMYK"):  # alpha is not a measured channel
                 image = image.convert("RGB")
@@ -75,7 +95,7 @@ def _pil(raw: bytes, max_pixels: int) -> np.ndarray:
         raise ImageError("is not a PNG, JPEG or TIFF image") from None
     except Image.DecompressionBombError as error:  # PIL's own guard fires first above ~179 M pixels
         raise ImageError(
-            f"is over the limit max_image_pixels={max_pixels} ({error})", limit="max_image_pixels"
+            f"is over the limit max_image_voxels={max_voxels} ({error})", limit="max_image_voxels"
         ) from None
     except Exception as error:  # noqa: BLE001 - PIL raises many types for corrupt or truncated data
         raise ImageError(
@@ -83,15 +103,22 @@ def _pil(raw: bytes, max_pixels: int) -> np.ndarray:
         ) from None
 
 
-def _tiff(raw: bytes, max_pixels: int) -> np.ndarray:
+def _tiff(raw: bytes, max_voxels: int, max_passes: int) -> np.ndarray:
     import tifffile
 
     try:
         with tifffile.TiffFile(io.BytesIO(raw)) as tiff:
             series = tiff.series[0]
-            # axes letters: C / S are channels and samples, everything else is space (Z, Y, X, ...)
-            pixels = math.prod(n for axis, n in zip(series.axes, series.shape) if axis not in "CS")
-            _check_pixels(pixels, "x".join(map(str, series.shape)) + f" ({series.axes})", max_pixels)
+            shape = tuple(int(n) for n in series.shape)
+            described = "x".join(map(str, shape)) + f" ({series.axes})"
+            _check_voxels(math.prod(shape), described, max_voxels)  # every axis, C and S included
+            passes = image_passes(shape)
+            if passes > max_passes:
+                raise ImageError(
+                    f"is {described}: {passes} z-slices, each one encoder pass, over the limit "
+                    f"max_image_passes={max_passes}",
+                    limit="max_image_passes",
+                )
             return np.asarray(series.asarray())
     except ImageError:
         raise
@@ -99,9 +126,9 @@ def _tiff(raw: bytes, max_pixels: int) -> np.ndarray:
         raise ImageError(f"cannot be decoded as TIFF ({type(error).__name__}: {error})") from None
 
 
-def _check_pixels(pixels: int, shape: str, max_pixels: int) -> None:
-    if pixels > max_pixels:
+def _check_voxels(voxels: int, shape: str, max_voxels: int) -> None:
+    if voxels > max_voxels:
         raise ImageError(
-            f"is {shape}: {pixels} pixels, over the limit max_image_pixels={max_pixels}",
-            limit="max_image_pixels",
+            f"is {shape}: {voxels} voxels, over the limit max_image_voxels={max_voxels}",
+            limit="max_image_voxels",
         )

@@ -1,4 +1,6 @@
-"""Start ``kiban serve`` in a child process and wait until it answers: for notebooks, pipelines and
+"""Start ``kiban serve`` in a child process and wait until it answers.
+
+Start ``kiban serve`` in a child process and wait until it answers: for notebooks, pipelines and
 tests that need a real server on a loopback port and must stop exactly the process they started.
 
     with ServerProcess("runs/quickstart/model", keys_file="api-keys.txt", log_path="serve.log") as server:
@@ -34,6 +36,7 @@ class ServerProcess:
     def __init__(
         self, model_dir: str | Path, keys_file: str | Path | None, log_path: str | Path, *flags: str
     ) -> None:
+        """Start the child process on a free loopback port, its output going to ``log_path``."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = Path(log_path)
@@ -56,8 +59,11 @@ class ServerProcess:
         self.pid = self.process.pid
 
     def wait_ready(self, *, key: str | None, timeout: float = 90.0) -> None:
-        """Poll ``/readyz`` until the model is loaded; raises (with the log's tail) if the process
-        exits or is not ready within ``timeout`` seconds (and then stops it)."""
+        """Poll ``/readyz`` until the model is loaded.
+
+        Poll ``/readyz`` until the model is loaded; raises (with the log's tail) if the process
+        exits or is not ready within ``timeout`` seconds (and then stops it).
+        """
         import httpx
 
         headers = {"authorization": f"Bearer {key}"} if key else {}
@@ -84,6 +90,7 @@ class ServerProcess:
         return httpx.Client(base_url=self.url, headers=headers, timeout=options.pop("timeout", 60), **options)
 
     def log(self) -> str:
+        """The server's output so far."""
         return self.log_path.read_text(errors="replace")
 
     def stop(self) -> None:
@@ -97,7 +104,9 @@ class ServerProcess:
                 self.process.wait(timeout=15)
 
     def __enter__(self) -> ServerProcess:
+        """The server, to be stopped on leaving the block."""
         return self
 
     def __exit__(self, *exc: object) -> None:
+        """Stop the server."""
         self.stop()

@@ -29,7 +29,9 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class ServeMetrics:
+    """The server's Prometheus metrics, in a registry of their own."""
     def __init__(self, *, queue_depth: Callable[[], float], ready: Callable[[], bool]) -> None:
+        """Create the metrics; the queue depth and readiness gauges read the callables given."""
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "kiban_http_requests",
@@ -71,18 +73,23 @@ class ServeMetrics:
         )
 
     def observe_request(self, *, route: str, method: str, status: int, seconds: float) -> None:
+        """Count one HTTP request and its latency under its route template."""
         self.requests.labels(route, method, str(status)).inc()
         self.latency.labels(route).observe(seconds)
 
     def observe_batch(self, kind: str, rows: int) -> None:
+        """Record the rows of one forward pass."""
         self.batch_rows.labels(kind).observe(rows)
 
     def observe_completion(self, finish_reason: str, tokens: int) -> None:
+        """Count one finished generation and its tokens."""
         self.completions.labels(finish_reason).inc()
         self.completion_tokens.inc(tokens)
 
     def reject(self, reason: str) -> None:
+        """Count one refused request under its reason."""
         self.rejects.labels(reason).inc()
 
     def render(self) -> bytes:
+        """The metrics in Prometheus text format."""
         return generate_latest(self.registry)

@@ -1,9 +1,13 @@
 """Request and response models of the HTTP API (pydantic), shaped like OpenAI's where OpenAI has one.
 
 They are the OpenAPI document: every part type is its own model in a union discriminated by
-``type``, so a client generator (or schemathesis) sees exactly what a part may hold. Fields a
-client may send that the server does not use are ignored, as OpenAI-compatible servers commonly do;
-fields that would change the answer and are not supported (``n`` > 1) are refused.
+``type``, so a client generator (or schemathesis) sees exactly what a part may hold.
+
+Requests are read strictly: no coercion (``true`` is no number, ``"1"`` no integer, ``"yes"`` no
+boolean), and a field the model does not declare is refused, so nothing a client sends is silently
+ignored. OpenAI fields the server does not honour (``tools``, ``response_format`` of a JSON kind,
+...) are declared, so that ``decode.py`` can refuse them with a 422 that says why. Every string is
+checked to be valid Unicode (JSON can carry a lone UTF-16 surrogate, which no tokenizer can read).
 
 Server limits (``max_sequence_length``, ``max_inputs``, ...) are set when the server starts, so
 they are not in the schema; a request over one gets a 422 naming the limit (see ``docs/api.md``).
@@ -13,7 +17,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "CellPart",
@@ -32,7 +36,10 @@ __all__ = [
     "PredictRequest",
     "PredictResponse",
     "ProteinPart",
+    "REFUSED_CHAT_FIELDS",
     "ResiduePrediction",
+    "ResponseFormat",
+    "Text",
     "TextPart",
 ]
 
@@ -41,68 +48,88 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+class _Request(BaseModel):
+    """A request body (or a part of one): strict types, no undeclared fields."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _valid_unicode(text: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"is not valid Unicode: an unpaired UTF-16 surrogate ({text[error.start]!r}) at character {error.start}"
+        ) from None
+    return text
+
+
+# Every string a request may carry: valid Unicode, or a 422 naming the field.
+Text = Annotated[str, AfterValidator(_valid_unicode)]
+
+
 # ----------------------------------------------------------------------------------------------
 # Content parts: OpenAI's text and image_url, plus one typed part per modality
 
 
-class TextPart(_Model):
+class TextPart(_Request):
     """Plain text (in chat: part of the prompt; in embeddings / predict: a passage)."""
 
     type: Literal["text"]
-    text: str
+    text: Text
 
 
-class ImageURL(_Model):
-    url: str = Field(
+class ImageURL(_Request):
+    url: Text = Field(
         description="a data URL: data:image/png;base64,... (PNG, JPEG or TIFF); remote URLs are refused"
     )
     detail: Literal["auto", "low", "high"] | None = Field(default=None, description="accepted and ignored")
 
 
-class ImagePart(_Model):
+class ImagePart(_Request):
     """A microscopy image, inline as a base64 data URL (OpenAI's image_url part)."""
 
     type: Literal["image_url"]
     image_url: ImageURL
 
 
-class ProteinInput(_Model):
-    sequence: str = Field(min_length=1, description="amino-acid letters; at most max_sequence_length")
+class ProteinInput(_Request):
+    sequence: Text = Field(min_length=1, description="amino-acid letters; at most max_sequence_length")
 
 
-class ProteinPart(_Model):
+class ProteinPart(_Request):
     """A protein sequence, bound to a ``<protein>`` placeholder at this position."""
 
     type: Literal["protein"]
     protein: ProteinInput
 
 
-class MoleculeInput(_Model):
-    smiles: str = Field(min_length=1, description="a SMILES string; at most max_sequence_length characters")
+class MoleculeInput(_Request):
+    smiles: Text = Field(min_length=1, description="a SMILES string; at most max_sequence_length characters")
 
 
-class MoleculePart(_Model):
+class MoleculePart(_Request):
     """A small molecule as SMILES, bound to a ``<molecule>`` placeholder at this position."""
 
     type: Literal["molecule"]
     molecule: MoleculeInput
 
 
-class DnaInput(_Model):
-    sequence: str = Field(
+class DnaInput(_Request):
+    sequence: Text = Field(
         min_length=1, description="nucleotides (ACGTN and IUPAC codes); at most max_sequence_length"
     )
 
 
-class DnaPart(_Model):
+class DnaPart(_Request):
     """A DNA sequence, bound to a ``<dna>`` placeholder at this position."""
 
     type: Literal["dna"]
     dna: DnaInput
 
 
-class CellInput(_Model):
-    genes: list[str] = Field(min_length=1, description="gene names (symbols); at most max_sequence_length")
+class CellInput(_Request):
+    genes: list[Text] = Field(min_length=1, description="gene names (symbols); at most max_sequence_length")
     values: list[Annotated[float, Field(ge=0, allow_inf_nan=False)]] = Field(
         min_length=1, description="expression values (counts or normalised counts), one per gene"
     )
@@ -116,7 +143,7 @@ class CellInput(_Model):
         return self
 
 
-class CellPart(_Model):
+class CellPart(_Request):
     """One cell's expression profile, bound to a ``<cell>`` placeholder at this position."""
 
     type: Literal["cell"]
@@ -132,30 +159,98 @@ ContentPart = Annotated[
 # Chat completions
 
 
-class ChatMessage(_Model):
+class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = Field(
+    content: Text | list[ContentPart] | None = Field(
         default=None,
-        description="text, or a list of parts; each non-text part becomes a placeholder in place",
+        description="text, or a list of parts; each non-text part becomes a placeholder in place. "
+        "A user message needs content (not null, \"\" or [])",
     )
-    name: str | None = None
+    name: Text | None = None
 
 
-class StreamOptions(_Model):
+class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Model):
-    model: str | None = Field(default=None, description="the served model's id (GET /v1/models); optional")
+class ResponseFormat(_Request):
+    """OpenAI's ``response_format``; only ``{"type": "text"}`` is served (see docs/api.md)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+# OpenAI chat fields that are declared only so that the server can refuse them by name (a 422 that
+# says why) instead of answering as if they had been honoured: field -> why it is refused.
+REFUSED_CHAT_FIELDS = {
+    "tools": "tool calling is not served yet (the grounded-answers work will add it)",
+    "functions": "function calling is not served yet (the grounded-answers work will add it)",
+    "function_call": "function calling is not served yet (the grounded-answers work will add it)",
+    "audio": "this model answers in text only",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "this server searches nothing",
+    "metadata": "completions are not stored (store: true is refused too)",
+    "reasoning_effort": "this model has no reasoning-effort setting",
+    "verbosity": "this model has no verbosity setting",
+}
+
+
+class ChatCompletionRequest(_Request):
+    """OpenAI's chat completion request, with the kiban part types (docs/api.md lists every field)."""
+    model: Text | None = Field(default=None, description="the served model's id (GET /v1/models); optional")
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1, description="at most the server's max_tokens limit")
+    max_tokens: int | None = Field(
+        default=None, ge=1, description="at most the server's max_tokens limit and the context left by the prompt"
+    )
     max_completion_tokens: int | None = Field(default=None, ge=1, description="alias of max_tokens")
-    temperature: float | None = Field(default=None, ge=0, le=2, description="0 or absent: greedy decoding")
+    temperature: float | None = Field(
+        default=None, ge=0, le=2, description="0 or absent: greedy decoding; under 0.01 is 0"
+    )
     top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = Field(
+        default=None,
+        ge=-(2**63),
+        lt=2**64,
+        description="with temperature > 0: the same seed gives the same answer (here and from "
+        "KibanModel.generate); absent: a fresh random seed",
+    )
+    stop: Text | list[Text] | None = Field(
+        default=None, description="up to 4 non-empty strings; the answer ends before the first one"
+    )
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    logit_bias: dict[Text, Annotated[float, Field(ge=-100, le=100)]] | None = Field(
+        default=None, description="token id (as a string) -> bias added to its logit, -100..100"
+    )
+    logprobs: bool | None = Field(default=None, description="the log-probability of each answer token")
+    top_logprobs: int | None = Field(
+        default=None, ge=0, le=20, description="with logprobs: the most likely alternatives per token"
+    )
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     n: int | None = Field(default=None, ge=1, le=1, description="only 1 is supported")
-    user: str | None = None
+    response_format: ResponseFormat | None = Field(
+        default=None, description="only {'type': 'text'}; JSON formats are refused (see docs/api.md)"
+    )
+    tool_choice: Literal["none"] | dict[str, Any] | Text | None = Field(
+        default=None, description="absent or 'none' only: tools are not served yet"
+    )
+    parallel_tool_calls: bool | None = Field(default=None, description="accepted; without tools it has no effect")
+    store: bool | None = Field(default=None, description="absent or false: nothing is stored")
+    modalities: list[Text] | None = Field(default=None, description="absent or ['text']")
+    service_tier: Text | None = Field(default=None, description="absent, 'auto' or 'default'")
+    user: Text | None = Field(default=None, description="accepted; an identifier that changes nothing")
+    safety_identifier: Text | None = Field(default=None, description="accepted; changes nothing")
+    prompt_cache_key: Text | None = Field(default=None, description="accepted; changes nothing")
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+    prediction: Any = None
+    web_search_options: Any = None
+    metadata: Any = None
+    reasoning_effort: Any = None
+    verbosity: Any = None
 
 
 class Usage(_Model):
@@ -169,20 +264,39 @@ class AssistantMessage(_Model):
     content: str
 
 
+class TopLogprob(_Model):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(_Model):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(_Model):
+    content: list[TokenLogprob]
+
+
 class Choice(_Model):
     index: int
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(_Model):
+    """OpenAI's chat completion response."""
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
     choices: list[Choice]
     usage: Usage
+    system_fingerprint: str | None = None
 
 
 class Delta(_Model):
@@ -211,20 +325,21 @@ class ChatCompletionChunk(_Model):
 # ----------------------------------------------------------------------------------------------
 # Embeddings and predictions
 
-InputItem = Union[str, ContentPart]  # noqa: UP007 - ContentPart is an Annotated alias
+InputItem = Union[Text, ContentPart]  # noqa: UP007 - ContentPart is an Annotated alias
 
 
-class EmbeddingRequest(_Model):
-    input: str | ContentPart | list[InputItem] = Field(
+class EmbeddingRequest(_Request):
+    """OpenAI's embeddings request, with typed inputs for every modality."""
+    input: Text | ContentPart | list[InputItem] = Field(
         description="text, a typed input ({'type': 'protein', 'protein': {...}}, ...), or a list of either; "
         "at most max_inputs items"
     )
-    model: str | None = None
+    model: Text | None = None
     encoding_format: Literal["float", "base64"] = Field(
         default="float", description="base64: little-endian float32 bytes, as OpenAI's clients expect"
     )
     dimensions: int | None = Field(default=None, ge=1, description="must equal the model's width if given")
-    user: str | None = None
+    user: Text | None = Field(default=None, description="accepted; an identifier that changes nothing")
 
 
 class EmbeddingData(_Model):
@@ -239,6 +354,7 @@ class EmbeddingUsage(_Model):
 
 
 class EmbeddingResponse(_Model):
+    """OpenAI's embeddings response."""
     object: Literal["list"] = "list"
     data: list[EmbeddingData]
     model: str
@@ -256,14 +372,15 @@ PairItem = Annotated[
 ]
 
 
-class PredictRequest(_Model):
+class PredictRequest(_Request):
+    """Inputs for a task head, and the options of contact heads."""
     inputs: list[InputItem | PairItem] = Field(
         min_length=1,
         description="raw inputs of the head's modality: strings (sequence, SMILES, text) or typed inputs; "
         "for a pair head (two 'inputs' in GET /v1/models), two-item arrays [protein, molecule]; "
         "at most max_inputs items",
     )
-    model: str | None = None
+    model: Text | None = None
     top_k: int | None = Field(
         default=None,
         ge=1,
@@ -319,6 +436,7 @@ class Prediction(_Model):
 
 
 class PredictResponse(_Model):
+    """A task head's answers, one row per input."""
     object: Literal["list"] = "list"
     task: str
     model: str
@@ -362,12 +480,13 @@ class ModelCard(_Model):
 
 
 class ModelList(_Model):
+    """OpenAI's model list: the one served model."""
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
 
 class Status(_Model):
-    status: Literal["ok", "ready", "loading", "failed"]
+    status: Literal["ok", "ready", "loading", "failed", "saturated", "stopping"]
     detail: str | None = None
 
 

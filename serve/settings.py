@@ -21,19 +21,23 @@ class BatchingOptions:
     max_batch: most rows (chat completions, embedding inputs, prediction inputs) in one forward pass.
     max_wait_ms: how long the first request of a group waits for others to join it.
     max_queue: most requests waiting for the model; one more is refused (``Overloaded``, HTTP 503).
-    timeout_s: most seconds a request may take from arrival to answer (``RequestTimeout``, HTTP 504).
+    timeout_s: most seconds a request may take from arrival to answer (``RequestTimeout``, HTTP 504);
+        a generation or encoding past it stops at its next step.
+    drain_s: on shutdown, how long running work may take to finish before it is cancelled.
     """
 
     max_batch: int = 8
     max_wait_ms: float = 5.0
     max_queue: int = 64
     timeout_s: float = 60.0
+    drain_s: float = 10.0
 
     def __post_init__(self) -> None:
+        """Refuse values that cannot work."""
         if self.max_batch < 1 or self.max_queue < 1:
             raise ValueError("max_batch and max_queue must be at least 1")
-        if self.max_wait_ms < 0 or self.timeout_s <= 0:
-            raise ValueError("max_wait_ms must be >= 0 and timeout_s > 0")
+        if self.max_wait_ms < 0 or self.timeout_s <= 0 or self.drain_s < 0:
+            raise ValueError("max_wait_ms and drain_s must be >= 0 and timeout_s > 0")
 
 
 @dataclass(frozen=True)
@@ -44,8 +48,11 @@ class Limits:
     max_sequence_length: characters of one protein or DNA sequence or SMILES, or genes of one cell.
     max_inputs: modality inputs (non-text parts) in one chat request; inputs of one embeddings or
         predict request.
-    max_image_pixels: height x width (x slices) of one decoded image.
-    max_tokens: the most tokens one chat completion may ask for (``max_tokens``).
+    max_image_voxels: values in one decoded image, every axis counted (height x width x channels x
+        slices ...), checked from the header before decoding.
+    max_image_passes: image-encoder passes one image may cost (z-slices x tiles; one per z-slice).
+    max_tokens: the most tokens one chat completion may ask for (``max_tokens``); the prompt's
+        tokens plus ``max_tokens`` must also fit the backbone's context (checked before any model work).
     default_max_tokens: what a chat completion generates when it does not say.
     max_text_chars: characters of all text in one request (message text, text inputs).
     """
@@ -53,17 +60,20 @@ class Limits:
     max_body_bytes: int = 8 * 1024 * 1024
     max_sequence_length: int = 10_000
     max_inputs: int = 32
-    max_image_pixels: int = 4096 * 4096
+    max_image_voxels: int = 4096 * 4096 * 3
+    max_image_passes: int = 16
     max_tokens: int = 1024
     default_max_tokens: int = 256
     max_text_chars: int = 100_000
 
     def __post_init__(self) -> None:
+        """Refuse limits under 1, and a default over the maximum."""
         for name in (
             "max_body_bytes",
             "max_sequence_length",
             "max_inputs",
-            "max_image_pixels",
+            "max_image_voxels",
+            "max_image_passes",
             "max_tokens",
             "default_max_tokens",
             "max_text_chars",
@@ -93,6 +103,7 @@ class ServeSettings:
     model_name: str = "kiban"
 
     def __post_init__(self) -> None:
+        """Refuse a rate limit that cannot work, and serving beyond loopback without keys."""
         if self.rate_limit < 0 or self.rate_burst < 1:
             raise ValueError("rate_limit must be >= 0 and rate_burst >= 1")
         if not self.api_keys and not is_loopback(self.host):
@@ -101,6 +112,7 @@ class ServeSettings:
             )
 
     def __repr__(self) -> str:  # keys never reach a log line, even through a repr
+        """The settings with the keys counted, never shown."""
         return (
             f"ServeSettings(host={self.host!r}, port={self.port}, api_keys=<{len(self.api_keys)} keys>, "
             f"rate_limit={self.rate_limit}, rate_burst={self.rate_burst}, limits={self.limits}, "

@@ -31,7 +31,7 @@ KEYS = (
 # the bad-input tests can reach cheaply.
 MAIN_FLAGS = tuple(
     "--max-batch 8 --max-wait-ms 20 --max-queue 64 --rate-limit 0 --max-body-bytes 1000000 "
-    "--max-tokens 64 --default-max-tokens 8 --max-sequence-length 2000 --max-image-pixels 250000 "
+    "--max-tokens 2000 --default-max-tokens 8 --max-sequence-length 2000 --max-image-voxels 750000 --max-image-passes 4 "
     "--max-inputs 8 --timeout-s 30".split()
 )
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kiban.encoders import InvalidInput
+from kiban.fusion.generation import GenerationSettings
 from kiban.serve import BatchingOptions, InferenceEngine, NotReady, Overloaded, RequestTimeout
-from kiban.serve.generation import RowControl, generate_rows
 from kiban.tiny import tiny_model
 
 PROTEINS = [
@@ -73,17 +73,17 @@ def test_concurrent_generation_equals_one_by_one(model):
         return await asyncio.gather(*jobs, stream(_record(PROTEINS[-1]), budgets[-1])), streamed
 
     (answers, streamed), batches = _run(together, model, max_batch=8, max_wait_ms=50)
-    assert [a.text.strip() for a in answers] == alone
+    assert [a.text for a in answers] == alone
     assert len(set(alone)) == len(alone), "the test needs answers that differ"
     assert [a.completion_tokens for a in answers] == budgets  # each row stopped at its own budget
     assert streamed == [answers[-1].text]
     assert max(rows for _, rows in batches) > 1, f"nothing was batched: {batches}"
 
 
-def test_generate_rows_matches_generate_for_mixed_prompt_lengths(model):
+def test_a_batch_of_rows_matches_generate_one_by_one_for_mixed_prompt_lengths(model):
     records = [_record(p, s) for p, s in zip(PROTEINS, ["CCO", "c1ccccc1", "CC(=O)O", "N", "CCN", "O=C=O"])]
-    rows = generate_rows(model, records, [RowControl(10) for _ in records])
-    assert [r.text.strip() for r in rows] == [model.generate([r], max_new_tokens=10)[0] for r in records]
+    rows = model.complete(records, [GenerationSettings(max_tokens=10) for _ in records])
+    assert [r.text for r in rows] == [model.generate([r], max_new_tokens=10)[0] for r in records]
 
 
 def test_concurrent_embeddings_equal_one_by_one(model):
@@ -110,7 +110,7 @@ def test_a_bad_input_fails_only_its_own_request(model):
         )
 
     (good, bad, good_vector, bad_vector), _ = _run(together, model, max_batch=8, max_wait_ms=50)
-    assert good.text.strip() == model.generate([_record(PROTEINS[0])], max_new_tokens=5)[0]
+    assert good.text == model.generate([_record(PROTEINS[0])], max_new_tokens=5)[0]
     assert isinstance(bad, InvalidInput) and "SMILES" in str(bad)
     assert good_vector.shape == (1, 32)
     assert isinstance(bad_vector, InvalidInput) and "protein" in str(bad_vector)
@@ -200,5 +200,51 @@ def test_tiny_temperatures_decode_greedily_instead_of_failing(model):
         )
 
     (tiny, sampled), _ = _run(both, model)
-    assert tiny.text.strip() == model.generate([_record(PROTEINS[0])], max_new_tokens=6)[0]
+    assert tiny.text == model.generate([_record(PROTEINS[0])], max_new_tokens=6)[0]
     assert sampled.completion_tokens >= 1
+
+
+def _no_eos(model) -> dict[int, float]:
+    return {model.tokenizer.eos_token_id: -100.0}
+
+
+def test_retry_after_follows_the_measured_drain_rate(model):
+    settings = GenerationSettings(max_tokens=40, logit_bias=_no_eos(model))  # equal jobs
+
+    async def measure(engine):
+        for protein in PROTEINS[:4]:  # one at a time: the engine measures how fast jobs leave
+            await engine.generate(_record(protein), settings)
+        jobs = [asyncio.ensure_future(engine.generate(_record(p), settings)) for p in PROTEINS + PROTEINS[:4]]
+        await asyncio.sleep(0)  # all queued
+        predicted = engine.retry_after()
+        started = time.monotonic()
+        await asyncio.gather(*jobs)
+        return predicted, time.monotonic() - started
+
+    (predicted, actual), _ = _run(measure, model, max_batch=1, max_wait_ms=0, max_queue=16)
+    # whole seconds, from a rate measured on four jobs: right within a factor of two
+    assert actual / 2 - 1 <= predicted <= 2 * actual + 1, (predicted, actual)
+
+
+def test_the_engine_says_it_is_saturated_while_its_queue_outlasts_the_timeout(model):
+    settings = GenerationSettings(max_tokens=40, logit_bias=_no_eos(model))
+
+    async def flood(engine):
+        for protein in PROTEINS[:3]:
+            await engine.generate(_record(protein), settings)
+        idle = engine.saturated
+        jobs = [engine.generate(_record(p), settings) for p in PROTEINS * 3]
+        flooded = asyncio.gather(*jobs, return_exceptions=True)
+        busy = None
+        while not flooded.done() and busy is None:  # read it as a probe would, while the flood lasts
+            await asyncio.sleep(0.05)
+            busy = engine.saturated
+        results = await flooded
+        while engine.queue_depth:  # expired jobs leave the queue as the batcher reaches them
+            await asyncio.sleep(0.05)
+        return idle, busy, engine.saturated, results
+
+    (idle, busy, after, results), _ = _run(flood, model, max_batch=1, max_wait_ms=0, max_queue=32, timeout_s=4.0)
+    assert idle is None and after is None
+    assert busy is not None and "timeout_s=4" in busy
+    assert any(isinstance(r, RequestTimeout) for r in results)  # the flood did outlast the deadline

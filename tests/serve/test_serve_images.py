@@ -28,23 +28,37 @@ def _url(raw: bytes, mime: str = "image/png") -> str:
 
 def test_png_modes_become_measured_channels():
     rgba = Image.fromarray(np.full((8, 6, 4), 200, dtype=np.uint8), mode="RGBA")
-    assert decode_data_url(_url(_png(rgba)), max_pixels=100).shape == (8, 6, 3)  # alpha dropped
+    assert decode_data_url(_url(_png(rgba)), max_voxels=1000, max_passes=1).shape == (8, 6, 3)  # alpha dropped
     gray = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(8, 6))
-    np.testing.assert_array_equal(decode_data_url(_url(_png(gray)), max_pixels=100), np.asarray(gray))
+    np.testing.assert_array_equal(decode_data_url(_url(_png(gray)), max_voxels=1000, max_passes=1), np.asarray(gray))
     palette = gray.convert("P")
-    assert decode_data_url(_url(_png(palette)), max_pixels=100).shape == (8, 6, 3)
+    assert decode_data_url(_url(_png(palette)), max_voxels=1000, max_passes=1).shape == (8, 6, 3)
 
 
-def test_tiff_stacks_keep_their_axes_and_count_pixels_without_channels():
+def test_tiff_stacks_keep_their_axes_and_count_every_axis_and_every_pass():
     import tifffile
 
     stack = np.random.default_rng(0).random((3, 2, 16, 16), dtype=np.float32)  # Z, C, Y, X
     buffer = io.BytesIO()
     tifffile.imwrite(buffer, stack, metadata={"axes": "ZCYX"})
     url = _url(buffer.getvalue(), "image/tiff")
-    np.testing.assert_array_equal(decode_data_url(url, max_pixels=3 * 16 * 16), stack)
-    with pytest.raises(ImageError, match="max_image_pixels=767"):
-        decode_data_url(url, max_pixels=3 * 16 * 16 - 1)
+    np.testing.assert_array_equal(decode_data_url(url, max_voxels=3 * 2 * 16 * 16, max_passes=3), stack)
+    with pytest.raises(ImageError, match="1536 voxels, over the limit max_image_voxels=1535") as error:
+        decode_data_url(url, max_voxels=3 * 2 * 16 * 16 - 1, max_passes=3)  # channels count too
+    assert error.value.limit == "max_image_voxels"
+    with pytest.raises(ImageError, match="3 z-slices, each one encoder pass, over the limit max_image_passes=2"):
+        decode_data_url(url, max_voxels=10**6, max_passes=2)
+
+
+def test_a_deep_stack_of_tiny_slices_is_refused_by_its_passes_before_decoding():
+    import tifffile
+
+    buffer = io.BytesIO()
+    tifffile.imwrite(buffer, np.zeros((100_000, 3, 2, 2), dtype=np.uint8), compression="zlib")
+    url = _url(buffer.getvalue(), "image/tiff")
+    with pytest.raises(ImageError, match="100000 z-slices") as error:
+        decode_data_url(url, max_voxels=10**7, max_passes=16)
+    assert error.value.limit == "max_image_passes"
 
 
 def test_a_huge_image_claimed_by_a_tiny_file_is_refused_before_decoding():
@@ -55,9 +69,9 @@ def test_a_huge_image_claimed_by_a_tiny_file_is_refused_before_decoding():
     raw[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + header))
     started = time.perf_counter()
     for limit in (4096 * 4096, 10**9):  # under PIL's own bomb guard, and over it
-        with pytest.raises(ImageError, match=f"max_image_pixels={limit}") as error:
-            decode_data_url(_url(bytes(raw)), max_pixels=limit)
-        assert error.value.limit == "max_image_pixels" and "10000000000 pixels" in str(error.value)
+        with pytest.raises(ImageError, match=f"max_image_voxels={limit}") as error:
+            decode_data_url(_url(bytes(raw)), max_voxels=limit, max_passes=1)
+        assert error.value.limit == "max_image_voxels" and "10000000000" in str(error.value)
     assert time.perf_counter() - started < 0.5
 
 
@@ -80,4 +94,4 @@ def test_a_huge_image_claimed_by_a_tiny_file_is_refused_before_decoding():
 )
 def test_unusable_urls_say_why(url, message):
     with pytest.raises(ImageError, match=message):
-        decode_data_url(url, max_pixels=1000)
+        decode_data_url(url, max_voxels=1000, max_passes=1)
