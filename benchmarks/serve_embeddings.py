@@ -67,7 +67,7 @@ def build_model(choice: str, directory: Path) -> tuple[Path, str]:
         config, name = default_config(), "default model: six encoders (ESM-2 8M for proteins) + SmolLM2-135M"
     else:
         config = tiny_config()
-        config.backbone["hf_config"].update(hidden_size=128, intermediate_size=256, num_hidden_layers=4)
+        config.backbone.hf_config.update(hidden_size=128, intermediate_size=256, num_hidden_layers=4)
         name = "small model: tiny encoders + 4-layer 128-wide Llama"
     KibanModel.from_config(config).save_pretrained(directory)
     return directory, name

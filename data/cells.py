@@ -331,7 +331,8 @@ class H5adReader:
         code[rows[~np.isfinite(chunk.data)]] = 1
         if code.any():
             chunk.data[np.repeat(code != 0, np.diff(chunk.indptr))] = 0
-            chunk.eliminate_zeros()
+        # a zero stored explicitly (writers that keep the sparsity pattern) is not an expressed gene
+        chunk.eliminate_zeros()
         return chunk, code
 
     # -- records -------------------------------------------------------------------------------
@@ -371,8 +372,8 @@ class H5adReader:
                     )
                 )
             elif expressed[offset] == 0:
-                where = " in the vocabulary" if "gene_match" in self.notes else ""
-                out.append(self._reject(row, "no expressed genes", f"the cell has no expressed gene{where}"))
+                scope = " in the vocabulary" if "gene_match" in self.notes else ""
+                out.append(self._reject(row, "no expressed genes", f"the cell has no expressed gene{scope}"))
             else:
                 lo, hi = chunk.indptr[offset], chunk.indptr[offset + 1]
                 item = {"genes": genes[lo:hi], "values": chunk.data[lo:hi]}

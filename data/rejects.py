@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kiban.atomic import write_atomic, write_json
+
 __all__ = [
     "DataError",
     "ReadReport",
@@ -165,7 +167,7 @@ class Rejects:
 
     def write_counts(self, path: str | Path, **extra: Any) -> None:
         """Write this collector's counts as JSON (atomically: a reader never sees half a file)."""
-        _write_json(Path(path), {**self.report().to_dict(), **extra})
+        write_json(path, {**self.report().to_dict(), **extra}, default=str)
 
     def close(self) -> None:
         if self._handle is not None:
@@ -240,13 +242,6 @@ def merge_rejects(directory: str | Path, *, into: str | Path | None = None) -> R
         by_reason.update(part["by_reason"])
     merged.by_reason = dict(by_reason)
     into.mkdir(parents=True, exist_ok=True)
-    (into / REJECTS_FILE).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    _write_json(into / COUNTS_FILE, {**merged.to_dict(), "parts": parts})
+    write_atomic(into / REJECTS_FILE, "".join(line + "\n" for line in lines))
+    write_json(into / COUNTS_FILE, {**merged.to_dict(), "parts": parts}, default=str)
     return merged
-
-
-def _write_json(path: Path, values: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(values, indent=2, default=str) + "\n", encoding="utf-8")
-    partial.replace(path)

@@ -25,6 +25,8 @@ from typing import Any, Callable, ClassVar, Collection, Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
+from kiban.config import from_plain, to_plain
+
 __all__ = [
     "Encoder",
     "EncoderSpec",
@@ -279,32 +281,13 @@ def create_encoder(name: str, config: Any = None, *, preset: str | None = None, 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A config dataclass as plain JSON/YAML values (tuples become lists)."""
-    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    return to_plain(config)
 
 
-def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
-    """Inverse of ``config_to_dict``; unknown keys are an error naming the key, not silently dropped."""
-    known = {f.name: f for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"{config_class.__name__} has no field(s) {', '.join(unknown)}")
-    kwargs = {}
-    for key, value in values.items():
-        # a field annotated as a tuple (``tuple[str, ...]``, ``tuple[...] | None``) comes back from JSON as a list
-        wants_tuple = "tuple" in str(known[key].type)
-        kwargs[key] = _as_tuple(value) if isinstance(value, list) and wants_tuple else value
-    return config_class(**kwargs)
-
-
-def _as_tuple(value: Any) -> Any:
-    """JSON lists back to the (possibly nested) tuples a config holds."""
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
+def config_from_dict(config_class: type, values: dict[str, Any], *, path: str = "") -> Any:
+    """Inverse of ``config_to_dict``, through ``kiban.config.from_plain``: an unknown key or a value
+    of the wrong type is a ``ConfigError`` naming the field (under ``path``), never dropped."""
+    return from_plain(config_class, values, path)
 
 
 _BUILTINS = ("protein", "dna", "cell", "image", "molecule", "text")

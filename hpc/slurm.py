@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kiban.atomic import write_atomic
+
 __all__ = ["SlurmError", "SlurmJob", "render_sbatch", "submit"]
 
 
@@ -120,7 +122,7 @@ def submit(job: SlurmJob, script: str) -> str:
     log_dir = Path(job.log_dir).expanduser().resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"{job.job_name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
-    path.write_text(script)
+    write_atomic(path, script)
     try:
         result = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
     except FileNotFoundError:

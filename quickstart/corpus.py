@@ -92,10 +92,12 @@ class Corpus:
 
 def build_corpus(folder: Path, plan: CorpusPlan) -> Corpus:
     """Write ``train.jsonl``, ``val.jsonl``, ``SOURCES.md``, the copied h5ad, image crops and
-    ``molecules.csv`` (the head's molecules with their property) into ``folder`` (which must not exist)."""
+    ``molecules.csv`` (the head's molecules with their property) into ``folder`` (new or empty)."""
     from kiban.data import rejects_log
 
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    if any(folder.iterdir()):
+        raise FileExistsError(f"{folder} is not empty: the corpus is built into a new folder")
     rng = random.Random(plan.seed)
     records: list[dict[str, Any]] = []
     corpus = Corpus(folder)

@@ -8,19 +8,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from kiban.cli import command
+from kiban.cli import arguments, command
 
 __all__ = ["embed_command", "finetune_command", "predict_command"]
-
-
-def _options(setup):
-    """Attach an argument-adding function before ``@command`` registers the subcommand."""
-
-    def wrap(fn):
-        fn.arguments = setup
-        return fn
-
-    return wrap
 
 
 def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,7 +93,7 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
 @command(
     "finetune", help="fine-tune a task head on a labelled file: split, train, evaluate vs. baselines, save"
 )
-@_options(_finetune_arguments)
+@arguments(_finetune_arguments)
 def finetune_command(args: argparse.Namespace) -> int:
     from kiban.tasks.finetune import FinetuneOptions, finetune
 
@@ -206,7 +196,7 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @command("predict", help="predict with a saved head on a file of inputs")
-@_options(_predict_arguments)
+@arguments(_predict_arguments)
 def predict_command(args: argparse.Namespace) -> int:
     from kiban.tasks.predict import predict_file
 
@@ -241,7 +231,7 @@ def _embed_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @command("embed", help="write the model's pooled embeddings of a file (h5ad: obsm['X_kiban'] + uns['kiban'])")
-@_options(_embed_arguments)
+@arguments(_embed_arguments)
 def embed_command(args: argparse.Namespace) -> int:
     from kiban.tasks.embed import embed_file
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from kiban.tasks.heads import HeadConfig, PooledHead, create_head, register_head
 from kiban.tasks.splits import Split
-from kiban.tasks.training import FitSettings, fit_head
+from kiban.tasks.training import FitSettings, embed_items, fit_head
 
 __all__ = [
     "PAIR_MODALITIES",
@@ -49,8 +49,6 @@ def pair_features(
     progress: bool = False,
 ) -> torch.Tensor:
     """[N, 2H]: pooled protein state ‖ pooled molecule state of each pair (``layer`` as ``embed``'s)."""
-    from kiban.tasks.finetune import embed_items
-
     unique_proteins, protein_index = np.unique(np.asarray(proteins, dtype=object), return_inverse=True)
     unique_smiles, smiles_index = np.unique(np.asarray(smiles, dtype=object), return_inverse=True)
     p = embed_items(model, "protein", list(unique_proteins), batch_size=8, layer=layer, progress=progress)

@@ -47,9 +47,6 @@ and contacts, 1000 for pairs), so a first run stays small.
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,9 +54,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from kiban.tasks.heads import HeadConfig, create_head
-from kiban.tasks.predict import RUN_MODEL
-from kiban.tasks.training import FitSettings, fit_head
+
+from kiban.atomic import staged_folder, write_json
+from kiban.tasks.heads import HeadConfig, create_head, model_reference
+from kiban.tasks.training import FitSettings, embed_items, fit_head
 
 __all__ = [
     "DATA_TYPES",
@@ -67,7 +65,6 @@ __all__ = [
     "LabelledData",
     "build_model",
     "data_type",
-    "embed_items",
     "finetune",
     "load_labelled",
     "resolve_labels",
@@ -166,17 +163,8 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
         )
     if (options.drugs or options.targets) and source != "dti":
         raise ValueError(f"--drugs / --targets apply to drug–target pair tables, not to {source} data")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        result = _RUNNERS[source](options, work)
-        if out.exists():
-            out.rmdir()
-        work.rename(out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return result
+    with staged_folder(out, replace=False) as work:  # an existing OUT was checked to be empty
+        return _RUNNERS[source](options, work)
 
 
 def data_type(options: FinetuneOptions) -> str:
@@ -255,8 +243,8 @@ def _sample(n: int, max_rows: int | None, seed: int) -> np.ndarray:
 
 
 def _write_json(path: Path, values: dict[str, Any]) -> None:
-    # strict JSON: an undefined metric (Spearman of a constant prediction) is null, not NaN
-    path.write_text(json.dumps(_finite(values), indent=2, default=_json_value, allow_nan=False) + "\n")
+    # an undefined metric (Spearman of a constant prediction) is null: strict JSON has no NaN
+    write_json(path, _finite(values), default=_json_value)
 
 
 def _bar(items: Any, *, progress: bool, desc: str, unit: str) -> Any:
@@ -308,7 +296,10 @@ def _run(options: FinetuneOptions, work: Path) -> dict[str, Any]:
         layer=options.layer,
         extra={
             # lora: the adapted model is saved in the run folder beside the head
-            "model": RUN_MODEL if options.model == "tiny" or lora else str(Path(options.model).resolve()),
+            "model": model_reference(
+                Path(options.out) / "model" if options.model == "tiny" or lora else options.model,
+                Path(options.out) / "heads" / options.task,
+            ),
             "trained_on": str(options.data),
             "mode": options.mode,
             "seed": options.seed,
@@ -421,8 +412,8 @@ def _saved_model(options: FinetuneOptions, model: Any, work: Path) -> str:
     """The head's ``extra["model"]``: the run's own tiny model (saved here), or the model folder."""
     if options.model == "tiny":
         model.save_pretrained(work / "model")
-        return RUN_MODEL
-    return str(Path(options.model).resolve())
+    saved = Path(options.out) / "model" if options.model == "tiny" else options.model
+    return model_reference(saved, Path(options.out) / "heads" / options.task)
 
 
 def _protein_model(options: FinetuneOptions, modalities: tuple[str, ...] = ("protein",)) -> Any:
@@ -982,31 +973,6 @@ def build_model(
         default_projector={"kind": "mlp2", "num_tokens": 4, "depth": 1, "num_heads": 4},
     )
     return KibanModel.from_config(config).eval()
-
-
-def embed_items(
-    model: Any,
-    modality: str,
-    items: list[Any],
-    *,
-    batch_size: int = 64,
-    layer: int | None = None,
-    progress: bool = True,
-) -> torch.Tensor:
-    """Pooled fused states [N, H] of the frozen model, in batches (with a progress bar); ``layer``
-    as ``KibanModel.embed``'s."""
-    batches = range(0, len(items), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc=f"embedding {len(items)} {modality} inputs", unit="batch", leave=False)
-    with torch.no_grad():
-        return torch.cat(
-            [
-                model.embed([(modality, item) for item in items[i : i + batch_size]], layer=layer).float()
-                for i in batches
-            ]
-        )
 
 
 # ----------------------------------------------------------------------------------------------

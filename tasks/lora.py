@@ -12,6 +12,7 @@ adapters and predict exactly as at the end of training.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,9 +41,7 @@ def add_lora(model: Any, settings: Any = None) -> Any:
         return model
     settings = settings or LoraSettings()
     model.llm = apply_lora(model.llm, settings)
-    backbone = dict(model.config.backbone or {})
-    backbone["lora"] = {**vars(settings), "target_modules": list(settings.target_modules)}
-    model.config.backbone = backbone
+    model.config.backbone = dataclasses.replace(model.config.backbone, lora=settings)
     return model
 
 
@@ -88,7 +87,7 @@ def fit_lora(
     states while training; the map is folded into the head at the end (as ``fit_head`` does), so the
     saved head needs no extra statistics. Regression targets are scaled likewise.
     """
-    from kiban.tasks.training import _fold_scaling, scaling
+    from kiban.tasks.training import fold_scaling, scaling
 
     settings = settings or LoraFitSettings()
     torch.manual_seed(settings.seed)
@@ -161,5 +160,5 @@ def fit_lora(
     for param in model.parameters():
         param.requires_grad_(False)
     model.eval()
-    _fold_scaling(head, mean, std, t_mean, t_std)
+    fold_scaling(head, mean, std, t_mean, t_std)
     return history

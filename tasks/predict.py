@@ -1,10 +1,11 @@
 """Predicting with a saved head on a file: the Python side of ``kiban predict``, and the head
 checks ``kiban serve`` shares.
 
-The model comes from ``--model``, else from the head's ``extra["model"]``: a model folder, or
-``"run:model"`` for the tiny model ``kiban finetune --model tiny`` saved beside ``heads/`` in its
-run folder (so a smoke-test run is self-contained; to serve it, copy ``RUN/heads`` into
-``RUN/model`` and run ``kiban serve RUN/model``).
+The model comes from ``--model``, else from the head's ``extra["model"]``: the model folder,
+relative to the head's folder (so a moved run folder still works; older heads hold an absolute
+path or ``"run:model"``, both still read). ``kiban finetune --model tiny`` saves its tiny model
+beside ``heads/`` in the run folder, so a smoke-test run is self-contained; to serve it, copy
+``RUN/heads`` into ``RUN/model`` and run ``kiban serve RUN/model``.
 
 Heads and what ``kiban predict`` reads and writes (CSV, to ``--out`` or stdout):
 
@@ -28,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from kiban.tasks import dti, secondary, structure  # noqa: F401 - registers the pair / residue / contact heads
-from kiban.tasks.heads import PooledHead, load_head, load_heads
+from kiban.tasks.heads import PooledHead, load_head, load_heads, resolve_model_reference
 
 __all__ = [
-    "RUN_MODEL",
     "check_head_fits",
     "input_modalities",
     "load_model_heads",
@@ -39,8 +39,6 @@ __all__ = [
     "predict_file",
     "read_inputs",
 ]
-
-RUN_MODEL = "run:model"
 
 
 def input_modalities(config: Any) -> list[str]:
@@ -89,8 +87,8 @@ def model_for_head(head_dir: Path, head: PooledHead, model: str | None = None) -
     spec = model or head.config.extra.get("model")
     if not spec:
         raise ValueError(f"{head_dir}/head.json names no model; pass --model")
-    if spec == RUN_MODEL:
-        spec = str(Path(head_dir).resolve().parents[1] / "model")
+    if not model:
+        spec = str(resolve_model_reference(spec, head_dir))
     return KibanModel.from_pretrained(spec).eval()
 
 

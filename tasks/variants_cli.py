@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from kiban.cli import command
+from kiban.atomic import write_atomic
+from kiban.cli import arguments, command
 
 __all__ = ["load_scoring_encoder", "read_wild_type", "score_variants_file", "variants_command"]
 
@@ -146,15 +145,7 @@ def score_variants_file(
 
     table[SCORE_COLUMN] = [f"{s:.6g}" if problem is None else "" for s, problem in zip(scores, problems)]
     table[REASON_COLUMN] = ["" if problem is None else str(problem) for problem in problems]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, staged = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            table.to_csv(stream, index=False)
-        os.replace(staged, out)
-    finally:
-        if os.path.exists(staged):
-            os.unlink(staged)
+    write_atomic(out, table.to_csv(index=False))
 
     scored = np.array([problem is None for problem in problems])
     report: dict[str, Any] = {
@@ -224,18 +215,8 @@ def _variants_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _options(setup):
-    """Attach an argument-adding function before ``@command`` registers the subcommand."""
-
-    def wrap(fn):
-        fn.arguments = setup
-        return fn
-
-    return wrap
-
-
 @command("variants", help="zero-shot masked-marginal scores of protein or DNA mutations (ESM-1v style)")
-@_options(_variants_arguments)
+@arguments(_variants_arguments)
 def variants_command(args: argparse.Namespace) -> int:
     report = score_variants_file(
         wild_type=args.wild_type,

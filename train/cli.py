@@ -13,7 +13,7 @@ import os
 import sys
 import warnings
 
-from kiban.cli import _arguments, command
+from kiban.cli import arguments, command
 
 __all__ = ["fit_command", "test_command", "validate_command"]
 
@@ -51,7 +51,7 @@ def _load(args: argparse.Namespace):
 
 
 @command("fit", help="train the fused model as a YAML config says (CPU, GPUs, Slurm; resumes automatically)")
-@_arguments(_run_arguments)
+@arguments(_run_arguments)
 def fit_command(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.print_config:
@@ -76,13 +76,13 @@ def fit_command(args: argparse.Namespace) -> int:
 
 
 @command("validate", help="evaluate a checkpoint on data.val")
-@_arguments(_eval_arguments)
+@arguments(_eval_arguments)
 def validate_command(args: argparse.Namespace) -> int:
     return _evaluate(args, "validate")
 
 
 @command("test", help="evaluate a checkpoint on data.test")
-@_arguments(_eval_arguments)
+@arguments(_eval_arguments)
 def test_command(args: argparse.Namespace) -> int:
     return _evaluate(args, "test")
 

@@ -20,14 +20,14 @@ checks that need the registries or the device live in ``validation.py``.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
+
+from kiban.config import ConfigError, from_plain, to_plain
+from kiban.fusion.config import KibanConfig
 
 __all__ = [
     "STRATEGIES",
@@ -57,14 +57,6 @@ STRATEGIES = (
     "deepspeed_stage_3",
     "deepspeed_stage_3_offload",
 )
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; ``field`` is its dotted path (``trainer.strategy``)."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        self.field = field
-        super().__init__(f"{field}: {problem}")
 
 
 @dataclass
@@ -180,9 +172,9 @@ class CallbacksSection:
 
 @dataclass
 class TrainConfig:
-    """A whole run. ``model`` holds ``KibanConfig`` fields (encoders, backbone, projectors, ...)."""
+    """A whole run. ``model`` is the ``KibanConfig`` (encoders, backbone, projectors, ...)."""
 
-    model: dict[str, Any]
+    model: KibanConfig
     stage: str = "align"
     seed: int = 0
     run: RunSection = field(default_factory=RunSection)
@@ -194,11 +186,14 @@ class TrainConfig:
     callbacks: CallbacksSection = field(default_factory=CallbacksSection)
 
     def to_dict(self) -> dict[str, Any]:
-        values = _plain(dataclasses.asdict(self))
+        """Plain values in the YAML's layout (``kiban.config.to_plain``)."""
+        values = to_plain(self)
+        values["model"].pop("kiban_version", None)  # a run config, not a saved model
         order = ("seed", "stage", "run", "model")  # the reading order of the shipped YAMLs
         return {**{k: values[k] for k in order}, **{k: v for k, v in values.items() if k not in order}}
 
     def to_yaml(self) -> str:
+        """The YAML text of ``to_dict``."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
@@ -231,15 +226,15 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
         config.run.resume = str(Path(config.run.resume).expanduser().resolve())
     if config.run.init_from is not None:
         config.run.init_from = str(Path(config.run.init_from).expanduser().resolve())
-    backbone = config.model.get("backbone")
-    if isinstance(backbone, dict) and backbone.get("gguf") == "smollm2":
+    backbone = config.model.backbone
+    if backbone.gguf == "smollm2":
         from kiban.fusion.backbone import smollm2_gguf
 
-        config.model["backbone"] = {**backbone, "gguf": str(smollm2_gguf())}
-    elif isinstance(backbone, dict):
+        backbone.gguf = str(smollm2_gguf())
+    else:
         for key in ("path", "gguf", "tokenizer_path"):
-            if isinstance(backbone.get(key), str):
-                backbone[key] = str(Path(backbone[key]).expanduser().resolve())
+            if isinstance(getattr(backbone, key), str):
+                setattr(backbone, key, str(Path(getattr(backbone, key)).expanduser().resolve()))
     return config
 
 
@@ -268,82 +263,11 @@ def apply_overrides(values: Mapping[str, Any], overrides: Sequence[str]) -> dict
 
 
 def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
+    """The typed config of a training YAML's values (``kiban.config.from_plain``, strict)."""
     if "model" not in values:
         raise ConfigError("model", "is required (encoders, backbone, projectors: the KibanConfig fields)")
-    return _build(TrainConfig, values, "")
-
-
-def _build(cls: type, values: Any, path: str) -> Any:
-    if not isinstance(values, Mapping):
-        raise ConfigError(path or "config", f"must be a mapping, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        where = f"{path}.{unknown[0]}" if path else unknown[0]
-        raise ConfigError(where, f"unknown key (known here: {', '.join(sorted(fields))})")
-    kwargs = {}
-    for name, value in values.items():
-        kwargs[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)
-    return cls(**kwargs)
-
-
-def _coerce(hint: Any, value: Any, path: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value if value is not None else {}, path)
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(option, value, path)
-            except ConfigError as error:
-                errors.append(error)
-        raise errors[0]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
-            raise ConfigError(path, f"must be a list of {len(typing.get_args(hint))} numbers, got {value!r}")
-        return tuple(_coerce(t, v, path) for t, v in zip(typing.get_args(hint), value, strict=True))
-    if origin is dict or hint is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(path, f"must be a mapping, got {value!r}")
-        return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(path, f"must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(path, f"must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(path, f"must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(path, f"must be a string, got {value!r}")
-        return value
-    return value
+    return from_plain(TrainConfig, values)
 
 
 def _deep_copy(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in values.items()}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

@@ -18,7 +18,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from kiban.fusion.model import KibanConfig, KibanModel, apply_freeze_policy
+from kiban.fusion.model import KibanModel, apply_freeze_policy
 from kiban.train.checkpoint import verify_checkpoint
 from kiban.train.config import TrainConfig, config_from_dict
 from kiban.data.resumable import TrainBatch
@@ -101,7 +101,7 @@ class KibanLightningModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:  # Lightning may call this again (e.g. validate after fit)
             return
-        self.model = KibanModel.from_config(KibanConfig.from_dict(self.config.model))
+        self.model = KibanModel.from_config(self.config.model)
         if self.config.run.init_from and self.init_weights:
             load_stage_weights(self.model, Path(self.config.run.init_from))
         counts = apply_freeze_policy(self.model, self.config.stage)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from kiban.atomic import staged_folder, write_atomic
 from kiban.hpc.env import ClusterEnv, detect_cluster, lightning_environment
 from kiban.train.checkpoint import complete_checkpoints, verify_checkpoint
 from kiban.train.config import ConfigError, TrainConfig
@@ -43,7 +44,7 @@ def fit(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> FitResult:
     resume = resume_checkpoint(config)
     if cluster.global_rank == 0 and os.environ.get("LOCAL_RANK", "0") == "0":
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomically(run_dir / "config.yaml", config.to_yaml())
+        write_atomic(run_dir / "config.yaml", config.to_yaml())
     from kiban.train.strategies import uses_raw_deepspeed
 
     if uses_raw_deepspeed(config, accelerator=accelerator):
@@ -75,13 +76,8 @@ def _export_model(model: Any, target: Path) -> None:
     """The trained model as ``save_pretrained`` writes it (what ``kiban serve`` and ``kiban
     finetune --model`` read), replacing an older export only once the new one is complete. Only
     where rank 0 holds whole weights (one process or DDP); sharded runs export from a checkpoint."""
-    import shutil
-
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    with staged_folder(target) as staging:
+        model.save_pretrained(staging)
     log.info("saved the trained model to %s (kiban serve %s)", target, target)
 
 
@@ -240,7 +236,3 @@ def _check_world(config: TrainConfig, cluster: ClusterEnv, *, accelerator: str) 
         )
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
