@@ -152,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``kiban`` with ``argv`` (default: the command line); returns the exit code."""
     # Nothing here may reach a hub: loaders take local paths only; this makes a slip fail fast.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -132,7 +132,7 @@ def child_in_memory(path: str, batch_size: int, max_seconds: float, variant: str
 
 
 def child_annbatch(path: str, batch_size: int, max_seconds: float, variant: str) -> dict:
-    """variant "convert": the h5ad to annbatch's sharded zarr (it reads zarr, not h5ad); "load": batches."""
+    """Variant "convert": the h5ad to annbatch's sharded zarr (it reads zarr, not h5ad); "load": batches."""
     import anndata
     import zarr
 
@@ -162,7 +162,7 @@ def child_annbatch(path: str, batch_size: int, max_seconds: float, variant: str)
 
 
 def child_scdl(path: str, batch_size: int, max_seconds: float, variant: str) -> dict:
-    """variant "convert": the h5ad to SCDL's memory-mapped format; "load": shuffled batches through torch."""
+    """Variant "convert": the h5ad to SCDL's memory-mapped format; "load": shuffled batches through torch."""
     from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
 
     target = Path(path).with_suffix(".scdl")

@@ -152,7 +152,8 @@ def start(model_dir: Path, keys: Path, work: Path, *, max_batch: int) -> Server:
 
 def measure(servers: dict[str, Server], seqs: list[str], *, seconds: float, rounds: int) -> dict:
     """Per level, the servers take turns (``rounds`` turns each), so background load on a shared
-    machine falls on both alike; only the server being measured has work."""
+    machine falls on both alike; only the server being measured has work.
+    """
     results: dict[str, dict[int, dict[str, float]]] = {name: {} for name in servers}
     for server in servers.values():  # warm-up: first shapes, allocator arenas
         asyncio.run(load(server.url, seqs, clients=8, seconds=5))

@@ -70,9 +70,11 @@ class CellPreprocessing:
 
     @property
     def needs_pass(self) -> bool:
+        """Whether the declared preprocessing needs a first pass over the file."""
         return (self.normalize_total and self.target_sum is None) or self.highly_variable is not None
 
     def describe(self) -> list[str]:
+        """The preprocessing steps in words, for reports."""
         steps = []
         if self.normalize_total:
             steps.append(f"normalize_total(target_sum={self.target_sum if self.target_sum else 'median'})")
@@ -229,6 +231,7 @@ class H5adReader:
         return state
 
     def close(self) -> None:
+        """Close the file (only in the process that opened it)."""
         if self._adata is not None and self._pid == os.getpid():
             self._adata.file.close()
         self._adata = None

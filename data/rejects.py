@@ -80,6 +80,7 @@ class Reject:
     detail: str
 
     def to_json(self) -> str:
+        """One line of a rejects.jsonl file."""
         return json.dumps(asdict(self), ensure_ascii=False)
 
 
@@ -126,13 +127,16 @@ class Rejects:
 
     @property
     def rejected(self) -> int:
+        """How many inputs were rejected."""
         return sum(self.by_reason.values())
 
     @property
     def read(self) -> int:
+        """How many inputs were read: accepted + rejected."""
         return self.accepted + self.rejected
 
     def accept(self, n: int = 1) -> None:
+        """Count ``n`` accepted inputs."""
         self.accepted += n
 
     def reject(self, *, id: Any, location: str, reason: str, detail: str) -> None:
@@ -156,6 +160,7 @@ class Rejects:
         self.notes[key] = value
 
     def report(self) -> ReadReport:
+        """The counts and the first rejects so far."""
         return ReadReport(
             read=self.read,
             accepted=self.accepted,
@@ -170,6 +175,7 @@ class Rejects:
         write_json(path, {**self.report().to_dict(), **extra}, default=str)
 
     def close(self) -> None:
+        """Close the rejects file (creating an empty one when nothing was rejected)."""
         if self._handle is not None:
             self._handle.close()
             self._handle = None

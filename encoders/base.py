@@ -91,6 +91,7 @@ class ModalityTokens:
 
     @property
     def dim(self) -> int:
+        """The token width D."""
         return self.embeddings.shape[-1]
 
     def pooled(self) -> Tensor:
@@ -99,6 +100,7 @@ class ModalityTokens:
         return (self.embeddings * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
     def lengths(self) -> Tensor:
+        """Real tokens per item [B] (the mask summed)."""
         return self.mask.sum(1)
 
 
@@ -107,9 +109,13 @@ class Featurizer(Protocol):
 
     modality: str
 
-    def __call__(self, item: Any, *, item_id: Any = None) -> dict[str, Tensor]: ...
+    def __call__(self, item: Any, *, item_id: Any = None) -> dict[str, Tensor]:
+        """Featurize one raw item; ``InvalidInput`` names ``item_id`` and the problem."""
+        ...
 
-    def collate(self, features: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]: ...
+    def collate(self, features: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Pad a list of feature dicts into one batch."""
+        ...
 
 
 class Encoder(nn.Module):
@@ -137,10 +143,12 @@ class Encoder(nn.Module):
         """Write what rebuilding this encoder reads besides its weights (tokenizer, architecture
         files) into ``directory``; return (the config that reads them from there, the names of its
         path fields). ``save_pretrained`` stores those paths relative to the model folder, so a
-        saved model reads nothing from outside it. Default: nothing to write."""
+        saved model reads nothing from outside it. Default: nothing to write.
+        """
         return self.portable_config(), ()
 
     def forward(self, **batch: Tensor) -> ModalityTokens:  # pragma: no cover - abstract
+        """Encode a featurized batch into ``ModalityTokens``."""
         raise NotImplementedError
 
     def encode(self, items: Sequence[Any], *, ids: Sequence[Any] | None = None) -> ModalityTokens:
@@ -207,6 +215,7 @@ def read_sequence(
 
 @dataclass(frozen=True)
 class EncoderSpec:
+    """A registered encoder: its config class, builder, presets, default preset and examples."""
     name: str
     config_class: type
     builder: Callable[[Any], Encoder]
@@ -248,6 +257,7 @@ def register_preset(encoder: str, name: str | None = None) -> Callable:
 
 
 def encoder_spec(name: str) -> EncoderSpec:
+    """The registered encoder ``name``; ``KeyError`` names the registered ones."""
     _import_builtin_encoders()
     try:
         return _REGISTRY[name]
@@ -256,11 +266,13 @@ def encoder_spec(name: str) -> EncoderSpec:
 
 
 def list_encoders() -> list[str]:
+    """The registered encoder names, sorted."""
     _import_builtin_encoders()
     return sorted(_REGISTRY)
 
 
 def list_presets(name: str) -> list[str]:
+    """The preset names of encoder ``name``, sorted."""
     return sorted(encoder_spec(name).presets)
 
 
@@ -286,7 +298,8 @@ def config_to_dict(config: Any) -> dict[str, Any]:
 
 def config_from_dict(config_class: type, values: dict[str, Any], *, path: str = "") -> Any:
     """Inverse of ``config_to_dict``, through ``kiban.config.from_plain``: an unknown key or a value
-    of the wrong type is a ``ConfigError`` naming the field (under ``path``), never dropped."""
+    of the wrong type is a ``ConfigError`` naming the field (under ``path``), never dropped.
+    """
     return from_plain(config_class, values, path)
 
 

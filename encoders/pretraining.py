@@ -54,9 +54,13 @@ class ObjectiveOutput:
 class Masker(Protocol):
     """Corrupts one item's features for an objective; picklable and weight-free, like a featurizer."""
 
-    def __call__(self, features: dict[str, Tensor]) -> dict[str, Tensor]: ...
+    def __call__(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Mask one featurized item; the returned dict holds the masked input and its targets."""
+        ...
 
-    def collate(self, items: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]: ...
+    def collate(self, items: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Pad masked items into one batch."""
+        ...
 
 
 class PretrainObjective(nn.Module):
@@ -75,6 +79,7 @@ class PretrainObjective(nn.Module):
         self.encoder = encoder
 
     def forward(self, batch: dict[str, Tensor]) -> ObjectiveOutput:  # pragma: no cover - abstract
+        """The objective's loss (and what it reports) on one masked batch."""
         raise NotImplementedError
 
 

@@ -49,7 +49,8 @@ class LoraSettings:
 @dataclass
 class BackboneConfig:
     """Where the LLM comes from: exactly one of ``path`` (HF directory), ``gguf`` (a .gguf file) or
-    ``hf_config`` (an inline config dict with ``model_type``, random weights: tests, debugging)."""
+    ``hf_config`` (an inline config dict with ``model_type``, random weights: tests, debugging).
+    """
 
     path: str | None = None
     gguf: str | None = None
@@ -147,6 +148,7 @@ def _tokenizer(path: str | Path):
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters (peft) as ``settings`` describe."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(

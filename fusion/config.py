@@ -110,7 +110,9 @@ class KibanConfig:
         self._check(path="")
 
     def _check(self, *, path: str) -> None:
-        where = (lambda key: f"{path}.{key}" if path else key)
+        def where(key: str) -> str:
+            return f"{path}.{key}" if path else key
+
         if not isinstance(self.encoders, Mapping) or not self.encoders:
             raise ConfigError(where("encoders"), "needs at least one encoder, e.g. {protein: {preset: tiny}}")
         self.encoders = {

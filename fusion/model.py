@@ -138,7 +138,8 @@ class KibanModel(nn.Module):
     ) -> list[str]:
         """Answer each record's conversation (the last turn must be the user's). Mixed modalities and
         lengths batch together: rows are left-padded after the modality tokens are in place.
-        ``streamer`` is passed to Hugging Face ``generate`` (e.g. a ``TextIteratorStreamer``, batch of 1)."""
+        ``streamer`` is passed to Hugging Face ``generate`` (e.g. a ``TextIteratorStreamer``, batch of 1).
+        """
         batch = self.prepare(records, add_generation_prompt=True)
         embeds, mask, _ = self.embed_inputs(batch, padding_side="left")
         options: dict[str, Any] = {"do_sample": do_sample}
@@ -264,7 +265,8 @@ class KibanModel(nn.Module):
 
     def _portable_config(self, directory: Path) -> KibanConfig:
         """The config with every outside path replaced by the architecture it named, or by a copy
-        of the files it named under ``directory/encoders/<modality>`` (stored relative)."""
+        of the files it named under ``directory/encoders/<modality>`` (stored relative).
+        """
         llm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
         hf_config = llm.config.to_dict()
         hf_config.pop("quantization_config", None)
@@ -300,7 +302,8 @@ class KibanModel(nn.Module):
 
 def _decoder(llm: nn.Module) -> nn.Module:
     """The backbone's decoder stack (embeddings, ``layers``, final norm; no LM head), under LoRA too:
-    peft injects its adapters into the base model's modules, so calling the decoder keeps them."""
+    peft injects its adapters into the base model's modules, so calling the decoder keeps them.
+    """
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
     return base.get_decoder()
 

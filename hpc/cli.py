@@ -58,6 +58,7 @@ def _slurm_arguments(parser: argparse.ArgumentParser) -> None:
 )
 @arguments(_slurm_arguments)
 def slurm_command(args: argparse.Namespace) -> int:
+    """``kiban slurm``: render, print or submit a Slurm job for a training config."""
     from pathlib import Path
 
     from kiban.hpc.slurm import SlurmJob, render_sbatch, submit

@@ -29,6 +29,7 @@ class SlurmError(ValueError):
 
 @dataclass
 class SlurmJob:
+    """What ``kiban slurm submit`` asks Slurm for: nodes, tasks, GPUs, time, the config to run."""
     config: str  # the training YAML
     nodes: int
     gpus_per_node: int
@@ -46,6 +47,7 @@ class SlurmJob:
 
     @property
     def tasks_per_node(self) -> int:
+        """Tasks (ranks) per node: one per GPU, or ``ntasks_per_node`` on CPU nodes."""
         return self.gpus_per_node if self.gpus_per_node > 0 else (self.ntasks_per_node or 1)
 
     def check(self) -> None:
@@ -71,7 +73,8 @@ class SlurmJob:
 
 def render_sbatch(job: SlurmJob, *, kiban: str | None = None) -> str:
     """The batch script for ``job`` (about 30 lines). ``kiban``: the command srun starts (default:
-    the ``kiban`` next to this Python, so the job uses the same environment)."""
+    the ``kiban`` next to this Python, so the job uses the same environment).
+    """
     job.check()
     kiban = kiban or _kiban_executable()
     log_dir = Path(job.log_dir).expanduser().resolve()

@@ -35,6 +35,7 @@ def _quickstart_arguments(parser: argparse.ArgumentParser) -> None:
 @command("quickstart", help="train, evaluate, report and serve on bundled real data (the README's main job)")
 @arguments(_quickstart_arguments)
 def quickstart_command(args: argparse.Namespace) -> int:
+    """``kiban quickstart``: run (or resume) the whole quickstart into ``--out``."""
     from kiban.quickstart import QuickstartOptions, run_quickstart
     from kiban.quickstart.report import display_name
 

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from kiban.atomic import stale_stages, staged_folder, write_json
+from kiban.atomic import staged_folder, stale_stages, write_json
 
 __all__ = ["Plan", "QuickstartError", "QuickstartOptions", "plan_for", "run_quickstart"]
 
@@ -54,6 +54,7 @@ class QuickstartError(ValueError):
 
 @dataclass
 class QuickstartOptions:
+    """What ``kiban quickstart`` was asked for: output folder, time budget, model, seed, inputs."""
     out: Path = Path("runs/quickstart")
     minutes: float = 10.0
     seed: int = 0
@@ -75,6 +76,7 @@ class Plan:
     head_epochs: int
 
     def describe(self) -> str:
+        """The options in one line, for the run's first message."""
         return (
             f"{self.align_steps} align steps of {self.batch_size} records, "
             f"{self.corpus_molecules} corpus molecules, {self.head_molecules} head molecules, "
@@ -91,6 +93,7 @@ _STEPS_PER_MINUTE = 50
 
 
 def plan_for(minutes: float, model: str) -> Plan:
+    """The sizes of each stage that fit ``minutes`` on this machine for ``model``."""
     if minutes <= 0:
         raise QuickstartError(f"--minutes must be positive, got {minutes:g}")
     if model == "tiny":  # smoke tests: seconds, whatever the budget
@@ -172,7 +175,8 @@ def run_quickstart(options: QuickstartOptions) -> dict[str, Any]:
 
 def _quiet_libraries() -> None:
     """Keep the user's terminal for the run's own progress: library chatter that says nothing to
-    them (pbmc68k_reduced's old-format warning, Lightning's banners and tips) is dropped."""
+    them (pbmc68k_reduced's old-format warning, Lightning's banners and tips) is dropped.
+    """
     warnings.filterwarnings("ignore", message=r"Moving element from \.uns\[.neighbors.\]")
     warnings.filterwarnings("ignore", message=r"The `srun` command is available")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated")
@@ -280,8 +284,10 @@ def _corpus(out: Path, options: QuickstartOptions, plan: Plan) -> None:
 def model_config(out: Path, model: str) -> dict[str, Any]:
     """The fused model the quickstart trains: every encoder (so the served model takes any input),
     the cell encoder's vocabulary = the pbmc68k_reduced genes, few-token resampler projectors for
-    cells and images (short fused sequences), atom / residue / base tokens for the rest."""
+    cells and images (short fused sequences), atom / residue / base tokens for the rest.
+    """
     import anndata
+
     from kiban.encoders.cell import vocab_from_adata
     from kiban.quickstart.corpus import PBMC_FILE
 
@@ -320,7 +326,8 @@ def model_config(out: Path, model: str) -> dict[str, Any]:
 def align_config(out: Path, options: QuickstartOptions, plan: Plan) -> Any:
     """The align stage's TrainConfig (what ``kiban fit`` would read from YAML; saved beside the run).
     No validation inside the fit: the validation loss is measured before the first step and on the
-    exported model (``validation_loss``), so a kill between a checkpoint and a validation loses none."""
+    exported model (``validation_loss``), so a kill between a checkpoint and a validation loses none.
+    """
     from kiban.train.config import config_from_dict
 
     steps = plan.align_steps
@@ -356,9 +363,10 @@ def align_config(out: Path, options: QuickstartOptions, plan: Plan) -> Any:
 
 def _align(out: Path, options: QuickstartOptions, plan: Plan) -> None:
     import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelSummary
+
     from kiban.quickstart.progress import TrainingProgress
     from kiban.train.runner import fit
-    from pytorch_lightning.callbacks import ModelSummary
 
     config = align_config(out, options, plan)
 
@@ -381,6 +389,7 @@ def _align(out: Path, options: QuickstartOptions, plan: Plan) -> None:
 def validation_loss(model: Any, out: Path, *, batch_size: int = 4) -> float:
     """Mean next-token loss on the answers of ``corpus/val.jsonl`` (records the align stage never trains on)."""
     import torch
+
     from kiban.data.datamodule import KibanDataModule
     from kiban.train.objectives import fused_losses
 
@@ -401,6 +410,7 @@ def validation_loss(model: Any, out: Path, *, batch_size: int = 4) -> float:
 
 def _load_model(path: Path) -> Any:
     import torch
+
     from kiban.fusion import KibanModel
 
     torch.manual_seed(0)
@@ -459,9 +469,11 @@ def _check_no_leak(out: Path) -> None:
 
 def _cells(out: Path, options: QuickstartOptions) -> None:
     """Every pbmc68k_reduced cell: the fused states the cell-type head read (its fine-tune saved
-    them), log-normalised expression, and a UMAP of each (cells.npz)."""
+    them), log-normalised expression, and a UMAP of each (cells.npz).
+    """
     import anndata
     import numpy as np
+
     from kiban.quickstart.corpus import PBMC_FILE
 
     saved = np.load(out / "heads" / CELL_TASK / "features.npz")
@@ -519,7 +531,8 @@ def _metrics(out: Path, options: QuickstartOptions, plan: Plan, corpus: dict[str
 
 def align_summary(run_dir: Path) -> dict[str, Any]:
     """Losses per optimizer step (the last entry of a step wins after a resume) and the validation
-    loss before the first step and after the last."""
+    loss before the first step and after the last.
+    """
     steps: dict[int, dict[str, Any]] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         entry = json.loads(line)
@@ -540,7 +553,8 @@ def align_summary(run_dir: Path) -> dict[str, Any]:
 def _assemble_model(out: Path) -> None:
     """OUT/model: the exported model (moved from train/model, not copied: it is most of a GB) with
     both heads under heads/, every head.json naming OUT/model (relative to the head's folder) (``kiban serve OUT/model``,
-    ``kiban predict OUT/model/heads/logp``). Safe to repeat after an interruption."""
+    ``kiban predict OUT/model/heads/logp``). Safe to repeat after an interruption.
+    """
     from kiban.tasks.heads import model_reference
 
     target, staging, exported = out / "model", out / "model.partial", out / "train" / "model"

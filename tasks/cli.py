@@ -1,6 +1,7 @@
 """``kiban finetune`` and ``kiban predict``: a user's labelled file to a saved head, and back.
 
-See ``kiban.tasks.finetune`` for the data types and ``kiban.tasks.predict`` for what each head writes."""
+See ``kiban.tasks.finetune`` for the data types and ``kiban.tasks.predict`` for what each head writes.
+"""
 
 from __future__ import annotations
 
@@ -95,6 +96,7 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
 )
 @arguments(_finetune_arguments)
 def finetune_command(args: argparse.Namespace) -> int:
+    """``kiban finetune``: fit a head on a labelled file and save it with its metrics."""
     from kiban.tasks.finetune import FinetuneOptions, finetune
 
     out = args.out or Path("runs") / "finetune" / args.task
@@ -198,6 +200,7 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
 @command("predict", help="predict with a saved head on a file of inputs")
 @arguments(_predict_arguments)
 def predict_command(args: argparse.Namespace) -> int:
+    """``kiban predict``: predict with a saved head on a file."""
     from kiban.tasks.predict import predict_file
 
     if args.top_k is not None and args.top_k < 1:
@@ -233,6 +236,7 @@ def _embed_arguments(parser: argparse.ArgumentParser) -> None:
 @command("embed", help="write the model's pooled embeddings of a file (h5ad: obsm['X_kiban'] + uns['kiban'])")
 @arguments(_embed_arguments)
 def embed_command(args: argparse.Namespace) -> int:
+    """``kiban embed``: pooled embeddings of a file's inputs."""
     from kiban.tasks.embed import embed_file
 
     out = embed_file(

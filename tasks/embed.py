@@ -16,9 +16,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from kiban.version import __version__
-from kiban.atomic import staged_file, write_json
 import numpy as np
+
+from kiban.atomic import staged_file, write_json
+from kiban.version import __version__
 
 __all__ = ["embed_file"]
 

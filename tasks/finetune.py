@@ -92,7 +92,8 @@ class FinetuneOptions:
     layer: which backbone layer's states a pooled head reads (``KibanModel.embed``; None = the final
     states; a small k stops the forward after layer k, far faster). loaded_model: the model
     ``model`` names, already loaded (saves loading it again; ``model`` still names it in the
-    outputs). save_features: also write ``features.npz`` (ids and the pooled states the head read)."""
+    outputs). save_features: also write ``features.npz`` (ids and the pooled states the head read).
+    """
 
     task: str
     data: Path
@@ -115,6 +116,7 @@ class FinetuneOptions:
     save_features: bool = False
 
     def epochs_for(self, data_type: str) -> int:
+        """The number of epochs for ``data_type`` (``epochs``, else the type's default)."""
         if self.epochs is not None:
             return self.epochs
         return LORA_EPOCHS if self.mode == "lora" else DEFAULT_EPOCHS[data_type]
@@ -169,7 +171,8 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
 
 def data_type(options: FinetuneOptions) -> str:
     """The data type of ``options.data``: ``options.type`` when given, else told from the path and
-    a table's header (see the module docstring). A missing path is a FileNotFoundError."""
+    a table's header (see the module docstring). A missing path is a FileNotFoundError.
+    """
     data = Path(options.data)
     if options.type not in ("auto", *DATA_TYPES):
         raise ValueError(f"--type must be auto or one of {', '.join(DATA_TYPES)}, got {options.type!r}")
@@ -448,7 +451,8 @@ def structure_files(data: Path) -> list[Path]:
 def _run_contacts(options: FinetuneOptions, work: Path) -> dict[str, Any]:
     """Structures -> the supervised pairwise contact head, saved, beside ESM-2's attention logistic
     regression and the separation prior (``structure.fit_contact_heads``); metrics.json and a
-    contact-map plot of the first test chain."""
+    contact-map plot of the first test chain.
+    """
     from kiban.data import rejects_log
     from kiban.tasks.structure import ContactMapHead, fit_contact_heads
 
@@ -506,7 +510,8 @@ def _run_contacts(options: FinetuneOptions, work: Path) -> dict[str, Any]:
 
 def _run_secondary(options: FinetuneOptions, work: Path) -> dict[str, Any]:
     """A per-residue state table -> the residue head (conv window 7 over protein tokens), saved,
-    beside the amino-acid propensity table and the majority state, split by protein."""
+    beside the amino-acid propensity table and the majority state, split by protein.
+    """
     from kiban.data import rejects_log
     from kiban.tasks import plots
     from kiban.tasks.secondary import (
@@ -640,7 +645,8 @@ def _run_secondary(options: FinetuneOptions, work: Path) -> dict[str, Any]:
 def _run_dti(options: FinetuneOptions, work: Path) -> dict[str, Any]:
     """A pairs table -> the pair head over pooled protein ‖ molecule states, saved, beside a random
     forest (100 trees, 30 % of features per split) on drug Morgan FP + target one-hot + amino-acid
-    composition, and the training mean."""
+    composition, and the training mean.
+    """
     from kiban.data import rejects_log
     from kiban.tasks import plots
     from kiban.tasks.baselines import trivial
@@ -784,6 +790,7 @@ _RUNNERS: dict[str, Callable[[FinetuneOptions, Path], dict[str, Any]]] = {
 
 
 def load_labelled(options: FinetuneOptions, *, model: Any, rejects: Any) -> LabelledData:
+    """The labelled inputs of ``options.data`` for ``model``; bad rows go to ``rejects``."""
     path = Path(options.data)
     if path.suffix == ".h5ad":
         return _load_cells(options, model=model, rejects=rejects)
@@ -792,6 +799,7 @@ def load_labelled(options: FinetuneOptions, *, model: Any, rejects: Any) -> Labe
 
 def _load_molecules(options: FinetuneOptions, *, rejects: Any) -> LabelledData:
     import pandas as pd
+
     from kiban.data import read_smiles
 
     path = Path(options.data)
@@ -826,6 +834,7 @@ def _load_molecules(options: FinetuneOptions, *, rejects: Any) -> LabelledData:
 
 def _load_cells(options: FinetuneOptions, *, model: Any, rejects: Any) -> LabelledData:
     import anndata
+
     from kiban.data import read_h5ad
 
     path = Path(options.data)
@@ -875,7 +884,8 @@ def _load_cells(options: FinetuneOptions, *, model: Any, rejects: Any) -> Labell
 
 def _targets(raw: list[list[str]], columns: list[str], path: Path, *, force_classes: bool = False) -> tuple:
     """(kind, labels, targets, rows kept) from label strings; '' = missing. One column of 0/1 or of
-    non-numeric values is a classification; numeric columns are regression targets."""
+    non-numeric values is a classification; numeric columns are regression targets.
+    """
     values = np.array(raw, dtype=object)
     numeric = not force_classes and all(_is_number(v) for v in values.ravel() if v != "")
     if len(columns) == 1 and (not numeric or set(v for v in values[:, 0] if v) <= {"0", "1", "0.0", "1.0"}):
@@ -947,7 +957,8 @@ def build_model(
     modalities: tuple[str, ...] = ("molecule",),
 ) -> Any:
     """A saved model folder, or "tiny": a tiny random model with the encoder ``data`` needs (an
-    h5ad: a cell encoder over the file's genes; else the tiny encoders of ``modalities``)."""
+    h5ad: a cell encoder over the file's genes; else the tiny encoders of ``modalities``).
+    """
     from kiban.fusion import KibanModel
 
     if spec != "tiny":
@@ -958,6 +969,7 @@ def build_model(
     if data.suffix == ".h5ad":
         # A tiny random model knows no genes: give it the file's own (smoke tests only).
         import anndata
+
         from kiban.encoders.cell import vocab_from_adata
 
         adata = anndata.read_h5ad(data, backed="r")

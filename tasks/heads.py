@@ -147,6 +147,7 @@ def register_head(name: str) -> Callable:
 
 
 def list_head_architectures() -> list[str]:
+    """The registered head architectures, sorted."""
     return sorted(_ARCHITECTURES)
 
 
@@ -156,6 +157,7 @@ _BUILTIN_MODULES = ("kiban.tasks.secondary", "kiban.tasks.structure", "kiban.tas
 
 
 def create_head(config: HeadConfig) -> PooledHead:
+    """Build the registered head ``config.architecture`` for ``config``."""
     if config.architecture not in _ARCHITECTURES:
         import importlib
 
@@ -194,6 +196,7 @@ class PooledHead(nn.Module):
 
     @property
     def task(self) -> str:
+        """The head's task name."""
         return self.config.task
 
     def forward(self, pooled: Tensor) -> Tensor:
@@ -240,6 +243,7 @@ class PooledHead(nn.Module):
     # -- save / load -----------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> Path:
+        """Write the head into ``directory`` (head.safetensors, then head.json)."""
         return save_head(self, directory)
 
     @classmethod
@@ -266,16 +270,19 @@ class MultiLabelHead(PooledHead):
         super().__init__(config)
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The training loss of ``outputs`` against ``targets`` for the head's kind."""
         from kiban.tasks.objectives import multilabel_loss
 
         return multilabel_loss(outputs, targets)
 
     def metrics(self, outputs: Any, targets: Any) -> dict[str, Any]:
+        """The evaluation metrics of the head's kind."""
         from kiban.tasks.objectives import multilabel_metrics
 
         return multilabel_metrics(outputs, targets, self.config.labels)
 
     def outputs(self, pooled: Tensor) -> list[dict[str, Any]]:
+        """Per-row predictions from pooled states [N, H]: labels with probabilities, or values."""
         with torch.no_grad():
             raw = self(pooled.to(next(self.parameters()).dtype)).float().sigmoid()
         return [{"probabilities": dict(zip(self.config.labels, row))} for row in raw.tolist()]

@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from kiban.tasks.heads import PooledHead
 from torch import Tensor
+
+from kiban.tasks.heads import PooledHead
 
 __all__ = ["LoraFitSettings", "add_lora", "fit_lora", "lora_parameters", "pooled_states"]
 
@@ -34,7 +35,8 @@ def pooled_states(model: Any, modality: str, items: Sequence[Any], *, layer: int
 
 def add_lora(model: Any, settings: Any = None) -> Any:
     """Give ``model`` LoRA adapters (``LoraSettings``; default r=8 on q/v projections) unless it has
-    some already, and record them in its config so ``save_pretrained``/``from_pretrained`` keep them."""
+    some already, and record them in its config so ``save_pretrained``/``from_pretrained`` keep them.
+    """
     from kiban.fusion.backbone import LoraSettings, apply_lora
 
     if model.has_lora:

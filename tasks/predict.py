@@ -43,7 +43,8 @@ __all__ = [
 
 def input_modalities(config: Any) -> list[str]:
     """The modalities of one input of a head: ``["molecule"]``, or ``["protein", "molecule"]`` for a
-    pair head (``modality="protein+molecule"``)."""
+    pair head (``modality="protein+molecule"``).
+    """
     return config.modality.split("+")
 
 
@@ -82,6 +83,7 @@ def load_model_heads(model_dir: str | Path, model: Any) -> dict[str, Any]:
 
 
 def model_for_head(head_dir: Path, head: PooledHead, model: str | None = None) -> Any:
+    """The model a head predicts with: ``model`` if given, else the one its head.json names."""
     from kiban.fusion import KibanModel
 
     spec = model or head.config.extra.get("model")
@@ -100,7 +102,8 @@ def read_inputs(
 ) -> list[Any]:
     """Records of a file for a head of ``modality`` (SMILES table / .smi, FASTA or sequence table
     read as that modality, or h5ad matched to the vocabulary; ``use_raw`` reads ``raw.X``, as the
-    head was trained when its extra says so)."""
+    head was trained when its extra says so).
+    """
     from kiban.data import detect_kind, read, read_h5ad
 
     if modality == "cell":
@@ -125,7 +128,8 @@ def predict_file(
     """Write prediction rows as CSV (to ``out`` or stdout; columns by head kind, see the module
     docstring); returns the number of inputs predicted. ``top_k``: contact heads, pairs per protein
     (default: its length). ``drugs`` / ``targets``: pair heads, id tables for a pairs file that
-    names drugs and targets by id."""
+    names drugs and targets by id.
+    """
     from kiban.data import Rejects
 
     head_dir = Path(head_dir)
@@ -183,7 +187,8 @@ def _protein_limit(model: Any) -> int | None:
 
 def _within(records: list[Any], limit: int, rejects: Any) -> list[Any]:
     """Records of at most ``limit`` residues; longer ones are rejected (one long protein in a FASTA
-    would otherwise fail the whole file in the encoder)."""
+    would otherwise fail the whole file in the encoder).
+    """
     kept = []
     for record in records:
         length = len(str(record.item).strip())

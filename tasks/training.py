@@ -14,8 +14,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from kiban.tasks.heads import PooledHead
 from torch import Tensor, nn
+
+from kiban.tasks.heads import PooledHead
 
 __all__ = ["FitSettings", "embed_items", "fit_head", "fold_scaling", "scaling"]
 
@@ -36,7 +37,8 @@ def scaling(
     features: Tensor, targets: Tensor, *, regression: bool
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """(feature mean, feature std, target mean, target std) of the training rows; the target
-    statistics are None unless ``regression`` (NaN targets, i.e. not measured, are ignored)."""
+    statistics are None unless ``regression`` (NaN targets, i.e. not measured, are ignored).
+    """
     mean, std = features.mean(0), features.std(0).clamp(min=1e-6)
     if not regression:
         return mean, std, None, None
@@ -128,7 +130,8 @@ def embed_items(
     progress: bool = True,
 ) -> torch.Tensor:
     """Pooled fused states [N, H] of the frozen model, in batches (with a progress bar); ``layer``
-    as ``KibanModel.embed``'s."""
+    as ``KibanModel.embed``'s.
+    """
     batches = range(0, len(items), batch_size)
     if progress:
         from tqdm.auto import tqdm

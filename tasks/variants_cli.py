@@ -61,6 +61,7 @@ def read_wild_type(value: str, *, modality: str | None = None) -> tuple[str, str
 def load_scoring_encoder(model: str, modality: str, *, length: int) -> Any:
     """The encoder to score with (see the module docstring for what ``model`` may be)."""
     import torch
+
     from kiban.encoders import create_encoder
 
     if model == "tiny":
@@ -106,10 +107,12 @@ def score_variants_file(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Score every row of ``variants`` and write the output CSV; returns the counts, the rejects
-    by reason, the Spearman correlation (None without ``effects``) and the output path."""
+    by reason, the Spearman correlation (None without ``effects``) and the output path.
+    """
     import numpy as np
     import pandas as pd
     import torch
+
     from kiban.tasks.metrics import spearman
     from kiban.tasks.variants import score_variants
 
@@ -218,6 +221,7 @@ def _variants_arguments(parser: argparse.ArgumentParser) -> None:
 @command("variants", help="zero-shot masked-marginal scores of protein or DNA mutations (ESM-1v style)")
 @arguments(_variants_arguments)
 def variants_command(args: argparse.Namespace) -> int:
+    """``kiban variants``: zero-shot scores of mutations in a table."""
     report = score_variants_file(
         wild_type=args.wild_type,
         variants=args.variants,

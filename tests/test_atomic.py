@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from kiban.atomic import stale_stages, staged_file, staged_folder, write_atomic, write_json
+from kiban.atomic import staged_file, staged_folder, stale_stages, write_atomic, write_json
 
 
 def test_write_atomic_replaces_the_file_and_leaves_no_temporary(tmp_path):

@@ -164,7 +164,8 @@ class ThroughputMonitor(Callback):
 
 class StepLog(Callback):
     """Appends one JSON line per optimizer step to ``path`` (rank 0): step, epoch, loss, grad norm,
-    lr, the ids of rank 0's records, samples and tokens. A resumed run appends to the same file."""
+    lr, the ids of rank 0's records, samples and tokens. A resumed run appends to the same file.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

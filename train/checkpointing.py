@@ -19,7 +19,6 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
-from kiban.version import __version__
 from kiban.train.checkpoint import (
     CheckpointError,
     load_rng_state,
@@ -30,6 +29,7 @@ from kiban.train.checkpoint import (
     verify_checkpoint,
     write_pointer,
 )
+from kiban.version import __version__
 
 __all__ = ["AtomicCheckpoint", "ResumeState", "STATE_FILE"]
 

@@ -63,7 +63,8 @@ STRATEGIES = (
 class RunSection:
     """Where the run lives. ``resume``: ``auto`` (newest complete checkpoint in ``dir``, if any),
     ``never``, or the path of one checkpoint directory. ``init_from``: a checkpoint of an earlier
-    stage whose model weights start this run (align -> instruct); only used when not resuming."""
+    stage whose model weights start this run (align -> instruct); only used when not resuming.
+    """
 
     dir: str = "runs/kiban"
     resume: str = "auto"
@@ -73,7 +74,8 @@ class RunSection:
 @dataclass
 class DataSection:
     """Instruction records. ``train``/``val``/``test``: a JSONL file of chat records, or ``tiny``
-    (``tiny_records`` built-in example records over the model's modalities)."""
+    (``tiny_records`` built-in example records over the model's modalities).
+    """
 
     train: str = "tiny"
     val: str | None = None
@@ -88,7 +90,8 @@ class DataSection:
 @dataclass
 class LossSection:
     """Next-token loss on assistant turns, plus ``contrastive_weight`` x an InfoNCE loss between
-    pooled modality and assistant-text embeddings (the shared embedding space)."""
+    pooled modality and assistant-text embeddings (the shared embedding space).
+    """
 
     contrastive_weight: float = 0.0
     temperature: float = 0.07
@@ -107,7 +110,8 @@ class OptimSection:
 @dataclass
 class ScheduleSection:
     """LR schedule per optimizer step: linear warmup, then ``constant``, ``linear`` or ``cosine``
-    decay to ``min_lr_ratio`` x lr at ``total_steps`` (default: ``trainer.max_steps``)."""
+    decay to ``min_lr_ratio`` x lr at ``total_steps`` (default: ``trainer.max_steps``).
+    """
 
     name: str = "cosine"
     warmup_steps: int = 0
@@ -137,7 +141,8 @@ class TrainerSection:
 @dataclass
 class CheckpointSection:
     """Atomic checkpoints every ``every_n_steps`` optimizer steps and at the end; the last
-    ``keep_last`` are kept, plus the best by ``monitor`` (``mode`` min or max)."""
+    ``keep_last`` are kept, plus the best by ``monitor`` (``mode`` min or max).
+    """
 
     every_n_steps: int = 100
     keep_last: int = 3
@@ -148,7 +153,8 @@ class CheckpointSection:
 @dataclass
 class NanGuardSection:
     """What to do when the loss or a gradient is NaN/Inf: ``stop`` the run before the update, or
-    ``skip`` the update (at most ``max_skips`` times, then stop)."""
+    ``skip`` the update (at most ``max_skips`` times, then stop).
+    """
 
     action: str = "stop"
     max_skips: int = 10
@@ -157,7 +163,8 @@ class NanGuardSection:
 @dataclass
 class ThroughputSection:
     """``peak_tflops``: peak dense TFLOP/s of one device for MFU; default: Lightning's table for
-    known GPUs (none for CPUs, where MFU is not reported unless this is set)."""
+    known GPUs (none for CPUs, where MFU is not reported unless this is set).
+    """
 
     peak_tflops: float | None = None
 
@@ -240,7 +247,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
 
 def apply_overrides(values: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """``["trainer.max_steps=5", "model.encoders.dna.rc_augment=0.5"]`` applied to a nested dict;
-    each value is parsed as YAML (``5`` an int, ``null`` None, ``[1, 2]`` a list)."""
+    each value is parsed as YAML (``5`` an int, ``null`` None, ``[1, 2]`` a list).
+    """
     out = _deep_copy(values)
     for override in overrides:
         key, sep, raw = override.partition("=")

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from kiban.version import __version__
+from kiban.data.datamodule import KibanDataModule
 from kiban.hpc.env import ClusterEnv
 from kiban.hpc.presets import deepspeed_config
 from kiban.hpc.requeue import clear_preemption, in_slurm_job, preemption_requested, requeue_job
@@ -36,9 +36,9 @@ from kiban.train.checkpoint import (
     verify_checkpoint,
 )
 from kiban.train.config import TrainConfig
-from kiban.data.datamodule import KibanDataModule
 from kiban.train.objectives import fused_losses
 from kiban.train.optim import build_optimizer, build_scheduler
+from kiban.version import __version__
 
 __all__ = ["fit_deepspeed_cpu"]
 

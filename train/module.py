@@ -18,10 +18,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
+from kiban.data.resumable import TrainBatch
 from kiban.fusion.model import KibanModel, apply_freeze_policy
 from kiban.train.checkpoint import verify_checkpoint
 from kiban.train.config import TrainConfig, config_from_dict
-from kiban.data.resumable import TrainBatch
 from kiban.train.objectives import fused_losses
 from kiban.train.optim import build_optimizer, build_scheduler
 
@@ -51,7 +51,8 @@ class StepStats:
 def load_stage_weights(model: KibanModel, checkpoint: Path) -> None:
     """Start from the model weights of an earlier stage's checkpoint (verified first). Parameters
     the earlier stage did not have (new LoRA adapters) keep their initialisation; anything else
-    that does not fit is an error."""
+    that does not fit is an error.
+    """
     verify_checkpoint(checkpoint)
     if (checkpoint / "state.ckpt").is_dir():
         raise ValueError(
@@ -75,7 +76,8 @@ def load_stage_weights(model: KibanModel, checkpoint: Path) -> None:
 
 def _peft_name(name: str, names: set[str]) -> str:
     """A plain backbone's parameter name as it reads once peft wraps the LLM for LoRA:
-    ``llm.model.x.q_proj.weight`` -> ``llm.base_model.model.model.x.q_proj.base_layer.weight``."""
+    ``llm.model.x.q_proj.weight`` -> ``llm.base_model.model.model.x.q_proj.base_layer.weight``.
+    """
     if name in names or not name.startswith("llm."):
         return name
     wrapped = "llm.base_model.model." + name.removeprefix("llm.")

@@ -35,7 +35,8 @@ class FitResult:
 
 def fit(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> FitResult:
     """Train as the config says; returns where it ended. ``callbacks``: extra Lightning callbacks,
-    run before kiban's own (not available on the raw-DeepSpeed CPU path)."""
+    run before kiban's own (not available on the raw-DeepSpeed CPU path).
+    """
     validate_config(config)
     cluster = detect_cluster()
     accelerator = resolve_accelerator(config)
@@ -75,7 +76,8 @@ def fit(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> FitResult:
 def _export_model(model: Any, target: Path) -> None:
     """The trained model as ``save_pretrained`` writes it (what ``kiban serve`` and ``kiban
     finetune --model`` read), replacing an older export only once the new one is complete. Only
-    where rank 0 holds whole weights (one process or DDP); sharded runs export from a checkpoint."""
+    where rank 0 holds whole weights (one process or DDP); sharded runs export from a checkpoint.
+    """
     with staged_folder(target) as staging:
         model.save_pretrained(staging)
     log.info("saved the trained model to %s (kiban serve %s)", target, target)
@@ -139,10 +141,10 @@ def _build(
     from pytorch_lightning.callbacks import LearningRateMonitor
     from pytorch_lightning.loggers import CSVLogger
 
+    from kiban.data.datamodule import KibanDataModule
     from kiban.hpc.requeue import PreemptionRequeue
     from kiban.train.callbacks import NonFiniteGuard, StepLog, ThroughputMonitor
     from kiban.train.checkpointing import AtomicCheckpoint, ResumeState
-    from kiban.data.datamodule import KibanDataModule
     from kiban.train.module import KibanLightningModule
     from kiban.train.strategies import build_strategy
 

@@ -1,5 +1,6 @@
 """``kiban finetune`` end to end on a real SMILES CSV and a real h5ad, the saved head reloading,
-and bad input failing with one clear message and nothing left behind."""
+and bad input failing with one clear message and nothing left behind.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import anndata
 import pandas as pd
 import pytest
+
 from kiban.cli import main
 from kiban.tasks.heads import load_head, load_heads
 
@@ -128,7 +130,7 @@ def test_finetune_h5ad_end_to_end(pbmc_counts_h5ad, tmp_path):
 
 
 def test_finetune_holds_out_groups_reading_raw(pbmc_h5ad, tmp_path):
-    """scanpy's own file (X scaled, raw.X log-normalised) with --use-raw; cell-cycle phase groups held out."""
+    """Scanpy's own file (X scaled, raw.X log-normalised) with --use-raw; cell-cycle phase groups held out."""
     out = tmp_path / "grouped"
     assert (
         _finetune(

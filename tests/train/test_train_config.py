@@ -1,5 +1,6 @@
 """Training configs: every shipped YAML parses and validates; bad ones fail before any work,
-naming the field."""
+naming the field.
+"""
 
 from pathlib import Path
 
@@ -8,6 +9,7 @@ import yaml
 
 from kiban.train.config import ConfigError, config_from_dict, load_config
 from kiban.train.validation import validate_config
+
 
 def load_config_from_text(text):
     return config_from_dict(yaml.safe_load(text))

@@ -1,16 +1,17 @@
 """The parts of a run, each alone: objectives, activation checkpointing, schedule, FLOPs/MFU,
-strategies and presets, the resumable sampler, and validate/test on a checkpoint."""
+strategies and presets, the resumable sampler, and validate/test on a checkpoint.
+"""
 
 import math
 
 import pytest
 import torch
 
+from kiban.data.resumable import ResumableBatches
 from kiban.fusion import apply_freeze_policy
 from kiban.hpc.presets import deepspeed_config, list_presets, load_preset
 from kiban.tiny import example_records, tiny_model
 from kiban.train.config import ScheduleSection
-from kiban.data.resumable import ResumableBatches
 from kiban.train.flops import model_flops, peak_flops
 from kiban.train.objectives import fused_losses
 from kiban.train.optim import lr_multiplier
