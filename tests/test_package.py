@@ -93,4 +93,4 @@ def test_the_package_docstrings_import_works():
         "from kiban import KibanModel, KibanConfig\n"
         "print(lazy, KibanModel.__module__, KibanConfig.__module__)"
     )
-    assert out.split() == ["True", "kiban.fusion.model", "kiban.fusion.model"]
+    assert out.split() == ["True", "kiban.fusion.model", "kiban.fusion.config"]
