@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse
 import torch
+from torch import Tensor, nn
+
 from kiban.encoders.base import (
     Encoder,
     InvalidInput,
@@ -37,7 +39,6 @@ from kiban.encoders.base import (
     register_encoder,
     register_preset,
 )
-from torch import Tensor, nn
 
 __all__ = [
     "CellEncoder",
@@ -207,7 +208,7 @@ def vocab_from_adata(adata: Any, *, column: str | None = None) -> tuple[str, ...
 
 
 def bin_values(values: np.ndarray, *, n_bins: int) -> np.ndarray:
-    """scGPT value binning of one cell: zero stays bin 0; non-zero values get bins 1..n_bins-1.
+    """ScGPT value binning of one cell: zero stays bin 0; non-zero values get bins 1..n_bins-1.
 
     The bin edges are ``n_bins - 1`` quantiles of the cell's own non-zero values (evenly spaced from
     its minimum to its maximum), so binning removes the cell's scale (sequencing depth) and keeps
@@ -634,7 +635,7 @@ def tiny() -> CellEncoderConfig:
 
 @register_preset(MODALITY)
 def scgpt() -> CellEncoderConfig:
-    """scGPT's whole-human architecture: 51 bins, 1200 genes, 12 layers of width 512, 8 heads."""
+    """ScGPT's whole-human architecture: 51 bins, 1200 genes, 12 layers of width 512, 8 heads."""
     return CellEncoderConfig(
         tokenization="binning",
         n_bins=51,

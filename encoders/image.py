@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from kiban.encoders.base import (
     Encoder,
     InvalidInput,
@@ -27,7 +29,6 @@ from kiban.encoders.base import (
     register_encoder,
     register_preset,
 )
-from torch import Tensor
 
 __all__ = ["ImageEncoder", "ImageEncoderConfig", "ImageFeaturizer", "read_image"]
 
@@ -155,7 +156,7 @@ class ImageFeaturizer:
         return {"pixels": self._normalized(pixels)}
 
     def collate(self, features: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """pixels [B, Z, C, S, S] (Z = the most slices of any item) and slice_mask [B, Z]."""
+        """Pixels [B, Z, C, S, S] (Z = the most slices of any item) and slice_mask [B, Z]."""
         pixels, slice_mask = pad_stack([f["pixels"] for f in features])
         return {"pixels": pixels, "slice_mask": slice_mask}
 

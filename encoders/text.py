@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -226,7 +226,8 @@ class TextEncoder(Encoder):
 
     def export_assets(self, directory: Path) -> tuple[TextEncoderConfig, tuple[str, ...]]:
         """The tokenizer and the architecture's config.json (no weights), so that a saved model
-        rebuilds this encoder from its own folder."""
+        rebuilds this encoder from its own folder.
+        """
         directory.mkdir(parents=True, exist_ok=True)
         self.featurizer.tokenizer.save_pretrained(directory)
         self.model.config.save_pretrained(directory)

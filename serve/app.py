@@ -409,7 +409,8 @@ async def _events(
 
 def _openapi(app: FastAPI, engine: InferenceEngine, *, secured: bool) -> dict[str, Any]:
     """The generated document, plus what only the running server knows: the bearer scheme and,
-    once the model is loaded, the tasks ``/v1/predict/{task}`` accepts (cached from then on)."""
+    once the model is loaded, the tasks ``/v1/predict/{task}`` accepts (cached from then on).
+    """
     if app.openapi_schema:
         return app.openapi_schema
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)

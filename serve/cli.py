@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from kiban.cli import _arguments, command
+from kiban.cli import arguments, command
 
 __all__ = ["serve"]
 
@@ -106,7 +106,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
 @command(
     "serve", help="serve a saved model over HTTP: OpenAI-compatible chat and embeddings, task predictions"
 )
-@_arguments(_serve_arguments)
+@arguments(_serve_arguments)
 def serve(args: argparse.Namespace) -> int:
     import asyncio
 

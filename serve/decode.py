@@ -199,7 +199,8 @@ def predict_items(
 ) -> list[Any]:
     """Raw items for a head whose one input is of the modalities ``reads``: one modality (a bare
     string is an item of it) or two for a pair head, whose every input is a two-item array of them
-    in order (a tuple item). The request's inputs count against ``max_inputs``, a pair as one."""
+    in order (a tuple item). The request's inputs count against ``max_inputs``, a pair as one.
+    """
     if len(request.inputs) > limits.max_inputs:
         raise _over("inputs", len(request.inputs), "inputs", "max_inputs", limits.max_inputs, param="inputs")
     known = [*modalities, "text"]

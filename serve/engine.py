@@ -230,7 +230,8 @@ class InferenceEngine:
     async def predict(self, task: str, items: Sequence[Any], **options: Any) -> list[dict[str, Any]]:
         """A task head's outputs (``head.predict``) for raw inputs of the head's modality, or
         (protein, molecule) tuples for a pair head; ``options`` go to ``head.predict`` (contact
-        heads: ``top_k``, ``min_separation``). Requests with equal options share a batch."""
+        heads: ``top_k``, ``min_separation``). Requests with equal options share a batch.
+        """
         if task not in self.heads:
             known = ", ".join(sorted(self.heads)) or "none"
             raise UnknownTask(f"no task head named {task!r} is loaded (tasks: {known})")
@@ -246,7 +247,8 @@ class InferenceEngine:
 
     def check_capacity(self) -> None:
         """Raise ``NotReady`` or ``Overloaded`` now when a request could not be queued, so callers
-        can refuse it before spending time decoding it."""
+        can refuse it before spending time decoding it.
+        """
         if not self.ready:
             raise NotReady(self.load_error or "the model is still loading")
         if self._queue.full():
@@ -365,7 +367,8 @@ class InferenceEngine:
 
     def _chunks(self, jobs: list[_Job]) -> list[list[_Job]]:
         """Jobs with the same key, in arrival order, cut into chunks of at most ``max_batch`` rows
-        (a job larger than that forms its own chunk and is split again in ``_run_jobs``)."""
+        (a job larger than that forms its own chunk and is split again in ``_run_jobs``).
+        """
         chunks: list[list[_Job]] = []
         by_key: dict[tuple, list[_Job]] = {}
         for job in jobs:
@@ -464,7 +467,8 @@ def _load_model_dir(model_dir: Path) -> tuple[Any, dict[str, Any]]:
     """(model, heads) of a saved model folder: ``kiban.serve.loading.check_model_dir`` (nothing
     outside the folder is read), ``KibanModel.from_pretrained``, then every head under ``heads/``,
     each checked against the model by its own rule (a pooled head: the model's width; a
-    per-residue or contact head: the protein encoder's width; a pair head: both encoders)."""
+    per-residue or contact head: the protein encoder's width; a pair head: both encoders).
+    """
     from kiban.fusion.model import KibanModel
     from kiban.serve.loading import check_model_dir
     from kiban.tasks.predict import load_model_heads

@@ -40,7 +40,8 @@ def _is_member(part: Any) -> bool:
 
 def _location(loc: tuple) -> str:
     """``("body", "messages", 0, "content", "list[...]", 1, "protein", "protein", "sequence")`` ->
-    ``messages[0].content[1].protein.sequence``."""
+    ``messages[0].content[1].protein.sequence``.
+    """
     out, skip_tag = "", False
     for part in loc:
         if skip_tag:  # a tagged union names the tag right after itself; the field follows

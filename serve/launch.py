@@ -57,7 +57,8 @@ class ServerProcess:
 
     def wait_ready(self, *, key: str | None, timeout: float = 90.0) -> None:
         """Poll ``/readyz`` until the model is loaded; raises (with the log's tail) if the process
-        exits or is not ready within ``timeout`` seconds (and then stops it)."""
+        exits or is not ready within ``timeout`` seconds (and then stops it).
+        """
         import httpx
 
         headers = {"authorization": f"Bearer {key}"} if key else {}

@@ -66,7 +66,8 @@ def check_model_dir(model_dir: str | Path) -> Path:
 
 def load_model_dir(model_dir: str | Path) -> tuple[Any, dict[str, Any]]:
     """(model in eval mode, task name -> head) from a directory written by ``save_pretrained``
-    (plus ``heads/<task>/`` folders written by ``PooledHead.save``)."""
+    (plus ``heads/<task>/`` folders written by ``PooledHead.save``).
+    """
     from kiban.fusion.model import KibanModel
     from kiban.tasks.predict import load_model_heads
 
