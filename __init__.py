@@ -4,7 +4,12 @@ Encoders for proteins, DNA, single cells, microscopy images, molecules and text 
 token space of an LLM backbone. The public surface:
 
     from kiban import create_encoder, list_encoders, KibanModel, KibanConfig
+
+``KibanModel`` and ``KibanConfig`` (``kiban.fusion``) load on first use, so ``import kiban`` does
+not pay for the LLM libraries.
 """
+
+from typing import Any
 
 from kiban.encoders import (
     InvalidInput,
@@ -12,13 +17,22 @@ from kiban.encoders import (
     create_encoder,
     list_encoders,
 )
-
-__version__ = "0.1.0"
+from kiban.version import __version__
 
 __all__ = [
     "InvalidInput",
+    "KibanConfig",
+    "KibanModel",
     "ModalityTokens",
     "__version__",
     "create_encoder",
     "list_encoders",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("KibanModel", "KibanConfig"):
+        from kiban.fusion import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'kiban' has no attribute {name!r}")

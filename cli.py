@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Callable
 
-__all__ = ["command", "main"]
+__all__ = ["arguments", "command", "main"]
 
 _COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], int], Callable[[argparse.ArgumentParser], None], str]] = {}
 
@@ -28,7 +28,9 @@ def command(name: str, *, help: str) -> Callable:
     return wrap
 
 
-def _arguments(setup: Callable[[argparse.ArgumentParser], None]) -> Callable:
+def arguments(setup: Callable[[argparse.ArgumentParser], None]) -> Callable:
+    """Attach ``setup(parser)`` (adds the subcommand's options) to a function, below ``@command``."""
+
     def wrap(fn: Callable) -> Callable:
         fn.arguments = setup
         return fn
@@ -56,7 +58,7 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @command("demo", help="build the default model and answer a question about a molecule and a protein")
-@_arguments(_demo_arguments)
+@arguments(_demo_arguments)
 def demo(args: argparse.Namespace) -> int:
     import torch
 
@@ -96,7 +98,7 @@ def _encoders_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @command("encoders", help="list the registered encoders (and their presets)")
-@_arguments(_encoders_arguments)
+@arguments(_encoders_arguments)
 def encoders(args: argparse.Namespace) -> int:
     from kiban.encoders import encoder_spec, list_encoders, list_presets
 
@@ -111,9 +113,9 @@ def encoders(args: argparse.Namespace) -> int:
 
 @command("version", help="print the kiban version")
 def version(args: argparse.Namespace) -> int:
-    import kiban
+    from kiban.version import __version__
 
-    print(f"kiban {kiban.__version__}")
+    print(f"kiban {__version__}")
     return 0
 
 
@@ -150,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``kiban`` with ``argv`` (default: the command line); returns the exit code."""
     # Nothing here may reach a hub: loaders take local paths only; this makes a slip fail fast.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -19,6 +19,7 @@ __all__ = ["example_records", "tiny_backbone_config", "tiny_config", "tiny_model
 
 
 def tiny_backbone_config(*, lora: bool = False, width: int = 32, layers: int = 2) -> dict[str, Any]:
+    """The backbone config of a tiny random Llama (byte tokenizer) for tests."""
     config: dict[str, Any] = {
         "hf_config": {
             "model_type": "llama",
@@ -40,6 +41,7 @@ def tiny_backbone_config(*, lora: bool = False, width: int = 32, layers: int = 2
 def tiny_config(
     modalities: Sequence[str] | None = None, *, projector: str = "mlp2", lora: bool = False
 ) -> KibanConfig:
+    """A ``KibanConfig`` with tiny presets of ``modalities`` (default: every encoder)."""
     modalities = list(modalities) if modalities is not None else list_encoders()
     return KibanConfig(
         encoders={m: {"preset": "tiny"} for m in modalities},
@@ -49,6 +51,7 @@ def tiny_config(
 
 
 def tiny_model(modalities: Sequence[str] | None = None, *, seed: int = 0, **options: Any) -> KibanModel:
+    """A tiny seeded ``KibanModel`` of ``modalities``, built in well under a second."""
     torch.manual_seed(seed)
     return KibanModel.from_config(tiny_config(modalities, **options))
 
@@ -65,7 +68,8 @@ _QUESTIONS = {
 
 def example_records(modalities: Sequence[str] | None = None, *, n: int = 4) -> list[dict[str, Any]]:
     """``n`` chat records; record i mixes every modality, using example input i of each encoder,
-    with a different assistant answer per record (so a model can overfit them)."""
+    with a different assistant answer per record (so a model can overfit them).
+    """
     modalities = list(modalities) if modalities is not None else list_encoders()
     examples = {m: encoder_spec(m).examples() for m in modalities}
     records = []

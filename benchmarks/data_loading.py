@@ -132,7 +132,7 @@ def child_in_memory(path: str, batch_size: int, max_seconds: float, variant: str
 
 
 def child_annbatch(path: str, batch_size: int, max_seconds: float, variant: str) -> dict:
-    """variant "convert": the h5ad to annbatch's sharded zarr (it reads zarr, not h5ad); "load": batches."""
+    """Variant "convert": the h5ad to annbatch's sharded zarr (it reads zarr, not h5ad); "load": batches."""
     import anndata
     import zarr
 
@@ -162,7 +162,7 @@ def child_annbatch(path: str, batch_size: int, max_seconds: float, variant: str)
 
 
 def child_scdl(path: str, batch_size: int, max_seconds: float, variant: str) -> dict:
-    """variant "convert": the h5ad to SCDL's memory-mapped format; "load": shuffled batches through torch."""
+    """Variant "convert": the h5ad to SCDL's memory-mapped format; "load": shuffled batches through torch."""
     from bionemo.scdl.io.single_cell_memmap_dataset import SingleCellMemMapDataset
 
     target = Path(path).with_suffix(".scdl")
@@ -332,19 +332,15 @@ def main() -> None:
         print(json.dumps({**result, "peak_mib": _status_mib("VmHWM")}))
         return
 
+    from kiban.atomic import staged_file
     from kiban.data.synthetic import write_sparse_h5ad
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     data = args.workdir / f"cells_{args.cells}x{args.genes}_{args.genes_per_cell}.h5ad"
     if not data.exists():
         started = time.perf_counter()
-        write_sparse_h5ad(
-            data.with_suffix(".partial"),
-            n_cells=args.cells,
-            n_genes=args.genes,
-            genes_per_cell=args.genes_per_cell,
-        )
-        data.with_suffix(".partial").replace(data)
+        with staged_file(data) as staged:
+            write_sparse_h5ad(staged, n_cells=args.cells, n_genes=args.genes, genes_per_cell=args.genes_per_cell)
         print(f"generated {data} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
     nnz = args.cells * args.genes_per_cell
     print(

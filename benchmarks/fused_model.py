@@ -49,7 +49,7 @@ def proteins(n: int, seed: int, max_length: int) -> tuple[list[str], str]:
 
 def fused_throughput(steps: int, batch_size: int) -> tuple[float, float]:
     config = tiny_config()
-    config.backbone["hf_config"].update(hidden_size=128, intermediate_size=256, num_hidden_layers=4)
+    config.backbone.hf_config.update(hidden_size=128, intermediate_size=256, num_hidden_layers=4)
     torch.manual_seed(0)
     model = KibanModel.from_config(config)
     apply_freeze_policy(model, "full")

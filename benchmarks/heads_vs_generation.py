@@ -88,7 +88,8 @@ def build(spec: str):
 
 def with_resampler(model, tokens: int):
     """The same encoders and backbone (shared, not copied) with an untrained K-token resampler as the
-    molecule projector (``kiban.fusion.projector``: Flamingo's Perceiver resampler, 2 blocks)."""
+    molecule projector (``kiban.fusion.projector``: Flamingo's Perceiver resampler, 2 blocks).
+    """
     from kiban.fusion import KibanModel
     from kiban.fusion.projector import ProjectorConfig, create_projector
 
@@ -167,7 +168,8 @@ def head_path(
     generation: str,
 ) -> Row:
     """A probe head fitted on ``model.embed(..., layer=layer)`` of the training molecules; it then
-    classifies through ``head.predict``, which reads the model at the head's own layer."""
+    classifies through ``head.predict``, which reads the model at the head's own layer.
+    """
     with torch.no_grad():
         features = torch.cat(
             [

@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 
 import torch
+
 from kiban.data import Rejects, read
 from kiban.encoders.base import create_encoder
 from kiban.encoders.pretraining import create_objective, load_encoder

@@ -67,7 +67,7 @@ def build_model(choice: str, directory: Path) -> tuple[Path, str]:
         config, name = default_config(), "default model: six encoders (ESM-2 8M for proteins) + SmolLM2-135M"
     else:
         config = tiny_config()
-        config.backbone["hf_config"].update(hidden_size=128, intermediate_size=256, num_hidden_layers=4)
+        config.backbone.hf_config.update(hidden_size=128, intermediate_size=256, num_hidden_layers=4)
         name = "small model: tiny encoders + 4-layer 128-wide Llama"
     KibanModel.from_config(config).save_pretrained(directory)
     return directory, name
@@ -152,7 +152,8 @@ def start(model_dir: Path, keys: Path, work: Path, *, max_batch: int) -> Server:
 
 def measure(servers: dict[str, Server], seqs: list[str], *, seconds: float, rounds: int) -> dict:
     """Per level, the servers take turns (``rounds`` turns each), so background load on a shared
-    machine falls on both alike; only the server being measured has work."""
+    machine falls on both alike; only the server being measured has work.
+    """
     results: dict[str, dict[int, dict[str, float]]] = {name: {} for name in servers}
     for server in servers.values():  # warm-up: first shapes, allocator arenas
         asyncio.run(load(server.url, seqs, clients=8, seconds=5))

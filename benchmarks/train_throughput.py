@@ -1,4 +1,4 @@
-"""Training throughput of the fused model: samples/s, tokens/s and (where a peak is known) MFU.
+r"""Training throughput of the fused model: samples/s, tokens/s and (where a peak is known) MFU.
 
 A fixed config — all six encoders at their tiny presets, a 4-layer 128-wide Llama, batch 8 — is
 trained through ``kiban.train.fit`` (Lightning, the same callbacks as any run); the first
@@ -6,8 +6,8 @@ trained through ``kiban.train.fit`` (Lightning, the same callbacks as any run); 
 instead with ``--config`` (and ``KEY=VALUE`` overrides), e.g. the real backbone on a GPU::
 
     .venv/bin/python benchmarks/train_throughput.py                       # CPU, fixed tiny config
-    .venv/bin/python benchmarks/train_throughput.py --config configs/align.yaml \\
-        data.train=tiny data.val=null data.tiny_records=512 data.batch_size=16 \\
+    .venv/bin/python benchmarks/train_throughput.py --config configs/align.yaml \
+        data.train=tiny data.val=null data.tiny_records=512 data.batch_size=16 \
         trainer.strategy=deepspeed_stage_2 trainer.precision=bf16-mixed        # GPU: MFU
 
 MFU = (6·N·tokens + 12·L·d·Σ tokens·T) / (seconds · devices · peak), see kiban/train/flops.py.

@@ -136,7 +136,8 @@ def pick_column(
     header: Sequence[str], *, wanted: str | None, candidates: Sequence[str], what: str, path: Path
 ) -> int | None:
     """Index of the column named ``wanted`` (an error if absent), else of the first candidate name
-    present (case-insensitive), else None."""
+    present (case-insensitive), else None.
+    """
     lowered = [name.strip().lower() for name in header]
     if wanted is not None:
         if wanted.strip().lower() not in lowered:

@@ -70,9 +70,11 @@ class CellPreprocessing:
 
     @property
     def needs_pass(self) -> bool:
+        """Whether the declared preprocessing needs a first pass over the file."""
         return (self.normalize_total and self.target_sum is None) or self.highly_variable is not None
 
     def describe(self) -> list[str]:
+        """The preprocessing steps in words, for reports."""
         steps = []
         if self.normalize_total:
             steps.append(f"normalize_total(target_sum={self.target_sum if self.target_sum else 'median'})")
@@ -229,6 +231,7 @@ class H5adReader:
         return state
 
     def close(self) -> None:
+        """Close the file (only in the process that opened it)."""
         if self._adata is not None and self._pid == os.getpid():
             self._adata.file.close()
         self._adata = None
@@ -331,7 +334,8 @@ class H5adReader:
         code[rows[~np.isfinite(chunk.data)]] = 1
         if code.any():
             chunk.data[np.repeat(code != 0, np.diff(chunk.indptr))] = 0
-            chunk.eliminate_zeros()
+        # a zero stored explicitly (writers that keep the sparsity pattern) is not an expressed gene
+        chunk.eliminate_zeros()
         return chunk, code
 
     # -- records -------------------------------------------------------------------------------
@@ -371,8 +375,8 @@ class H5adReader:
                     )
                 )
             elif expressed[offset] == 0:
-                where = " in the vocabulary" if "gene_match" in self.notes else ""
-                out.append(self._reject(row, "no expressed genes", f"the cell has no expressed gene{where}"))
+                scope = " in the vocabulary" if "gene_match" in self.notes else ""
+                out.append(self._reject(row, "no expressed genes", f"the cell has no expressed gene{scope}"))
             else:
                 lo, hi = chunk.indptr[offset], chunk.indptr[offset + 1]
                 item = {"genes": genes[lo:hi], "values": chunk.data[lo:hi]}

@@ -77,7 +77,7 @@ class KibanDataModule(pl.LightningDataModule):
         d = config.data
         return cls(
             splits={name: getattr(d, name) for name in splits},
-            modalities=list(config.model["encoders"]),
+            modalities=list(config.model.encoders),
             batch_size=d.batch_size,
             num_workers=d.num_workers,
             shuffle=d.shuffle,

@@ -66,9 +66,11 @@ class RecordList:
         return len(self.records)
 
     def read_many(self, indices: Sequence[int]) -> list[Record | Reject]:
+        """The records at ``indices``, in that order."""
         return [self.records[int(i)] for i in indices]
 
     def lengths(self) -> np.ndarray:
+        """A cheap size per record, for length bucketing."""
         return np.asarray([_item_length(record.item) for record in self.records])
 
 
@@ -90,9 +92,11 @@ class ProcessorTransform:
         self.processor = processor
 
     def __call__(self, record: Record) -> Any:
+        """The processed record (text with slots, featurized inputs)."""
         return self.processor.process(record.item, record_id=record.id)
 
     def collate(self, values: Sequence[Any]) -> Any:
+        """A ``FusedBatch`` of processed records."""
         return self.processor.collate(values)
 
 
@@ -103,9 +107,11 @@ class FeaturizerTransform:
         self.featurizer = featurizer
 
     def __call__(self, record: Record) -> Any:
+        """The item's feature dict."""
         return self.featurizer(record.item, item_id=record.id)
 
     def collate(self, values: Sequence[Any]) -> Any:
+        """The featurizer's padded batch of feature dicts."""
         return self.featurizer.collate(values)
 
 
@@ -223,9 +229,11 @@ class ShardedStream(IterableDataset):
                 raise ValueError(f"{len(self._lengths)} lengths for {len(source)} records")
 
     def set_epoch(self, epoch: int) -> None:
+        """Plan the given epoch next (a new order per epoch)."""
         self.epoch = epoch
 
     def set_distributed(self, *, rank: int, world_size: int) -> None:
+        """Fix this process's rank and the world size."""
         self.rank, self.world_size = rank, world_size
 
     def plan(self) -> list[list[int]]:
@@ -253,9 +261,11 @@ class ShardedStream(IterableDataset):
         )
 
     def shard(self) -> Shard:
+        """This process's (rank, worker) shard."""
         return current_shard(rank=self.rank, world_size=self.world_size)
 
     def my_batches(self, shard: Shard | None = None) -> list[list[int]]:
+        """The batches of this epoch's plan that ``shard`` reads."""
         return shard_batches(self.plan(), shard or self.shard(), even=self.even_batches)
 
     def __len__(self) -> int:

@@ -445,7 +445,8 @@ class InstructionSource:
 
     def _local(self) -> None:
         """Open files and caches belong to one process: after a fork (DataLoader workers) start afresh,
-        since a file offset shared with the parent would move under both."""
+        since a file offset shared with the parent would move under both.
+        """
         if self._pid != os.getpid():
             self._pid, self._handle, self._files = os.getpid(), None, None
 
@@ -483,6 +484,7 @@ class InstructionSource:
         return Record(record_id, "instruction", item, location)
 
     def read_many(self, indices: Sequence[int]) -> list[Record | Reject]:
+        """The resolved records (or rejects) of the lines at ``indices``, in that order."""
         return [self.read(int(i)) for i in indices]
 
     def __iter__(self) -> Iterator[Record | Reject]:

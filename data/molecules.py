@@ -68,7 +68,8 @@ def read_smiles(
     rejects: Rejects | None = None,
 ) -> Iterator[Record]:
     """Records of SMILES, one per row; ids from ``id_column`` (or a column such as "id", "name"),
-    from the second field of a .smi line, or else ``file:line``."""
+    from the second field of a .smi line, or else ``file:line``.
+    """
     path = Path(path)
     if strip_gz(path).endswith((".smi", ".smiles")):
         yield from _read_smi(path, collector(rejects))

@@ -36,6 +36,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class ReaderSpec:
+    """A registered reader: its kind, the function that reads, and how files are recognised."""
     kind: str
     suffixes: tuple[str, ...]
     read: Callable[..., Iterator[Record]]
@@ -73,11 +74,13 @@ def _import_builtin_readers() -> None:
 
 
 def list_readers() -> list[str]:
+    """The registered reader kinds, sorted."""
     _import_builtin_readers()
     return sorted(_READERS)
 
 
 def reader_spec(kind: str) -> ReaderSpec:
+    """The registered reader of ``kind``; ``KeyError`` names the known kinds."""
     _import_builtin_readers()
     try:
         return _READERS[kind]
@@ -141,6 +144,7 @@ class UniqueIds:
         self._first: dict[str, str] = {}
 
     def accept(self, record_id: str, location: str, rejects: Rejects) -> bool:
+        """Count a record; False (and a ``duplicate id`` reject) when its id was seen before."""
         first = self._first.get(record_id)
         if first is None:
             self._first[record_id] = location

@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kiban.atomic import write_atomic, write_json
+
 __all__ = [
     "DataError",
     "ReadReport",
@@ -78,6 +80,7 @@ class Reject:
     detail: str
 
     def to_json(self) -> str:
+        """One line of a rejects.jsonl file."""
         return json.dumps(asdict(self), ensure_ascii=False)
 
 
@@ -124,13 +127,16 @@ class Rejects:
 
     @property
     def rejected(self) -> int:
+        """How many inputs were rejected."""
         return sum(self.by_reason.values())
 
     @property
     def read(self) -> int:
+        """How many inputs were read: accepted + rejected."""
         return self.accepted + self.rejected
 
     def accept(self, n: int = 1) -> None:
+        """Count ``n`` accepted inputs."""
         self.accepted += n
 
     def reject(self, *, id: Any, location: str, reason: str, detail: str) -> None:
@@ -154,6 +160,7 @@ class Rejects:
         self.notes[key] = value
 
     def report(self) -> ReadReport:
+        """The counts and the first rejects so far."""
         return ReadReport(
             read=self.read,
             accepted=self.accepted,
@@ -165,9 +172,10 @@ class Rejects:
 
     def write_counts(self, path: str | Path, **extra: Any) -> None:
         """Write this collector's counts as JSON (atomically: a reader never sees half a file)."""
-        _write_json(Path(path), {**self.report().to_dict(), **extra})
+        write_json(path, {**self.report().to_dict(), **extra}, default=str)
 
     def close(self) -> None:
+        """Close the rejects file (creating an empty one when nothing was rejected)."""
         if self._handle is not None:
             self._handle.close()
             self._handle = None
@@ -240,13 +248,6 @@ def merge_rejects(directory: str | Path, *, into: str | Path | None = None) -> R
         by_reason.update(part["by_reason"])
     merged.by_reason = dict(by_reason)
     into.mkdir(parents=True, exist_ok=True)
-    (into / REJECTS_FILE).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    _write_json(into / COUNTS_FILE, {**merged.to_dict(), "parts": parts})
+    write_atomic(into / REJECTS_FILE, "".join(line + "\n" for line in lines))
+    write_json(into / COUNTS_FILE, {**merged.to_dict(), "parts": parts}, default=str)
     return merged
-
-
-def _write_json(path: Path, values: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(values, indent=2, default=str) + "\n", encoding="utf-8")
-    partial.replace(path)

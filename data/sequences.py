@@ -353,7 +353,8 @@ def read_sequence_table(
     rejects: Rejects | None = None,
 ) -> Iterator[Record]:
     """Records of a table with one sequence a row; ids from ``id_column`` (or "id", "name", ...,
-    else ``file:line``). Comma-separated unless the name ends in .tsv."""
+    else ``file:line``). Comma-separated unless the name ends in .tsv.
+    """
     path, rejects, ids = Path(path), collector(rejects), UniqueIds()
     rows = csv_rows(path, delimiter="\t" if strip_gz(path).endswith(".tsv") else ",", rejects=rejects)
     header = next((row for _, row in rows), None)

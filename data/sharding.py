@@ -38,6 +38,7 @@ class Shard:
 
     @property
     def name(self) -> str:
+        """The shard's name in file names: ``r<rank>-w<worker>``."""
         return f"r{self.rank}-w{self.worker}"
 
 

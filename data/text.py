@@ -62,6 +62,7 @@ def _sniff_text_jsonl(path: Path) -> bool:
 def read_text(
     path: str | Path, *, text_key: str = "text", rejects: Rejects | None = None
 ) -> Iterator[Record]:
+    """Passages of a text file (one per paragraph, or per line), as ``text`` records."""
     path, rejects = Path(path), collector(rejects)
     if strip_gz(path).endswith(".txt"):
         yield from _read_plain(path, rejects)
@@ -164,6 +165,7 @@ def read_text_table(
     id_column: str | None = None,
     rejects: Rejects | None = None,
 ) -> Iterator[Record]:
+    """Passages from a column of a CSV/TSV table, as ``text`` records with the other columns."""
     path, rejects, ids = Path(path), collector(rejects), UniqueIds()
     rows = csv_rows(path, delimiter="\t" if strip_gz(path).endswith(".tsv") else ",", rejects=rejects)
     header = next((row for _, row in rows), None)

@@ -25,6 +25,8 @@ from typing import Any, Callable, ClassVar, Collection, Protocol, Sequence
 import torch
 from torch import Tensor, nn
 
+from kiban.config import from_plain, to_plain
+
 __all__ = [
     "Encoder",
     "EncoderSpec",
@@ -89,6 +91,7 @@ class ModalityTokens:
 
     @property
     def dim(self) -> int:
+        """The token width D."""
         return self.embeddings.shape[-1]
 
     def pooled(self) -> Tensor:
@@ -97,6 +100,7 @@ class ModalityTokens:
         return (self.embeddings * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
     def lengths(self) -> Tensor:
+        """Real tokens per item [B] (the mask summed)."""
         return self.mask.sum(1)
 
 
@@ -105,9 +109,13 @@ class Featurizer(Protocol):
 
     modality: str
 
-    def __call__(self, item: Any, *, item_id: Any = None) -> dict[str, Tensor]: ...
+    def __call__(self, item: Any, *, item_id: Any = None) -> dict[str, Tensor]:
+        """Featurize one raw item; ``InvalidInput`` names ``item_id`` and the problem."""
+        ...
 
-    def collate(self, features: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]: ...
+    def collate(self, features: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Pad a list of feature dicts into one batch."""
+        ...
 
 
 class Encoder(nn.Module):
@@ -135,10 +143,12 @@ class Encoder(nn.Module):
         """Write what rebuilding this encoder reads besides its weights (tokenizer, architecture
         files) into ``directory``; return (the config that reads them from there, the names of its
         path fields). ``save_pretrained`` stores those paths relative to the model folder, so a
-        saved model reads nothing from outside it. Default: nothing to write."""
+        saved model reads nothing from outside it. Default: nothing to write.
+        """
         return self.portable_config(), ()
 
     def forward(self, **batch: Tensor) -> ModalityTokens:  # pragma: no cover - abstract
+        """Encode a featurized batch into ``ModalityTokens``."""
         raise NotImplementedError
 
     def encode(self, items: Sequence[Any], *, ids: Sequence[Any] | None = None) -> ModalityTokens:
@@ -205,6 +215,7 @@ def read_sequence(
 
 @dataclass(frozen=True)
 class EncoderSpec:
+    """A registered encoder: its config class, builder, presets, default preset and examples."""
     name: str
     config_class: type
     builder: Callable[[Any], Encoder]
@@ -246,6 +257,7 @@ def register_preset(encoder: str, name: str | None = None) -> Callable:
 
 
 def encoder_spec(name: str) -> EncoderSpec:
+    """The registered encoder ``name``; ``KeyError`` names the registered ones."""
     _import_builtin_encoders()
     try:
         return _REGISTRY[name]
@@ -254,11 +266,13 @@ def encoder_spec(name: str) -> EncoderSpec:
 
 
 def list_encoders() -> list[str]:
+    """The registered encoder names, sorted."""
     _import_builtin_encoders()
     return sorted(_REGISTRY)
 
 
 def list_presets(name: str) -> list[str]:
+    """The preset names of encoder ``name``, sorted."""
     return sorted(encoder_spec(name).presets)
 
 
@@ -279,32 +293,14 @@ def create_encoder(name: str, config: Any = None, *, preset: str | None = None, 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
     """A config dataclass as plain JSON/YAML values (tuples become lists)."""
-    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    return to_plain(config)
 
 
-def config_from_dict(config_class: type, values: dict[str, Any]) -> Any:
-    """Inverse of ``config_to_dict``; unknown keys are an error naming the key, not silently dropped."""
-    known = {f.name: f for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        raise ValueError(f"{config_class.__name__} has no field(s) {', '.join(unknown)}")
-    kwargs = {}
-    for key, value in values.items():
-        # a field annotated as a tuple (``tuple[str, ...]``, ``tuple[...] | None``) comes back from JSON as a list
-        wants_tuple = "tuple" in str(known[key].type)
-        kwargs[key] = _as_tuple(value) if isinstance(value, list) and wants_tuple else value
-    return config_class(**kwargs)
-
-
-def _as_tuple(value: Any) -> Any:
-    """JSON lists back to the (possibly nested) tuples a config holds."""
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, list) else value
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
+def config_from_dict(config_class: type, values: dict[str, Any], *, path: str = "") -> Any:
+    """Inverse of ``config_to_dict``, through ``kiban.config.from_plain``: an unknown key or a value
+    of the wrong type is a ``ConfigError`` naming the field (under ``path``), never dropped.
+    """
+    return from_plain(config_class, values, path)
 
 
 _BUILTINS = ("protein", "dna", "cell", "image", "molecule", "text")

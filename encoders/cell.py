@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse
 import torch
+from torch import Tensor, nn
+
 from kiban.encoders.base import (
     Encoder,
     InvalidInput,
@@ -242,7 +244,7 @@ def vocab_from_adata(adata: Any, *, column: str | None = None) -> tuple[str, ...
 
 
 def bin_values(values: np.ndarray, *, n_bins: int) -> np.ndarray:
-    """scGPT value binning of one cell: zero stays bin 0; non-zero values get bins 1..n_bins-1.
+    """ScGPT value binning of one cell: zero stays bin 0; non-zero values get bins 1..n_bins-1.
 
     The bin edges are ``n_bins - 1`` quantiles of the cell's own non-zero values (evenly spaced from
     its minimum to its maximum), so binning removes the cell's scale (sequencing depth) and keeps

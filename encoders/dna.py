@@ -57,6 +57,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
 from kiban.encoders.base import (
     Encoder,
     InvalidInput,
@@ -66,7 +68,6 @@ from kiban.encoders.base import (
     register_encoder,
     register_preset,
 )
-from torch import Tensor, nn
 
 __all__ = [
     "SPECIAL_TOKENS",
@@ -210,11 +211,13 @@ class DnaFeaturizer:
 
     @property
     def vocab_size(self) -> int:
+        """The number of token ids (bases or k-mers plus specials)."""
         return max(self.vocab.values()) + 1
 
     def sequence(self, item: Any, *, item_id: Any = None) -> str:
         """The cleaned sequence an item's tokens are read from: upper case over ACGTN (``U`` as
-        ``T``, ambiguity codes as ``N``). Raises ``InvalidInput`` as ``__call__`` does."""
+        ``T``, ambiguity codes as ``N``). Raises ``InvalidInput`` as ``__call__`` does.
+        """
         return self._sequence(item, item_id)[0]
 
     def token_strings(self, ids: Sequence[int]) -> list[str]:
@@ -261,6 +264,7 @@ class DnaFeaturizer:
         return {"tokens": torch.tensor(ids, dtype=torch.long)}
 
     def collate(self, features: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Pad tokens into ``tokens`` and ``padding`` tensors [B, N]."""
         tokens, _ = pad_stack([f["tokens"] for f in features], pad_value=self.pad_id)
         return {"tokens": tokens}
 
@@ -342,6 +346,7 @@ class DnaTransformer(nn.Module):
             nn.init.normal_(self.embed_positions.weight, std=0.02)
 
     def forward(self, tokens: Tensor, padding: Tensor) -> Tensor:
+        """Hidden states [B, N, D] of tokens [B, N]; ``padding`` is True at pad positions."""
         x = self.embed_tokens(tokens)
         if self.embed_positions is not None:
             x = x + self.embed_positions(torch.arange(tokens.shape[1], device=tokens.device))
@@ -388,12 +393,14 @@ class DnaLmHead(nn.Module):
         self.decoder = nn.Linear(width, vocab_size)
 
     def forward(self, hidden: Tensor) -> Tensor:
+        """Token logits [B, N, V] from hidden states [B, N, D]."""
         return self.decoder(self.layer_norm(nn.functional.gelu(self.dense(hidden))))
 
 
 class _HuggingFaceLmHead(nn.Module):
     """A Hugging Face masked-LM head (``EsmForMaskedLM.lm_head``, ``BertForMaskedLM.cls`` ...) kept
-    under its own attribute name, so that ``export_assets`` can put it back into a masked-LM model."""
+    under its own attribute name, so that ``export_assets`` can put it back into a masked-LM model.
+    """
 
     def __init__(self, attribute: str, head: nn.Module) -> None:
         super().__init__()
@@ -514,7 +521,8 @@ class DnaEncoder(Encoder):
 
     def export_assets(self, directory: Path) -> tuple[DnaEncoderConfig, tuple[str, ...]]:
         """With ``hf_path``: the Hugging Face model and tokenizer, so that a saved fused model
-        rebuilds this encoder from its own folder (its saved weights then replace these)."""
+        rebuilds this encoder from its own folder (its saved weights then replace these).
+        """
         if self.config.hf_path is None:
             return self.portable_config(), ()
         directory.mkdir(parents=True, exist_ok=True)
@@ -574,7 +582,8 @@ def _load_hugging_face(
     path: str, *, max_length: int, mlm_head: bool
 ) -> tuple[nn.Module, nn.Module | None, Any, int]:
     """Base model, masked-LM head (with ``mlm_head``), tokenizer and the usable max_length from a
-    local Hugging Face directory."""
+    local Hugging Face directory.
+    """
     import transformers
 
     location = Path(path).expanduser()
@@ -607,7 +616,8 @@ def _load_hugging_face(
 def _load_masked_lm(location: Path) -> tuple[nn.Module, _HuggingFaceLmHead]:
     """(base model, head) of the ``AutoModelForMaskedLM`` in ``location``; its head weights must be
     there (a head transformers would initialise at random is refused). The base model is the one
-    ``AutoModel`` would give without a pooler, so parameter names match the head-less encoder's."""
+    ``AutoModel`` would give without a pooler, so parameter names match the head-less encoder's.
+    """
     import transformers
 
     try:
@@ -633,7 +643,8 @@ def _load_masked_lm(location: Path) -> tuple[nn.Module, _HuggingFaceLmHead]:
 
 def _masked_lm_model(base: nn.Module, head: _HuggingFaceLmHead) -> nn.Module:
     """A Hugging Face masked-LM model made of this encoder's own base model and head (for
-    ``save_pretrained``); its skeleton is built on the meta device, so nothing is allocated twice."""
+    ``save_pretrained``); its skeleton is built on the meta device, so nothing is allocated twice.
+    """
     import transformers
 
     with torch.device("meta"):

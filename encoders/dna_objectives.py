@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from torch import Tensor
+
 from kiban.encoders.dna import DnaEncoder, DnaLmHead
 from kiban.encoders.pretraining import (
     ObjectiveOutput,
@@ -26,7 +28,6 @@ from kiban.encoders.pretraining import (
     masked_lm_output,
     register_objective,
 )
-from torch import Tensor
 
 __all__ = ["DnaMaskedLM"]
 

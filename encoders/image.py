@@ -19,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from kiban.encoders.base import (
     Encoder,
     InvalidInput,
@@ -27,7 +29,6 @@ from kiban.encoders.base import (
     register_encoder,
     register_preset,
 )
-from torch import Tensor
 
 __all__ = ["ImageEncoder", "ImageEncoderConfig", "ImageFeaturizer", "read_image"]
 

@@ -30,8 +30,9 @@ from pathlib import Path
 from typing import Any, Callable, ClassVar, Protocol, Sequence
 
 import torch
-from kiban.encoders.base import Encoder, config_to_dict, create_encoder, pad_stack
 from torch import Tensor, nn
+
+from kiban.encoders.base import Encoder, config_to_dict, create_encoder, pad_stack
 
 __all__ = [
     "ENCODER_CONFIG",
@@ -71,11 +72,11 @@ class Masker(Protocol):
     """Corrupts one item's features for an objective; picklable and weight-free, like a featurizer."""
 
     def __call__(self, features: dict[str, Tensor]) -> dict[str, Tensor]:
-        """One item's features, corrupted, with the targets to predict."""
+        """Mask one featurized item; the returned dict holds the masked input and its targets."""
         ...
 
     def collate(self, items: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
-        """One padded batch of masked items."""
+        """Pad masked items into one batch."""
         ...
 
 
@@ -106,7 +107,7 @@ class PretrainObjective(nn.Module):
         """
 
     def forward(self, batch: dict[str, Tensor]) -> ObjectiveOutput:  # pragma: no cover - abstract
-        """The loss and metrics of one collated, masked batch."""
+        """The objective's loss (and what it reports) on one masked batch."""
         raise NotImplementedError
 
 

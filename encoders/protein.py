@@ -124,6 +124,7 @@ class ProteinFeaturizer:
         self.padding_idx = alphabet.padding_idx
 
     def __call__(self, item: Any, *, item_id: Any = None) -> dict[str, Tensor]:
+        """ESM tokens of one sequence; ``InvalidInput`` names letters outside the alphabet."""
         sequence, item_id = self._sequence(item, item_id)
         if len(sequence) > self.max_length:
             if not self.truncate:
@@ -144,6 +145,7 @@ class ProteinFeaturizer:
         return {"tokens": torch.tensor(ids, dtype=torch.long)}
 
     def collate(self, features: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
+        """Pad token sequences into ``tokens`` [B, N] with the ESM padding index."""
         tokens, _ = pad_stack([f["tokens"] for f in features], pad_value=self.padding_idx)
         return {"tokens": tokens}
 
@@ -316,7 +318,8 @@ def esm2_t48_15b() -> ProteinEncoderConfig:
 @dataclass
 class EsmWeights:
     """ESM-2 weights read from a file: the architecture (``ProteinEncoderConfig`` field values)
-    and an ``esm.ESM2`` state dict."""
+    and an ``esm.ESM2`` state dict.
+    """
 
     architecture: dict[str, Any]
     state_dict: dict[str, Tensor]

@@ -23,6 +23,8 @@ embeddings, zero biases, unit LayerNorms, the padding embedding zero.
 from __future__ import annotations
 
 import torch
+from torch import Tensor, nn
+
 from kiban.encoders.pretraining import (
     ObjectiveOutput,
     PretrainObjective,
@@ -31,7 +33,6 @@ from kiban.encoders.pretraining import (
     register_objective,
 )
 from kiban.encoders.protein import ProteinEncoder
-from torch import Tensor, nn
 
 __all__ = ["ProteinMaskedLM", "init_for_training"]
 

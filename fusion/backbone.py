@@ -49,7 +49,8 @@ class LoraSettings:
 @dataclass
 class BackboneConfig:
     """Where the LLM comes from: exactly one of ``path`` (HF directory), ``gguf`` (a .gguf file) or
-    ``hf_config`` (an inline config dict with ``model_type``, random weights: tests, debugging)."""
+    ``hf_config`` (an inline config dict with ``model_type``, random weights: tests, debugging).
+    """
 
     path: str | None = None
     gguf: str | None = None
@@ -58,23 +59,6 @@ class BackboneConfig:
     dtype: str = "float32"
     gradient_checkpointing: bool = False
     lora: LoraSettings | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in ("path", "gguf", "hf_config", "tokenizer_path", "dtype")}
-        out["gradient_checkpointing"] = self.gradient_checkpointing
-        out["lora"] = None if self.lora is None else {**vars(self.lora), "target_modules": list(self.lora.target_modules)}
-        return out
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "BackboneConfig":
-        values = dict(values)
-        lora = values.pop("lora", None)
-        if lora is not None:
-            lora = LoraSettings(**{**lora, "target_modules": tuple(lora.get("target_modules", ("q_proj", "v_proj")))})
-        unknown = set(values) - {f for f in cls.__dataclass_fields__}
-        if unknown:
-            raise ValueError(f"backbone config has unknown field(s) {', '.join(sorted(unknown))}")
-        return cls(**values, lora=lora)
 
 
 def smollm2_gguf() -> Path:
@@ -164,6 +148,7 @@ def _tokenizer(path: str | Path):
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
+    """Wrap ``model`` with LoRA adapters (peft) as ``settings`` describe."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(

@@ -16,10 +16,10 @@ and loaded with ``from_pretrained(dir)``, which reads only safetensors and JSON 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -27,9 +27,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-import kiban
-from kiban.encoders.base import Encoder, InvalidInput, ModalityTokens, config_to_dict, create_encoder
+from kiban.atomic import staged_file, write_json
+from kiban.config import ConfigError
+from kiban.encoders.base import Encoder, InvalidInput, ModalityTokens, create_encoder
 from kiban.fusion.backbone import BackboneConfig, load_backbone, smollm2_gguf
+from kiban.fusion.config import EncoderSpec, KibanConfig
 from kiban.fusion.generation import Completion, GenerationSettings, RowHooks, generate_completions
 from kiban.fusion.merge import merge_modality_tokens
 from kiban.fusion.projector import ProjectorConfig, create_projector
@@ -42,42 +44,11 @@ log = logging.getLogger(__name__)
 STAGES = ("align", "instruct", "task", "full")
 
 
-@dataclass
-class KibanConfig:
-    """Plain values that build a KibanModel.
-
-    encoders: modality -> {"preset": name, **overrides} or {"config": full encoder config dict}.
-    projectors: modality -> ProjectorConfig fields; a modality not listed gets ``default_projector``.
-    backbone: BackboneConfig fields.
-    """
-
-    encoders: dict[str, dict[str, Any]]
-    backbone: dict[str, Any]
-    projectors: dict[str, dict[str, Any]] = field(default_factory=dict)
-    default_projector: dict[str, Any] = field(default_factory=lambda: {"kind": "mlp2"})
-    max_length: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "kiban_version": kiban.__version__,
-            "encoders": self.encoders,
-            "backbone": self.backbone,
-            "projectors": self.projectors,
-            "default_projector": self.default_projector,
-            "max_length": self.max_length,
-        }
-
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "KibanConfig":
-        values = {k: v for k, v in values.items() if k != "kiban_version"}
-        return cls(**values)
-
-
 def default_config() -> KibanConfig:
     """The offline default: all six encoders at their default presets over SmolLM2-135M-Instruct."""
     return KibanConfig(
-        encoders={m: {"preset": "default"} for m in ("protein", "dna", "cell", "image", "molecule", "text")},
-        backbone={"gguf": str(smollm2_gguf())},
+        encoders={m: EncoderSpec(preset="default") for m in ("protein", "dna", "cell", "image", "molecule", "text")},
+        backbone=BackboneConfig(gguf=str(smollm2_gguf())),
     )
 
 
@@ -109,12 +80,13 @@ class KibanModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: KibanConfig) -> "KibanModel":
-        llm, tokenizer = load_backbone(BackboneConfig.from_dict(config.backbone))
+        config = dataclasses.replace(config)  # checks again what was changed since it was built
+        llm, tokenizer = load_backbone(config.backbone)
         width = llm.get_input_embeddings().embedding_dim
-        encoders = {m: _build_encoder(m, spec) for m, spec in config.encoders.items()}
+        encoders = {m: create_encoder(m, spec.encoder_config(m)) for m, spec in config.encoders.items()}
         projectors = {}
         for modality, encoder in encoders.items():
-            settings = ProjectorConfig(**{**config.default_projector, **config.projectors.get(modality, {})})
+            settings = config.projectors.get(modality, config.default_projector)
             projectors[modality] = create_projector(settings, in_dim=encoder.output_dim, out_dim=width)
         return cls(encoders=encoders, projectors=projectors, llm=llm, tokenizer=tokenizer, config=config)
 
@@ -248,9 +220,10 @@ class KibanModel(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = self._portable_config(directory)
-        (directory / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        write_json(directory / "config.json", config.to_plain())
         tensors, aliases = _unique_tensors({k: v for k, v in self.state_dict().items() if "lora_" not in k})
-        save_file(tensors, directory / "model.safetensors", metadata={"aliases": json.dumps(aliases)})
+        with staged_file(directory / "model.safetensors") as staged:
+            save_file(tensors, staged, metadata={"aliases": json.dumps(aliases)})
         if self.has_lora:
             self.llm.save_pretrained(directory / "lora")
         self.tokenizer.save_pretrained(directory / "tokenizer")
@@ -262,11 +235,14 @@ class KibanModel(nn.Module):
         config_file = directory / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{directory} is not a saved kiban model (no config.json)")
-        config = KibanConfig.from_dict(json.loads(config_file.read_text()))
-        config.backbone = {**config.backbone, "tokenizer_path": str(directory / "tokenizer")}
+        try:
+            config = KibanConfig.from_plain(json.loads(config_file.read_text()))
+        except ConfigError as error:
+            raise ConfigError(f"{config_file}: {error.field}", error.problem) from None
+        config.backbone = dataclasses.replace(config.backbone, tokenizer_path=str(directory / "tokenizer"))
         for spec in config.encoders.values():
-            for name in spec.pop("relative_paths", ()):
-                spec["config"][name] = str(_inside(directory, spec["config"][name]))
+            paths = {name: str(_inside(directory, getattr(spec.config, name))) for name in spec.relative_paths}
+            spec.config, spec.relative_paths = dataclasses.replace(spec.config, **paths), []
         model = cls.from_config(config)
         model._load_weights(directory)
         return model
@@ -296,11 +272,12 @@ class KibanModel(nn.Module):
 
     def _portable_config(self, directory: Path) -> KibanConfig:
         """The config with every outside path replaced by the architecture it named, or by a copy
-        of the files it named under ``directory/encoders/<modality>`` (stored relative)."""
+        of the files it named under ``directory/encoders/<modality>`` (stored relative).
+        """
         llm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
         hf_config = llm.config.to_dict()
         hf_config.pop("quantization_config", None)
-        backbone = BackboneConfig.from_dict((self.config.backbone if self.config else {}) or {"hf_config": {}})
+        backbone = self.config.backbone if self.config else BackboneConfig(hf_config={})
         backbone = BackboneConfig(
             hf_config=hf_config,
             dtype=backbone.dtype,
@@ -310,19 +287,18 @@ class KibanModel(nn.Module):
         encoders = {}
         for modality, encoder in self.encoders.items():
             config, path_fields = encoder.export_assets(directory / "encoders" / modality)
-            values = config_to_dict(config)
-            for name in path_fields:
-                values[name] = str(Path(values[name]).relative_to(directory))
-            encoders[modality] = {"config": values, "relative_paths": list(path_fields)}
+            relative = {name: str(Path(getattr(config, name)).relative_to(directory)) for name in path_fields}
+            encoders[modality] = EncoderSpec(config=dataclasses.replace(config, **relative), relative_paths=list(path_fields))
+        default = self.config.default_projector if self.config else ProjectorConfig()
         projectors = {
-            m: vars(p.config) if hasattr(p, "config") else (self.config.projectors.get(m, {}) if self.config else {})
+            m: p.config if hasattr(p, "config") else (self.config.projectors.get(m, default) if self.config else default)
             for m, p in self.projectors.items()
         }
         return KibanConfig(
             encoders=encoders,
-            backbone=backbone.to_dict(),
+            backbone=backbone,
             projectors=projectors,
-            default_projector=self.config.default_projector if self.config else {"kind": "mlp2"},
+            default_projector=default,
             max_length=self.config.max_length if self.config else None,
         )
 
@@ -333,7 +309,8 @@ class KibanModel(nn.Module):
 
 def _decoder(llm: nn.Module) -> nn.Module:
     """The backbone's decoder stack (embeddings, ``layers``, final norm; no LM head), under LoRA too:
-    peft injects its adapters into the base model's modules, so calling the decoder keeps them."""
+    peft injects its adapters into the base model's modules, so calling the decoder keeps them.
+    """
     base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
     return base.get_decoder()
 
@@ -385,14 +362,6 @@ def _inside(directory: Path, relative: str) -> Path:
     if not path.is_relative_to(directory.resolve()):
         raise ValueError(f"{directory}/config.json names {relative!r}, outside the model folder")
     return path
-
-
-def _build_encoder(modality: str, spec: Mapping[str, Any]) -> Encoder:
-    spec = dict(spec)
-    if "config" in spec:
-        return create_encoder(modality, spec["config"])
-    preset = spec.pop("preset", None)
-    return create_encoder(modality, preset=preset, **spec)
 
 
 def _unique_tensors(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, str]]:

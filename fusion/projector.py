@@ -24,6 +24,7 @@ __all__ = ["ProjectorConfig", "create_projector", "list_projectors", "register_p
 
 @dataclass
 class ProjectorConfig:
+    """A projector's plain settings: its registered ``kind`` and the resampler's shape."""
     kind: str = "mlp2"
     num_tokens: int = 32  # resampler only: K output tokens
     depth: int = 2  # resampler only: cross-attention blocks
@@ -35,6 +36,7 @@ _PROJECTORS: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_projector(kind: str) -> Callable:
+    """Class decorator registering a projector under ``kind``."""
     def wrap(cls: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         _PROJECTORS[kind] = cls
         return cls
@@ -43,10 +45,12 @@ def register_projector(kind: str) -> Callable:
 
 
 def list_projectors() -> list[str]:
+    """The registered projector kinds, sorted."""
     return sorted(_PROJECTORS)
 
 
 def create_projector(config: ProjectorConfig, *, in_dim: int, out_dim: int) -> nn.Module:
+    """Build the projector ``config.kind`` mapping width ``in_dim`` to ``out_dim``."""
     try:
         cls = _PROJECTORS[config.kind]
     except KeyError:

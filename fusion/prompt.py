@@ -48,11 +48,13 @@ def _marks(messages: Sequence[Mapping]) -> tuple[str, str]:
 
 
 def slot_id(modality_index: int) -> int:
+    """The token id that marks a slot of the modality at ``modality_index``."""
     return -1 - modality_index
 
 
 @dataclass
 class ProcessedRecord:
+    """One record after the processor: token ids, labels, and its featurized inputs by modality."""
     input_ids: list[int]
     labels: list[int]
     features: list[tuple[str, dict[str, Tensor]]]  # (modality, features) per slot, in prompt order
@@ -72,6 +74,7 @@ class FusedBatch:
     features: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
     def to(self, device: torch.device | str) -> "FusedBatch":
+        """The same batch with every tensor on ``device``."""
         return FusedBatch(
             self.input_ids.to(device),
             self.labels.to(device),
@@ -96,6 +99,7 @@ class KibanProcessor:
     def process(
         self, record: Mapping[str, Any], *, record_id: Any = None, add_generation_prompt: bool = False
     ) -> ProcessedRecord:
+        """Tokenize one chat record and featurize its inputs; ``InvalidInput`` names what is wrong."""
         rid = record_id if record_id is not None else record.get("id", "record")
         messages = record.get("messages")
         if not isinstance(messages, Sequence) or not messages:
@@ -203,6 +207,7 @@ class KibanProcessor:
     # -- a batch ---------------------------------------------------------------------------------
 
     def collate(self, records: Sequence[ProcessedRecord]) -> FusedBatch:
+        """Pad processed records into one ``FusedBatch``."""
         pad = self.tokenizer.pad_token_id
         longest = max(len(r.input_ids) for r in records)
         input_ids = torch.full((len(records), longest), pad, dtype=torch.long)
@@ -220,4 +225,5 @@ class KibanProcessor:
         return FusedBatch(input_ids, labels, attention_mask, features)
 
     def __call__(self, records: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False) -> FusedBatch:
+        """Process and collate chat records in one call."""
         return self.collate([self.process(r, add_generation_prompt=add_generation_prompt) for r in records])

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kiban.cli import _arguments, command
+from kiban.cli import arguments, command
 
 __all__ = ["slurm_command"]
 
@@ -56,8 +56,9 @@ def _slurm_arguments(parser: argparse.ArgumentParser) -> None:
 @command(
     "slurm", help="submit training jobs to Slurm (kiban slurm submit CONFIG --nodes N --gpus-per-node G)"
 )
-@_arguments(_slurm_arguments)
+@arguments(_slurm_arguments)
 def slurm_command(args: argparse.Namespace) -> int:
+    """``kiban slurm``: render, print or submit a Slurm job for a training config."""
     from pathlib import Path
 
     from kiban.hpc.slurm import SlurmJob, render_sbatch, submit

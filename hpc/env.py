@@ -24,6 +24,7 @@ __all__ = ["ClusterEnv", "detect_cluster", "in_slurm_job", "lightning_environmen
 
 @dataclass(frozen=True)
 class ClusterEnv:
+    """Where this process runs: Slurm job, ranks, nodes and tasks per node."""
     kind: str  # "slurm" | "torchelastic" | "local"
     world_size: int
     global_rank: int
@@ -45,7 +46,8 @@ def in_slurm_job() -> bool:
 
 def lightning_environment(cluster: "ClusterEnv") -> Any:
     """The Lightning cluster-environment plugin for ``cluster`` (given explicitly, so the Trainer
-    does not probe again). Slurm's comes with Lightning's own requeue off: see hpc/requeue.py."""
+    does not probe again). Slurm's comes with Lightning's own requeue off: see hpc/requeue.py.
+    """
     if cluster.kind == "slurm":
         return SLURMEnvironment(auto_requeue=False)
     if cluster.kind == "torchelastic":
@@ -62,6 +64,7 @@ def slurm_job_id() -> str | None:
 
 
 def detect_cluster() -> ClusterEnv:
+    """The cluster environment of this process (Slurm variables, else one local process)."""
     if in_slurm_job():
         env = SLURMEnvironment(auto_requeue=False)
         per_node = _first_count(

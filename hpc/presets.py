@@ -25,6 +25,7 @@ PRESET_DIR = Path(__file__).resolve().parent / "presets"
 
 
 def list_presets() -> list[str]:
+    """The names of the shipped DeepSpeed/FSDP presets, sorted."""
     return sorted(path.stem for path in PRESET_DIR.glob("*.json"))
 
 

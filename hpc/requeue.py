@@ -42,11 +42,13 @@ def _handler(signum: int, frame: Any) -> None:
 
 def install_preemption_handler(signum: int = signal.SIGUSR1) -> Any:
     """Catch ``signum`` from now on (its default action would kill the process); returns the
-    previous handler. Call it early: a signal before this line ends the process."""
+    previous handler. Call it early: a signal before this line ends the process.
+    """
     return signal.signal(signum, _handler)
 
 
 def preemption_requested() -> bool:
+    """Whether a preemption signal (SIGUSR1/SIGTERM from Slurm) has arrived."""
     return bool(_requested)
 
 
@@ -69,7 +71,8 @@ def requeue_job() -> bool:
 
 class PreemptionRequeue(Callback):
     """``save(trainer, reason=...)``: the checkpoint function (``AtomicCheckpoint.save``);
-    ``saved_step()``: the step last saved, so a checkpoint written this very step is not repeated."""
+    ``saved_step()``: the step last saved, so a checkpoint written this very step is not repeated.
+    """
 
     def __init__(
         self, *, save: Callable[..., Any], saved_step: Callable[[], int], signum: int = signal.SIGUSR1
@@ -79,20 +82,24 @@ class PreemptionRequeue(Callback):
         self._last_step = -1
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Install the signal handlers."""
         if signal.getsignal(self.signum) is not _handler:
             self._previous = install_preemption_handler(self.signum)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Restore the previous signal handlers."""
         if self._previous is not None:
             signal.signal(self.signum, self._previous)
             self._previous = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Forget a preemption requested before training started."""
         self._last_step = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        """On preemption: save a checkpoint, requeue the job and stop the trainer."""
         if trainer.global_step == self._last_step:
             return
         self._last_step = trainer.global_step

@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kiban.atomic import write_atomic
+
 __all__ = ["SlurmError", "SlurmJob", "render_sbatch", "submit"]
 
 
@@ -27,6 +29,7 @@ class SlurmError(ValueError):
 
 @dataclass
 class SlurmJob:
+    """What ``kiban slurm submit`` asks Slurm for: nodes, tasks, GPUs, time, the config to run."""
     config: str  # the training YAML
     nodes: int
     gpus_per_node: int
@@ -44,6 +47,7 @@ class SlurmJob:
 
     @property
     def tasks_per_node(self) -> int:
+        """Tasks (ranks) per node: one per GPU, or ``ntasks_per_node`` on CPU nodes."""
         return self.gpus_per_node if self.gpus_per_node > 0 else (self.ntasks_per_node or 1)
 
     def check(self) -> None:
@@ -69,7 +73,8 @@ class SlurmJob:
 
 def render_sbatch(job: SlurmJob, *, kiban: str | None = None) -> str:
     """The batch script for ``job`` (about 30 lines). ``kiban``: the command srun starts (default:
-    the ``kiban`` next to this Python, so the job uses the same environment)."""
+    the ``kiban`` next to this Python, so the job uses the same environment).
+    """
     job.check()
     kiban = kiban or _kiban_executable()
     log_dir = Path(job.log_dir).expanduser().resolve()
@@ -120,7 +125,7 @@ def submit(job: SlurmJob, script: str) -> str:
     log_dir = Path(job.log_dir).expanduser().resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
     path = log_dir / f"{job.job_name}-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
-    path.write_text(script)
+    write_atomic(path, script)
     try:
         result = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
     except FileNotFoundError:

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from kiban.cli import _arguments, command
+from kiban.cli import arguments, command
 
 
 def _quickstart_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +33,9 @@ def _quickstart_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @command("quickstart", help="train, evaluate, report and serve on bundled real data (the README's main job)")
-@_arguments(_quickstart_arguments)
+@arguments(_quickstart_arguments)
 def quickstart_command(args: argparse.Namespace) -> int:
+    """``kiban quickstart``: run (or resume) the whole quickstart into ``--out``."""
     from kiban.quickstart import QuickstartOptions, run_quickstart
     from kiban.quickstart.report import display_name
 

@@ -39,12 +39,14 @@ PROPERTY = "logP"  # the molecular-property head's target: Wildman–Crippen log
 
 
 def pbmc_path() -> Path:
+    """The bundled pbmc68k_reduced h5ad (from scanpy's package data)."""
     import scanpy
 
     return Path(scanpy.__file__).parent / "datasets" / "10x_pbmc68k_reduced.h5ad"
 
 
 def nci_smiles_path() -> Path:
+    """The bundled NCI SMILES file (from RDKit's package data)."""
     import rdkit
 
     return Path(os.path.dirname(rdkit.__file__)) / "Data" / "NCI" / "first_5K.smi"
@@ -60,7 +62,8 @@ def _skimage_image(name: str) -> Path:
 class CorpusPlan:
     """How much of each source goes in. ``molecules``: NCI molecules in the corpus;
     ``head_molecules``: other NCI molecules for the molecular-property head; ``image_crops`` per
-    image; ``val_fraction``: records held for the align stage's validation loss."""
+    image; ``val_fraction``: records held for the align stage's validation loss.
+    """
 
     molecules: int = 600
     head_molecules: int = 400
@@ -92,10 +95,13 @@ class Corpus:
 
 def build_corpus(folder: Path, plan: CorpusPlan) -> Corpus:
     """Write ``train.jsonl``, ``val.jsonl``, ``SOURCES.md``, the copied h5ad, image crops and
-    ``molecules.csv`` (the head's molecules with their property) into ``folder`` (which must not exist)."""
+    ``molecules.csv`` (the head's molecules with their property) into ``folder`` (new or empty).
+    """
     from kiban.data import rejects_log
 
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)
+    if any(folder.iterdir()):
+        raise FileExistsError(f"{folder} is not empty: the corpus is built into a new folder")
     rng = random.Random(plan.seed)
     records: list[dict[str, Any]] = []
     corpus = Corpus(folder)
@@ -141,6 +147,7 @@ _CELL_QUESTIONS = (
 
 def _cell_records(folder: Path, seed: int, rng: random.Random) -> tuple[list[dict], list[str]]:
     import anndata
+
     from kiban.tasks.splits import random_split
 
     shutil.copyfile(pbmc_path(), folder / PBMC_FILE)
@@ -212,7 +219,8 @@ _MOLECULE_ANSWERS = (
 
 def _molecule_records(plan: CorpusPlan, rng: random.Random) -> tuple[list[dict], list[list[Any]]]:
     """Corpus records for the first ``plan.molecules`` parseable NCI molecules; the next
-    ``plan.head_molecules`` (no canonical SMILES shared with the corpus) for the property head."""
+    ``plan.head_molecules`` (no canonical SMILES shared with the corpus) for the property head.
+    """
     from rdkit import Chem, RDLogger
 
     RDLogger.DisableLog("rdApp.*")  # the NCI file has a few molecules RDKit warns about
@@ -361,7 +369,8 @@ def _fasta_descriptions(path: Path) -> dict[str, str]:
 
 def _protein_answer(description: str) -> str:
     """``sp|P69905|HBA_HUMAN Hemoglobin subunit alpha OS=Homo sapiens OX=9606`` -> "Hemoglobin
-    subunit alpha, from Homo sapiens." (UniProt style); other headers: the text after the id."""
+    subunit alpha, from Homo sapiens." (UniProt style); other headers: the text after the id.
+    """
     words = description.split(maxsplit=1)
     if len(words) < 2:
         return ""

@@ -22,6 +22,7 @@ class TrainingProgress(pl.Callback):
         self.samples = 0
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        """Start the progress line."""
         self.started, self.first_step, self.samples = time.time(), trainer.global_step, 0
         if self.enabled and sys.stderr.isatty():
             from tqdm.auto import tqdm
@@ -31,6 +32,7 @@ class TrainingProgress(pl.Callback):
     def on_train_batch_end(
         self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        """Advance the progress line by one optimizer step."""
         step = trainer.global_step
         self.samples += len(batch.ids)
         elapsed = max(1e-6, time.time() - self.started)
@@ -48,5 +50,6 @@ class TrainingProgress(pl.Callback):
             )
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        """Close the progress line."""
         if self.bar is not None:
             self.bar.close()

@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from kiban.quickstart.run import HEAD_LAYER
-from kiban.tasks.plots import _pyplot  # matplotlib on the Agg backend, as the heads' plots
+from kiban.atomic import staged_file, write_atomic
+from kiban.tasks.plots import pyplot  # matplotlib on the Agg backend, as the heads' plots
 
 __all__ = ["METRIC_COLUMNS", "display_name", "write_report"]
 
@@ -47,8 +47,11 @@ code, pre { background: #f5f5f5; padding: .1rem .3rem; } pre { padding: .6rem; o
 """
 
 
-def write_report(out: Path, metrics: dict[str, Any]) -> Path:
-    """Write ``out/plots/{loss,umap}.png`` and ``out/report.html``; returns the report's path."""
+def write_report(out: Path, metrics: dict[str, Any], *, head_layer: int) -> Path:
+    """Write ``out/plots/{loss,umap}.png`` and ``out/report.html``; returns the report's path.
+
+    head_layer: the decoder layer whose pooled states the heads read (for the captions).
+    """
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     loss_png = _loss_plot(plots / "loss.png", metrics["align"])
@@ -63,7 +66,7 @@ def write_report(out: Path, metrics: dict[str, Any]) -> Path:
         (
             umap_png,
             "UMAP of every pbmc68k_reduced cell, coloured by its annotated type (bulk_labels): "
-            f"left kiban's fused states (pooled after decoder layer {HEAD_LAYER}, what the cell-type "
+            f"left kiban's fused states (pooled after decoder layer {head_layer}, what the cell-type "
             "head reads), right log-normalised expression (PCA, the usual scanpy view).",
         ),
     ]
@@ -84,11 +87,7 @@ def write_report(out: Path, metrics: dict[str, Any]) -> Path:
         if path.is_file():
             figures.append((path, caption))
     page = _page(metrics, figures)
-    target = out / "report.html"
-    tmp = target.with_name(target.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(target)
-    return target
+    return write_atomic(out / "report.html", page)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,7 +194,7 @@ def _number(value: Any) -> str:
 
 
 def _loss_plot(path: Path, align: dict[str, Any]) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(6, 3.6))
     steps = np.arange(1, len(align["loss"]) + 1)
     losses = np.asarray(align["loss"], dtype=float)
@@ -215,13 +214,14 @@ def _loss_plot(path: Path, align: dict[str, Any]) -> Path:
     axis.set(xlabel="optimizer step", ylabel="loss", title="align stage")
     axis.legend()
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with staged_file(path) as staged:
+        figure.savefig(staged, dpi=100, format="png")
     plt.close(figure)
     return path
 
 
 def _umap_plot(path: Path, cells: Any) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     labels = cells["labels"]
     names = sorted(set(labels.tolist()))
     panels = [("kiban fused states", cells["umap"])]
@@ -238,6 +238,7 @@ def _umap_plot(path: Path, cells: Any) -> Path:
         loc="center left", bbox_to_anchor=(1.02, 0.5), fontsize=8, markerscale=2, frameon=False
     )
     figure.tight_layout()
-    figure.savefig(path, dpi=100)
+    with staged_file(path) as staged:
+        figure.savefig(staged, dpi=100, format="png")
     plt.close(figure)
     return path

@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kiban.atomic import staged_folder, stale_stages, write_json
+
 __all__ = ["Plan", "QuickstartError", "QuickstartOptions", "plan_for", "run_quickstart"]
 
 log = logging.getLogger(__name__)
@@ -52,6 +54,7 @@ class QuickstartError(ValueError):
 
 @dataclass
 class QuickstartOptions:
+    """What ``kiban quickstart`` was asked for: output folder, time budget, model, seed, inputs."""
     out: Path = Path("runs/quickstart")
     minutes: float = 10.0
     seed: int = 0
@@ -73,6 +76,7 @@ class Plan:
     head_epochs: int
 
     def describe(self) -> str:
+        """The options in one line, for the run's first message."""
         return (
             f"{self.align_steps} align steps of {self.batch_size} records, "
             f"{self.corpus_molecules} corpus molecules, {self.head_molecules} head molecules, "
@@ -89,6 +93,7 @@ _STEPS_PER_MINUTE = 50
 
 
 def plan_for(minutes: float, model: str) -> Plan:
+    """The sizes of each stage that fit ``minutes`` on this machine for ``model``."""
     if minutes <= 0:
         raise QuickstartError(f"--minutes must be positive, got {minutes:g}")
     if model == "tiny":  # smoke tests: seconds, whatever the budget
@@ -142,7 +147,7 @@ def run_quickstart(options: QuickstartOptions) -> dict[str, Any]:
         say("[3/6] fine-tuning and scoring the task heads against the baselines")
         model = _load_model(out / "train" / "model")
         loss = validation_loss(model, out)
-        _write_json(out / "train" / "val_after.json", {"step": plan.align_steps, "loss": loss})
+        write_json(out / "train" / "val_after.json", {"step": plan.align_steps, "loss": loss})
         _heads(out, options, plan, model)
         del model
         _mark(out, state, "heads")
@@ -157,7 +162,7 @@ def run_quickstart(options: QuickstartOptions) -> dict[str, Any]:
     if "report" not in state["done"]:
         from kiban.quickstart.report import write_report
 
-        write_report(out, metrics)
+        write_report(out, metrics, head_layer=HEAD_LAYER)
         _mark(out, state, "report")
 
     if "model" not in state["done"]:
@@ -170,7 +175,8 @@ def run_quickstart(options: QuickstartOptions) -> dict[str, Any]:
 
 def _quiet_libraries() -> None:
     """Keep the user's terminal for the run's own progress: library chatter that says nothing to
-    them (pbmc68k_reduced's old-format warning, Lightning's banners and tips) is dropped."""
+    them (pbmc68k_reduced's old-format warning, Lightning's banners and tips) is dropped.
+    """
     warnings.filterwarnings("ignore", message=r"Moving element from \.uns\[.neighbors.\]")
     warnings.filterwarnings("ignore", message=r"The `srun` command is available")
     warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated")
@@ -189,7 +195,7 @@ def _quiet_libraries() -> None:
 
 
 def _fingerprint(options: QuickstartOptions) -> dict[str, Any]:
-    import kiban
+    from kiban.version import __version__
 
     def file_id(path: Path | None) -> dict[str, str] | None:
         if path is None:
@@ -198,7 +204,7 @@ def _fingerprint(options: QuickstartOptions) -> dict[str, Any]:
         return {"path": str(Path(path).resolve()), "sha256": digest}
 
     return {
-        "kiban_version": kiban.__version__,
+        "kiban_version": __version__,
         "seed": options.seed,
         "minutes": options.minutes,
         "model": options.model,
@@ -232,19 +238,13 @@ def _claim(out: Path, fingerprint: dict[str, Any]) -> dict[str, Any]:
         )
     out.mkdir(parents=True, exist_ok=True)
     state = {"run": fingerprint, "done": []}
-    _write_json(state_file, state)
+    write_json(state_file, state)
     return state
 
 
 def _mark(out: Path, state: dict[str, Any], stage: str) -> None:
     state["done"].append(stage)
-    _write_json(out / STATE_FILE, state)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)
+    write_json(out / STATE_FILE, state)
 
 
 class _Say:
@@ -264,22 +264,21 @@ def _corpus(out: Path, options: QuickstartOptions, plan: Plan) -> None:
     from kiban.quickstart.corpus import CorpusPlan, build_corpus
 
     target = out / "corpus"
-    staging = out / "corpus.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    shutil.rmtree(target, ignore_errors=True)  # never marked done: an interrupted earlier build
-    corpus = build_corpus(
-        staging,
-        CorpusPlan(
-            molecules=plan.corpus_molecules,
-            head_molecules=plan.head_molecules,
-            image_crops=plan.image_crops,
-            seed=options.seed,
-            proteins=options.proteins,
-            dna=options.dna,
-        ),
-    )
-    _write_json(staging / "corpus.json", corpus.to_dict())
-    staging.rename(target)
+    for stale in stale_stages(target):  # an interrupted earlier build
+        shutil.rmtree(stale, ignore_errors=True)
+    with staged_folder(target) as staging:  # replaces a corpus never marked done
+        corpus = build_corpus(
+            staging,
+            CorpusPlan(
+                molecules=plan.corpus_molecules,
+                head_molecules=plan.head_molecules,
+                image_crops=plan.image_crops,
+                seed=options.seed,
+                proteins=options.proteins,
+                dna=options.dna,
+            ),
+        )
+        write_json(staging / "corpus.json", corpus.to_dict())
 
 
 def model_config(out: Path, model: str) -> dict[str, Any]:
@@ -288,6 +287,7 @@ def model_config(out: Path, model: str) -> dict[str, Any]:
     (a 16-token resampler over gene tokens in the tiny model), a 16-token resampler for images
     (short fused sequences), atom / residue / base tokens for the rest."""
     import anndata
+
     from kiban.encoders.cell import vocab_from_adata
     from kiban.quickstart.corpus import PBMC_FILE
 
@@ -299,13 +299,13 @@ def model_config(out: Path, model: str) -> dict[str, Any]:
     if model == "tiny":
         from kiban.tiny import tiny_config
 
-        config = tiny_config().to_dict()
+        config = tiny_config().to_plain()
         config["encoders"]["cell"] = {"preset": "tiny", "gene_vocab": vocab}
         config["default_projector"] = {"kind": "mlp2"}
     else:
         from kiban.fusion.model import default_config
 
-        config = default_config().to_dict()
+        config = default_config().to_plain()
         # The cell as one whole-profile token (a linear map of its log-normalised expression over
         # the 765 genes, width = the LLM's) through a linear projector: measured against 16
         # resampler tokens over a gene-token transformer, it keeps far more of what the expression
@@ -323,7 +323,8 @@ def model_config(out: Path, model: str) -> dict[str, Any]:
 def align_config(out: Path, options: QuickstartOptions, plan: Plan) -> Any:
     """The align stage's TrainConfig (what ``kiban fit`` would read from YAML; saved beside the run).
     No validation inside the fit: the validation loss is measured before the first step and on the
-    exported model (``validation_loss``), so a kill between a checkpoint and a validation loses none."""
+    exported model (``validation_loss``), so a kill between a checkpoint and a validation loses none.
+    """
     from kiban.train.config import config_from_dict
 
     steps = plan.align_steps
@@ -359,9 +360,10 @@ def align_config(out: Path, options: QuickstartOptions, plan: Plan) -> Any:
 
 def _align(out: Path, options: QuickstartOptions, plan: Plan) -> None:
     import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelSummary
+
     from kiban.quickstart.progress import TrainingProgress
     from kiban.train.runner import fit
-    from pytorch_lightning.callbacks import ModelSummary
 
     config = align_config(out, options, plan)
 
@@ -369,7 +371,7 @@ def _align(out: Path, options: QuickstartOptions, plan: Plan) -> None:
         def on_train_start(self, trainer: Any, pl_module: Any) -> None:
             if trainer.global_step == 0:  # a resumed run measured it before its first checkpoint
                 loss = validation_loss(pl_module.model, out)
-                _write_json(out / "train" / "val_before.json", {"step": 0, "loss": loss})
+                write_json(out / "train" / "val_before.json", {"step": 0, "loss": loss})
 
     callbacks = [
         TrainingProgress(plan.align_steps, enabled=options.progress),
@@ -384,6 +386,7 @@ def _align(out: Path, options: QuickstartOptions, plan: Plan) -> None:
 def validation_loss(model: Any, out: Path, *, batch_size: int = 4) -> float:
     """Mean next-token loss on the answers of ``corpus/val.jsonl`` (records the align stage never trains on)."""
     import torch
+
     from kiban.data.datamodule import KibanDataModule
     from kiban.train.objectives import fused_losses
 
@@ -404,6 +407,7 @@ def validation_loss(model: Any, out: Path, *, batch_size: int = 4) -> float:
 
 def _load_model(path: Path) -> Any:
     import torch
+
     from kiban.fusion import KibanModel
 
     torch.manual_seed(0)
@@ -462,9 +466,11 @@ def _check_no_leak(out: Path) -> None:
 
 def _cells(out: Path, options: QuickstartOptions) -> None:
     """Every pbmc68k_reduced cell: the fused states the cell-type head read (its fine-tune saved
-    them), log-normalised expression, and a UMAP of each (cells.npz)."""
+    them), log-normalised expression, and a UMAP of each (cells.npz).
+    """
     import anndata
     import numpy as np
+
     from kiban.quickstart.corpus import PBMC_FILE
 
     saved = np.load(out / "heads" / CELL_TASK / "features.npz")
@@ -501,10 +507,10 @@ def _umap(states: Any, *, seed: int) -> Any:
 
 def _metrics(out: Path, options: QuickstartOptions, plan: Plan, corpus: dict[str, Any]) -> dict[str, Any]:
     """metrics.json: the align stage's losses, both heads' metrics.json, the corpus counts."""
-    import kiban
+    from kiban.version import __version__
 
     metrics = {
-        "kiban_version": kiban.__version__,
+        "kiban_version": __version__,
         "seed": options.seed,
         "minutes": options.minutes,
         "model": options.model,
@@ -516,13 +522,14 @@ def _metrics(out: Path, options: QuickstartOptions, plan: Plan, corpus: dict[str
             for task in (CELL_TASK, MOLECULE_TASK)
         },
     }
-    _write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics)
     return metrics
 
 
 def align_summary(run_dir: Path) -> dict[str, Any]:
     """Losses per optimizer step (the last entry of a step wins after a resume) and the validation
-    loss before the first step and after the last."""
+    loss before the first step and after the last.
+    """
     steps: dict[int, dict[str, Any]] = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         entry = json.loads(line)
@@ -542,20 +549,23 @@ def align_summary(run_dir: Path) -> dict[str, Any]:
 
 def _assemble_model(out: Path) -> None:
     """OUT/model: the exported model (moved from train/model, not copied: it is most of a GB) with
-    both heads under heads/, every head.json naming OUT/model (``kiban serve OUT/model``,
-    ``kiban predict OUT/model/heads/logp``). Safe to repeat after an interruption."""
+    both heads under heads/, every head.json naming OUT/model (relative to the head's folder) (``kiban serve OUT/model``,
+    ``kiban predict OUT/model/heads/logp``). Safe to repeat after an interruption.
+    """
+    from kiban.tasks.heads import model_reference
+
     target, staging, exported = out / "model", out / "model.partial", out / "train" / "model"
     if not staging.is_dir():
         exported.rename(staging)
-    shutil.rmtree(staging / "heads", ignore_errors=True)
-    where = str(target.resolve())
-    for task in (CELL_TASK, MOLECULE_TASK):
-        shutil.copytree(out / "heads" / task / "heads" / task, staging / "heads" / task)
-        for head_json in (
-            staging / "heads" / task / "head.json",
-            out / "heads" / task / "heads" / task / "head.json",
-        ):
-            config = json.loads(head_json.read_text())
-            config["extra"]["model"] = where
-            _write_json(head_json, config)
-    staging.rename(target)
+    # a fixed staging name: a run killed after the move above finds the model there next time
+    with staged_folder(target, stage=staging) as staging:
+        shutil.rmtree(staging / "heads", ignore_errors=True)
+        for task in (CELL_TASK, MOLECULE_TASK):
+            shutil.copytree(out / "heads" / task / "heads" / task, staging / "heads" / task)
+            for head_json, head_dir in (  # head_dir: where the head is once the model is in place
+                (staging / "heads" / task / "head.json", target / "heads" / task),
+                (out / "heads" / task / "heads" / task / "head.json", out / "heads" / task / "heads" / task),
+            ):
+                config = json.loads(head_json.read_text())
+                config["extra"]["model"] = model_reference(target, head_dir)
+                write_json(head_json, config)

@@ -14,7 +14,7 @@ import argparse
 import logging
 import re
 
-from kiban.cli import _arguments, command
+from kiban.cli import arguments, command
 
 __all__ = ["serve"]
 
@@ -133,7 +133,7 @@ def _redact_query(record: logging.LogRecord) -> bool:
 @command(
     "serve", help="serve a saved model over HTTP: OpenAI-compatible chat and embeddings, task predictions"
 )
-@_arguments(_serve_arguments)
+@arguments(_serve_arguments)
 def serve(args: argparse.Namespace) -> int:
     """Run ``kiban serve`` with the parsed command line; the process's exit code."""
     import asyncio

@@ -110,7 +110,8 @@ def expression_logreg(
 
 def trivial(kind: str, y_train: np.ndarray, n_test: int, *, n_classes: int = 0) -> np.ndarray:
     """Majority class (as a one-hot logit row), each task's training positive rate (as a logit;
-    multilabel) or the training mean of each target, for every test row."""
+    multilabel) or the training mean of each target, for every test row.
+    """
     if kind == "multilabel":
         rate = np.clip(np.nan_to_num(np.nanmean(y_train, 0), nan=0.5), 1e-6, 1 - 1e-6)
         return np.tile(np.log(rate / (1 - rate)), (n_test, 1))

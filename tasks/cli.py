@@ -1,6 +1,7 @@
 """``kiban finetune`` and ``kiban predict``: a user's labelled file to a saved head, and back.
 
-See ``kiban.tasks.finetune`` for the data types and ``kiban.tasks.predict`` for what each head writes."""
+See ``kiban.tasks.finetune`` for the data types and ``kiban.tasks.predict`` for what each head writes.
+"""
 
 from __future__ import annotations
 
@@ -8,19 +9,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from kiban.cli import command
+from kiban.cli import arguments, command
 
 __all__ = ["embed_command", "finetune_command", "predict_command"]
-
-
-def _options(setup):
-    """Attach an argument-adding function before ``@command`` registers the subcommand."""
-
-    def wrap(fn):
-        fn.arguments = setup
-        return fn
-
-    return wrap
 
 
 def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -103,8 +94,9 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
 @command(
     "finetune", help="fine-tune a task head on a labelled file: split, train, evaluate vs. baselines, save"
 )
-@_options(_finetune_arguments)
+@arguments(_finetune_arguments)
 def finetune_command(args: argparse.Namespace) -> int:
+    """``kiban finetune``: fit a head on a labelled file and save it with its metrics."""
     from kiban.tasks.finetune import FinetuneOptions, finetune
 
     out = args.out or Path("runs") / "finetune" / args.task
@@ -206,8 +198,9 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @command("predict", help="predict with a saved head on a file of inputs")
-@_options(_predict_arguments)
+@arguments(_predict_arguments)
 def predict_command(args: argparse.Namespace) -> int:
+    """``kiban predict``: predict with a saved head on a file."""
     from kiban.tasks.predict import predict_file
 
     if args.top_k is not None and args.top_k < 1:
@@ -241,8 +234,9 @@ def _embed_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @command("embed", help="write the model's pooled embeddings of a file (h5ad: obsm['X_kiban'] + uns['kiban'])")
-@_options(_embed_arguments)
+@arguments(_embed_arguments)
 def embed_command(args: argparse.Namespace) -> int:
+    """``kiban embed``: pooled embeddings of a file's inputs."""
     from kiban.tasks.embed import embed_file
 
     out = embed_file(

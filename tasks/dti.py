@@ -21,9 +21,10 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from kiban.tasks.heads import HeadConfig, PooledHead, create_head, register_head
 from kiban.tasks.splits import Split
-from kiban.tasks.training import FitSettings, fit_head
+from kiban.tasks.training import FitSettings, embed_items, fit_head
 
 __all__ = [
     "PAIR_MODALITIES",
@@ -49,8 +50,6 @@ def pair_features(
     progress: bool = False,
 ) -> torch.Tensor:
     """[N, 2H]: pooled protein state ‖ pooled molecule state of each pair (``layer`` as ``embed``'s)."""
-    from kiban.tasks.finetune import embed_items
-
     unique_proteins, protein_index = np.unique(np.asarray(proteins, dtype=object), return_inverse=True)
     unique_smiles, smiles_index = np.unique(np.asarray(smiles, dtype=object), return_inverse=True)
     p = embed_items(model, "protein", list(unique_proteins), batch_size=8, layer=layer, progress=progress)
@@ -100,6 +99,7 @@ class PairHead(PooledHead):
         return self.outputs(pair_features(model, proteins, smiles, layer=self.config.layer))
 
     def metrics(self, outputs: Any, targets: Any) -> dict[str, Any]:
+        """RMSE, MSE, Spearman and concordance index of predicted affinities."""
         metrics = super().metrics(outputs, targets)
         if self.config.kind == "regression":
             for values in metrics.values():
@@ -136,9 +136,11 @@ def target_fingerprint_baseline(
     (default ``split.test``). ``max_features``: the fraction of features tried per split
     (scikit-learn's default 1.0; ``kiban finetune`` uses 100 trees at 0.3: 4x faster, and no worse
     on Davis). A target never seen in training has a one-hot column the forest never split on;
-    composition lets it still say something about such a target (a cold-target split)."""
-    from kiban.tasks.baselines import morgan_fingerprints
+    composition lets it still say something about such a target (a cold-target split).
+    """
     from sklearn.ensemble import RandomForestRegressor
+
+    from kiban.tasks.baselines import morgan_fingerprints
 
     unique_smiles, smiles_index = np.unique(np.asarray(smiles, dtype=object), return_inverse=True)
     fingerprints = morgan_fingerprints(list(unique_smiles))[smiles_index]
@@ -169,7 +171,8 @@ def evaluate_pairs(
     epochs: int = 200,
 ) -> tuple[PairHead, list[dict[str, Any]]]:
     """Fit the pair head on ``split.train`` (early stopping on ``split.valid``); score head, baseline
-    and the training mean on ``split.test``. Returns (head, results as in metrics.json)."""
+    and the training mean on ``split.test``. Returns (head, results as in metrics.json).
+    """
     from kiban.tasks.baselines import trivial
 
     features = pair_features(model, proteins, smiles)
@@ -237,10 +240,11 @@ def read_pairs(
     ``label`` go to ``rejects`` with the reason. A missing column is a ValueError naming it.
     """
     import pandas as pd
-    from kiban.encoders.base import InvalidInput
-    from kiban.tasks.structure import protein_sequence
     from rdkit import Chem
     from rdkit.rdBase import BlockLogs
+
+    from kiban.encoders.base import InvalidInput
+    from kiban.tasks.structure import protein_sequence
 
     path = Path(path)
     table = _table(path)

@@ -12,15 +12,14 @@ Other inputs (FASTA, SMILES CSV, ...): ``NAME.kiban.npz`` beside the input, hold
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-import kiban
 import numpy as np
+
+from kiban.atomic import staged_file, write_json
+from kiban.version import __version__
 
 __all__ = ["embed_file"]
 
@@ -41,7 +40,8 @@ def embed_file(
 ) -> Path:
     """Embed every input of ``data``; returns the path written (see the module docstring)."""
     from kiban.data import Rejects, read, read_h5ad
-    from kiban.tasks.finetune import build_model, embed_items
+    from kiban.tasks.finetune import build_model
+    from kiban.tasks.training import embed_items
 
     data = Path(data)
     if not data.is_file():
@@ -71,7 +71,7 @@ def embed_file(
     embeddings = embed_items(fused, modality, [r.item for r in records], progress=progress).numpy()
     provenance = {
         "model": model if model == "tiny" else str(Path(model).resolve()),
-        "kiban_version": kiban.__version__,
+        "kiban_version": __version__,
         "modality": modality,
         "width": int(embeddings.shape[1]),
         "pooling": "mean of the LLM's last hidden states over the input's positions (KibanModel.embed)",
@@ -81,10 +81,8 @@ def embed_file(
         "n_rejected": rejects.rejected,
         "rejected_by_reason": dict(rejects.by_reason),
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as work:
-        staged = Path(work) / out.name
-        if modality == "cell":
+    if modality == "cell":
+        with staged_file(out) as staged:
             _write_h5ad(
                 data,
                 staged,
@@ -92,11 +90,10 @@ def embed_file(
                 embeddings,
                 {**provenance, "gene_match": _plain(rejects.notes.get("gene_match", {}))},
             )
-        else:
+    else:
+        write_json(out.with_suffix(".json"), provenance)
+        with staged_file(out) as staged:
             np.savez(staged, ids=np.array([r.id for r in records]), embeddings=embeddings)
-            (Path(work) / "provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
-            shutil.move(str(Path(work) / "provenance.json"), out.with_suffix(".json"))
-        shutil.move(str(staged), out)
     return out
 
 

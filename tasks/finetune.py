@@ -47,9 +47,6 @@ and contacts, 1000 for pairs), so a first run stays small.
 
 from __future__ import annotations
 
-import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,9 +54,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from kiban.tasks.heads import HeadConfig, create_head
-from kiban.tasks.predict import RUN_MODEL
-from kiban.tasks.training import FitSettings, fit_head
+
+from kiban.atomic import staged_folder, write_json
+from kiban.tasks.heads import HeadConfig, create_head, model_reference
+from kiban.tasks.training import FitSettings, embed_items, fit_head
 
 __all__ = [
     "DATA_TYPES",
@@ -67,7 +65,6 @@ __all__ = [
     "LabelledData",
     "build_model",
     "data_type",
-    "embed_items",
     "finetune",
     "load_labelled",
     "resolve_labels",
@@ -95,7 +92,8 @@ class FinetuneOptions:
     layer: which backbone layer's states a pooled head reads (``KibanModel.embed``; None = the final
     states; a small k stops the forward after layer k, far faster). loaded_model: the model
     ``model`` names, already loaded (saves loading it again; ``model`` still names it in the
-    outputs). save_features: also write ``features.npz`` (ids and the pooled states the head read)."""
+    outputs). save_features: also write ``features.npz`` (ids and the pooled states the head read).
+    """
 
     task: str
     data: Path
@@ -118,6 +116,7 @@ class FinetuneOptions:
     save_features: bool = False
 
     def epochs_for(self, data_type: str) -> int:
+        """The number of epochs for ``data_type`` (``epochs``, else the type's default)."""
         if self.epochs is not None:
             return self.epochs
         return LORA_EPOCHS if self.mode == "lora" else DEFAULT_EPOCHS[data_type]
@@ -166,22 +165,14 @@ def finetune(options: FinetuneOptions) -> dict[str, Any]:
         )
     if (options.drugs or options.targets) and source != "dti":
         raise ValueError(f"--drugs / --targets apply to drug–target pair tables, not to {source} data")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
-        result = _RUNNERS[source](options, work)
-        if out.exists():
-            out.rmdir()
-        work.rename(out)
-    except BaseException:
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    return result
+    with staged_folder(out, replace=False) as work:  # an existing OUT was checked to be empty
+        return _RUNNERS[source](options, work)
 
 
 def data_type(options: FinetuneOptions) -> str:
     """The data type of ``options.data``: ``options.type`` when given, else told from the path and
-    a table's header (see the module docstring). A missing path is a FileNotFoundError."""
+    a table's header (see the module docstring). A missing path is a FileNotFoundError.
+    """
     data = Path(options.data)
     if options.type not in ("auto", *DATA_TYPES):
         raise ValueError(f"--type must be auto or one of {', '.join(DATA_TYPES)}, got {options.type!r}")
@@ -255,8 +246,8 @@ def _sample(n: int, max_rows: int | None, seed: int) -> np.ndarray:
 
 
 def _write_json(path: Path, values: dict[str, Any]) -> None:
-    # strict JSON: an undefined metric (Spearman of a constant prediction) is null, not NaN
-    path.write_text(json.dumps(_finite(values), indent=2, default=_json_value, allow_nan=False) + "\n")
+    # an undefined metric (Spearman of a constant prediction) is null: strict JSON has no NaN
+    write_json(path, _finite(values), default=_json_value)
 
 
 def _bar(items: Any, *, progress: bool, desc: str, unit: str) -> Any:
@@ -308,7 +299,10 @@ def _run(options: FinetuneOptions, work: Path) -> dict[str, Any]:
         layer=options.layer,
         extra={
             # lora: the adapted model is saved in the run folder beside the head
-            "model": RUN_MODEL if options.model == "tiny" or lora else str(Path(options.model).resolve()),
+            "model": model_reference(
+                Path(options.out) / "model" if options.model == "tiny" or lora else options.model,
+                Path(options.out) / "heads" / options.task,
+            ),
             "trained_on": str(options.data),
             "mode": options.mode,
             "seed": options.seed,
@@ -421,8 +415,8 @@ def _saved_model(options: FinetuneOptions, model: Any, work: Path) -> str:
     """The head's ``extra["model"]``: the run's own tiny model (saved here), or the model folder."""
     if options.model == "tiny":
         model.save_pretrained(work / "model")
-        return RUN_MODEL
-    return str(Path(options.model).resolve())
+    saved = Path(options.out) / "model" if options.model == "tiny" else options.model
+    return model_reference(saved, Path(options.out) / "heads" / options.task)
 
 
 def _protein_model(options: FinetuneOptions, modalities: tuple[str, ...] = ("protein",)) -> Any:
@@ -457,7 +451,8 @@ def structure_files(data: Path) -> list[Path]:
 def _run_contacts(options: FinetuneOptions, work: Path) -> dict[str, Any]:
     """Structures -> the supervised pairwise contact head, saved, beside ESM-2's attention logistic
     regression and the separation prior (``structure.fit_contact_heads``); metrics.json and a
-    contact-map plot of the first test chain."""
+    contact-map plot of the first test chain.
+    """
     from kiban.data import rejects_log
     from kiban.tasks.structure import ContactMapHead, fit_contact_heads
 
@@ -515,7 +510,8 @@ def _run_contacts(options: FinetuneOptions, work: Path) -> dict[str, Any]:
 
 def _run_secondary(options: FinetuneOptions, work: Path) -> dict[str, Any]:
     """A per-residue state table -> the residue head (conv window 7 over protein tokens), saved,
-    beside the amino-acid propensity table and the majority state, split by protein."""
+    beside the amino-acid propensity table and the majority state, split by protein.
+    """
     from kiban.data import rejects_log
     from kiban.tasks import plots
     from kiban.tasks.secondary import (
@@ -649,7 +645,8 @@ def _run_secondary(options: FinetuneOptions, work: Path) -> dict[str, Any]:
 def _run_dti(options: FinetuneOptions, work: Path) -> dict[str, Any]:
     """A pairs table -> the pair head over pooled protein ‖ molecule states, saved, beside a random
     forest (100 trees, 30 % of features per split) on drug Morgan FP + target one-hot + amino-acid
-    composition, and the training mean."""
+    composition, and the training mean.
+    """
     from kiban.data import rejects_log
     from kiban.tasks import plots
     from kiban.tasks.baselines import trivial
@@ -793,6 +790,7 @@ _RUNNERS: dict[str, Callable[[FinetuneOptions, Path], dict[str, Any]]] = {
 
 
 def load_labelled(options: FinetuneOptions, *, model: Any, rejects: Any) -> LabelledData:
+    """The labelled inputs of ``options.data`` for ``model``; bad rows go to ``rejects``."""
     path = Path(options.data)
     if path.suffix == ".h5ad":
         return _load_cells(options, model=model, rejects=rejects)
@@ -801,6 +799,7 @@ def load_labelled(options: FinetuneOptions, *, model: Any, rejects: Any) -> Labe
 
 def _load_molecules(options: FinetuneOptions, *, rejects: Any) -> LabelledData:
     import pandas as pd
+
     from kiban.data import read_smiles
 
     path = Path(options.data)
@@ -835,6 +834,7 @@ def _load_molecules(options: FinetuneOptions, *, rejects: Any) -> LabelledData:
 
 def _load_cells(options: FinetuneOptions, *, model: Any, rejects: Any) -> LabelledData:
     import anndata
+
     from kiban.data import read_h5ad
 
     path = Path(options.data)
@@ -884,7 +884,8 @@ def _load_cells(options: FinetuneOptions, *, model: Any, rejects: Any) -> Labell
 
 def _targets(raw: list[list[str]], columns: list[str], path: Path, *, force_classes: bool = False) -> tuple:
     """(kind, labels, targets, rows kept) from label strings; '' = missing. One column of 0/1 or of
-    non-numeric values is a classification; numeric columns are regression targets."""
+    non-numeric values is a classification; numeric columns are regression targets.
+    """
     values = np.array(raw, dtype=object)
     numeric = not force_classes and all(_is_number(v) for v in values.ravel() if v != "")
     if len(columns) == 1 and (not numeric or set(v for v in values[:, 0] if v) <= {"0", "1", "0.0", "1.0"}):
@@ -956,7 +957,8 @@ def build_model(
     modalities: tuple[str, ...] = ("molecule",),
 ) -> Any:
     """A saved model folder, or "tiny": a tiny random model with the encoder ``data`` needs (an
-    h5ad: a cell encoder over the file's genes; else the tiny encoders of ``modalities``)."""
+    h5ad: a cell encoder over the file's genes; else the tiny encoders of ``modalities``).
+    """
     from kiban.fusion import KibanModel
 
     if spec != "tiny":
@@ -967,6 +969,7 @@ def build_model(
     if data.suffix == ".h5ad":
         # A tiny random model knows no genes: give it the file's own (smoke tests only).
         import anndata
+
         from kiban.encoders.cell import vocab_from_adata
 
         adata = anndata.read_h5ad(data, backed="r")
@@ -982,31 +985,6 @@ def build_model(
         default_projector={"kind": "mlp2", "num_tokens": 4, "depth": 1, "num_heads": 4},
     )
     return KibanModel.from_config(config).eval()
-
-
-def embed_items(
-    model: Any,
-    modality: str,
-    items: list[Any],
-    *,
-    batch_size: int = 64,
-    layer: int | None = None,
-    progress: bool = True,
-) -> torch.Tensor:
-    """Pooled fused states [N, H] of the frozen model, in batches (with a progress bar); ``layer``
-    as ``KibanModel.embed``'s."""
-    batches = range(0, len(items), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc=f"embedding {len(items)} {modality} inputs", unit="batch", leave=False)
-    with torch.no_grad():
-        return torch.cat(
-            [
-                model.embed([(modality, item) for item in items[i : i + batch_size]], layer=layer).float()
-                for i in batches
-            ]
-        )
 
 
 # ----------------------------------------------------------------------------------------------

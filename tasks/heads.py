@@ -29,9 +29,9 @@ layer ``k`` pays for ``k`` of the backbone's layers, not all of them.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
+import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +42,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from kiban.atomic import staged_file, write_json
+from kiban.config import ConfigError, from_plain, to_plain
+
 __all__ = [
     "HEAD_KINDS",
     "HeadConfig",
@@ -51,7 +54,9 @@ __all__ = [
     "list_head_architectures",
     "load_head",
     "load_heads",
+    "model_reference",
     "register_head",
+    "resolve_model_reference",
     "save_head",
 ]
 
@@ -114,15 +119,13 @@ class HeadConfig:
             raise ValueError(f"head {self.task!r}: layer must be None or an integer >= 1, got {self.layer!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The head.json form (``kiban.config.to_plain``)."""
+        return to_plain(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> HeadConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"head config has unknown field(s) {', '.join(unknown)}")
-        return cls(**values)
+    def from_dict(cls, values: dict[str, Any], *, path: str = "") -> HeadConfig:
+        """A head.json's values, strictly (``kiban.config.from_plain``): ``ConfigError`` names the field."""
+        return from_plain(cls, values, path)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -144,6 +147,7 @@ def register_head(name: str) -> Callable:
 
 
 def list_head_architectures() -> list[str]:
+    """The registered head architectures, sorted."""
     return sorted(_ARCHITECTURES)
 
 
@@ -153,6 +157,7 @@ _BUILTIN_MODULES = ("kiban.tasks.secondary", "kiban.tasks.structure", "kiban.tas
 
 
 def create_head(config: HeadConfig) -> PooledHead:
+    """Build the registered head ``config.architecture`` for ``config``."""
     if config.architecture not in _ARCHITECTURES:
         import importlib
 
@@ -191,6 +196,7 @@ class PooledHead(nn.Module):
 
     @property
     def task(self) -> str:
+        """The head's task name."""
         return self.config.task
 
     def forward(self, pooled: Tensor) -> Tensor:
@@ -237,6 +243,7 @@ class PooledHead(nn.Module):
     # -- save / load -----------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> Path:
+        """Write the head into ``directory`` (head.safetensors, then head.json)."""
         return save_head(self, directory)
 
     @classmethod
@@ -263,27 +270,53 @@ class MultiLabelHead(PooledHead):
         super().__init__(config)
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        """The training loss of ``outputs`` against ``targets`` for the head's kind."""
         from kiban.tasks.objectives import multilabel_loss
 
         return multilabel_loss(outputs, targets)
 
     def metrics(self, outputs: Any, targets: Any) -> dict[str, Any]:
+        """The evaluation metrics of the head's kind."""
         from kiban.tasks.objectives import multilabel_metrics
 
         return multilabel_metrics(outputs, targets, self.config.labels)
 
     def outputs(self, pooled: Tensor) -> list[dict[str, Any]]:
+        """Per-row predictions from pooled states [N, H]: labels with probabilities, or values."""
         with torch.no_grad():
             raw = self(pooled.to(next(self.parameters()).dtype)).float().sigmoid()
         return [{"probabilities": dict(zip(self.config.labels, row))} for row in raw.tolist()]
+
+
+def model_reference(model: str | Path, head_dir: str | Path) -> str:
+    """A head's ``extra["model"]``: the model folder relative to the head's folder (POSIX form).
+
+    Relative, so a run folder (or a project holding the run and its model) can be moved or copied
+    to another machine and ``kiban predict`` still finds the model.
+    """
+    relative = os.path.relpath(Path(model).resolve(), Path(head_dir).resolve())
+    return Path(relative).as_posix()
+
+
+def resolve_model_reference(reference: str, head_dir: str | Path) -> Path:
+    """The model folder a head's ``extra["model"]`` names, from the head's folder.
+
+    Reads what heads have held over time: a path relative to the head folder (now), an absolute
+    path, and ``"run:model"`` (the ``model`` folder of the run the head is in).
+    """
+    if reference == "run:model":
+        return Path(head_dir).resolve().parents[1] / "model"
+    path = Path(reference)
+    return path if path.is_absolute() else Path(os.path.normpath(Path(head_dir).resolve() / path))
 
 
 def save_head(head: nn.Module, directory: str | Path) -> Path:
     """Write any head with a ``config`` (HeadConfig) into ``directory``: head.json + head.safetensors."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / CONFIG_FILE).write_text(json.dumps(head.config.to_dict(), indent=2) + "\n")
-    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, directory / WEIGHTS_FILE)
+    with staged_file(directory / WEIGHTS_FILE) as staged:
+        save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, staged)
+    write_json(directory / CONFIG_FILE, head.config.to_dict())  # last: a head.json vouches for its weights
     return directory
 
 
@@ -293,7 +326,10 @@ def load_head(directory: str | Path) -> PooledHead:
     config_file, weights_file = directory / CONFIG_FILE, directory / WEIGHTS_FILE
     if not config_file.is_file() or not weights_file.is_file():
         raise FileNotFoundError(f"{directory} is not a saved head (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-    config = HeadConfig.from_dict(json.loads(config_file.read_text()))
+    try:
+        config = HeadConfig.from_dict(json.loads(config_file.read_text()))
+    except ConfigError as error:
+        raise ConfigError(f"{config_file}: {error.field}", error.problem) from None
     head = create_head(config)
     missing, unexpected = head.load_state_dict(load_file(weights_file), strict=False)
     if missing or unexpected:

@@ -12,13 +12,15 @@ adapters and predict exactly as at the end of training.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from kiban.tasks.heads import PooledHead
 from torch import Tensor
+
+from kiban.tasks.heads import PooledHead
 
 __all__ = ["LoraFitSettings", "add_lora", "fit_lora", "lora_parameters", "pooled_states"]
 
@@ -33,16 +35,15 @@ def pooled_states(model: Any, modality: str, items: Sequence[Any], *, layer: int
 
 def add_lora(model: Any, settings: Any = None) -> Any:
     """Give ``model`` LoRA adapters (``LoraSettings``; default r=8 on q/v projections) unless it has
-    some already, and record them in its config so ``save_pretrained``/``from_pretrained`` keep them."""
+    some already, and record them in its config so ``save_pretrained``/``from_pretrained`` keep them.
+    """
     from kiban.fusion.backbone import LoraSettings, apply_lora
 
     if model.has_lora:
         return model
     settings = settings or LoraSettings()
     model.llm = apply_lora(model.llm, settings)
-    backbone = dict(model.config.backbone or {})
-    backbone["lora"] = {**vars(settings), "target_modules": list(settings.target_modules)}
-    model.config.backbone = backbone
+    model.config.backbone = dataclasses.replace(model.config.backbone, lora=settings)
     return model
 
 
@@ -88,7 +89,7 @@ def fit_lora(
     states while training; the map is folded into the head at the end (as ``fit_head`` does), so the
     saved head needs no extra statistics. Regression targets are scaled likewise.
     """
-    from kiban.tasks.training import _fold_scaling, scaling
+    from kiban.tasks.training import fold_scaling, scaling
 
     settings = settings or LoraFitSettings()
     torch.manual_seed(settings.seed)
@@ -161,5 +162,5 @@ def fit_lora(
     for param in model.parameters():
         param.requires_grad_(False)
     model.eval()
-    _fold_scaling(head, mean, std, t_mean, t_std)
+    fold_scaling(head, mean, std, t_mean, t_std)
     return history

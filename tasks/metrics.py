@@ -64,6 +64,7 @@ def pr_auc(y_true: Sequence, y_score: Sequence) -> float:
 
 
 def rmse(y_true: Sequence, y_pred: Sequence) -> float:
+    """Root mean squared error."""
     y, p = np.asarray(y_true, dtype=float), np.asarray(y_pred, dtype=float)
     return float(np.sqrt(np.mean((y - p) ** 2)))
 
@@ -91,6 +92,7 @@ def concordance_index(y_true: Sequence, y_pred: Sequence) -> float:
 
 
 def accuracy(y_true: Sequence, y_pred: Sequence) -> float:
+    """The fraction of exact matches."""
     return float(np.mean(np.asarray(y_true) == np.asarray(y_pred)))
 
 

@@ -15,14 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from kiban.tasks import metrics as M
 from torch import Tensor
+
+from kiban.tasks import metrics as M
 
 __all__ = ["head_loss", "head_metrics", "multilabel_loss", "multilabel_metrics"]
 
 
 def head_loss(kind: str, outputs: Tensor, targets: Tensor) -> Tensor:
-    """outputs [B, K]; targets [B] class indices (classification) or [B, K] floats with NaN gaps."""
+    """Outputs [B, K]; targets [B] class indices (classification) or [B, K] floats with NaN gaps."""
     if kind == "classification":
         return F.cross_entropy(outputs, targets.long())
     known = ~torch.isnan(targets)
@@ -92,7 +93,8 @@ def multilabel_loss(outputs: Tensor, targets: Tensor) -> Tensor:
 
 def multilabel_metrics(outputs: np.ndarray, targets: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
     """Per task (measured rows only): n, positives, ROC-AUC, PR-AUC (None when a side has one class);
-    plus their means over the tasks where they are defined."""
+    plus their means over the tasks where they are defined.
+    """
     outputs, targets = np.asarray(outputs, dtype=float), np.asarray(targets, dtype=float)
     per_task: dict[str, Any] = {}
     for k, label in enumerate(labels):

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["contact_map_plot", "write_plots"]
+__all__ = ["contact_map_plot", "pyplot", "write_plots"]
 
 
-def _pyplot():
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (no display needed), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -39,7 +40,7 @@ def write_plots(
 
 
 def _parity(path: Path, labels: Sequence[str], targets: np.ndarray, outputs: np.ndarray) -> Path:
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(labels), figsize=(4 * len(labels), 4), squeeze=False)
     for k, (axis, label) in enumerate(zip(axes[0], labels)):
         known = ~np.isnan(targets[:, k])
@@ -57,7 +58,7 @@ def _parity(path: Path, labels: Sequence[str], targets: np.ndarray, outputs: np.
 def _roc(path: Path, targets: np.ndarray, logits: np.ndarray) -> Path:
     from kiban.tasks.metrics import roc_auc
 
-    plt = _pyplot()
+    plt = pyplot()
     score = logits[:, 1] - logits[:, 0]
     order = np.argsort(-score, kind="mergesort")
     y = np.asarray(targets)[order]
@@ -78,7 +79,7 @@ def _roc_per_task(path: Path, labels: Sequence[str], targets: np.ndarray, logits
     """One ROC curve per task over its measured test rows (tasks with one class there are skipped)."""
     from kiban.tasks.metrics import roc_auc
 
-    plt = _pyplot()
+    plt = pyplot()
     figure, axis = plt.subplots(figsize=(5, 5))
     for k, label in enumerate(labels):
         known = ~np.isnan(targets[:, k])
@@ -103,7 +104,7 @@ def _roc_per_task(path: Path, labels: Sequence[str], targets: np.ndarray, logits
 def _confusion(path: Path, labels: Sequence[str], targets: np.ndarray, predicted: np.ndarray) -> Path:
     from kiban.tasks.metrics import confusion_matrix
 
-    plt = _pyplot()
+    plt = pyplot()
     matrix = confusion_matrix(targets, predicted, n_classes=len(labels))
     size = 3 + 0.4 * len(labels)
     figure, axis = plt.subplots(figsize=(size, size))
@@ -121,7 +122,7 @@ def _confusion(path: Path, labels: Sequence[str], targets: np.ndarray, predicted
 
 def contact_map_plot(path: Path, predicted: np.ndarray, true: np.ndarray, *, title: str = "") -> Path:
     """Predicted contact probabilities (upper triangle) beside the true contacts (lower triangle)."""
-    plt = _pyplot()
+    plt = pyplot()
     length = len(true)
     upper = np.triu(np.ones((length, length), bool), 1)
     picture = np.where(upper, predicted, np.where(upper.T, true.astype(float), np.nan))

@@ -1,10 +1,11 @@
 """Predicting with a saved head on a file: the Python side of ``kiban predict``, and the head
 checks ``kiban serve`` shares.
 
-The model comes from ``--model``, else from the head's ``extra["model"]``: a model folder, or
-``"run:model"`` for the tiny model ``kiban finetune --model tiny`` saved beside ``heads/`` in its
-run folder (so a smoke-test run is self-contained; to serve it, copy ``RUN/heads`` into
-``RUN/model`` and run ``kiban serve RUN/model``).
+The model comes from ``--model``, else from the head's ``extra["model"]``: the model folder,
+relative to the head's folder (so a moved run folder still works; older heads hold an absolute
+path or ``"run:model"``, both still read). ``kiban finetune --model tiny`` saves its tiny model
+beside ``heads/`` in the run folder, so a smoke-test run is self-contained; to serve it, copy
+``RUN/heads`` into ``RUN/model`` and run ``kiban serve RUN/model``.
 
 Heads and what ``kiban predict`` reads and writes (CSV, to ``--out`` or stdout):
 
@@ -28,10 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from kiban.tasks import dti, secondary, structure  # noqa: F401 - registers the pair / residue / contact heads
-from kiban.tasks.heads import PooledHead, load_head, load_heads
+from kiban.tasks.heads import PooledHead, load_head, load_heads, resolve_model_reference
 
 __all__ = [
-    "RUN_MODEL",
     "check_head_fits",
     "input_modalities",
     "load_model_heads",
@@ -40,12 +40,11 @@ __all__ = [
     "read_inputs",
 ]
 
-RUN_MODEL = "run:model"
-
 
 def input_modalities(config: Any) -> list[str]:
     """The modalities of one input of a head: ``["molecule"]``, or ``["protein", "molecule"]`` for a
-    pair head (``modality="protein+molecule"``)."""
+    pair head (``modality="protein+molecule"``).
+    """
     return config.modality.split("+")
 
 
@@ -84,13 +83,14 @@ def load_model_heads(model_dir: str | Path, model: Any) -> dict[str, Any]:
 
 
 def model_for_head(head_dir: Path, head: PooledHead, model: str | None = None) -> Any:
+    """The model a head predicts with: ``model`` if given, else the one its head.json names."""
     from kiban.fusion import KibanModel
 
     spec = model or head.config.extra.get("model")
     if not spec:
         raise ValueError(f"{head_dir}/head.json names no model; pass --model")
-    if spec == RUN_MODEL:
-        spec = str(Path(head_dir).resolve().parents[1] / "model")
+    if not model:
+        spec = str(resolve_model_reference(spec, head_dir))
     return KibanModel.from_pretrained(spec).eval()
 
 
@@ -102,7 +102,8 @@ def read_inputs(
 ) -> list[Any]:
     """Records of a file for a head of ``modality`` (SMILES table / .smi, FASTA or sequence table
     read as that modality, or h5ad matched to the vocabulary; ``use_raw`` reads ``raw.X``, as the
-    head was trained when its extra says so)."""
+    head was trained when its extra says so).
+    """
     from kiban.data import detect_kind, read, read_h5ad
 
     if modality == "cell":
@@ -127,7 +128,8 @@ def predict_file(
     """Write prediction rows as CSV (to ``out`` or stdout; columns by head kind, see the module
     docstring); returns the number of inputs predicted. ``top_k``: contact heads, pairs per protein
     (default: its length). ``drugs`` / ``targets``: pair heads, id tables for a pairs file that
-    names drugs and targets by id."""
+    names drugs and targets by id.
+    """
     from kiban.data import Rejects
 
     head_dir = Path(head_dir)
@@ -185,7 +187,8 @@ def _protein_limit(model: Any) -> int | None:
 
 def _within(records: list[Any], limit: int, rejects: Any) -> list[Any]:
     """Records of at most ``limit`` residues; longer ones are rejected (one long protein in a FASTA
-    would otherwise fail the whole file in the encoder)."""
+    would otherwise fail the whole file in the encoder).
+    """
     kept = []
     for record in records:
         length = len(str(record.item).strip())

@@ -21,10 +21,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+
 from kiban.tasks import metrics as M
 from kiban.tasks.heads import HeadConfig, register_head
 from kiban.tasks.structure import ProteinTokenHead, progress_range, protein_tokens
-from torch import Tensor, nn
 
 __all__ = [
     "ResidueClassifierHead",
@@ -43,7 +44,8 @@ def read_ss3(
     path: str | Path, *, n: int | None = None, max_length: int = 400, seed: int = 0
 ) -> list[tuple[str, str]]:
     """(sequence, ss3) pairs of a CSV with ``sequence`` and ``ss3`` columns; rows whose lengths differ,
-    longer than ``max_length`` or with states outside C/E/H are dropped; ``n`` samples that many."""
+    longer than ``max_length`` or with states outside C/E/H are dropped; ``n`` samples that many.
+    """
     import pandas as pd
 
     frame = pd.read_csv(path)
@@ -70,6 +72,7 @@ class ResidueHead(nn.Module):
         self.out = nn.Linear(hidden, n_classes)
 
     def forward(self, tokens: Tensor) -> Tensor:
+        """Per-residue logits [B, N, C] from encoder tokens [B, N, D]."""
         x = self.norm(tokens.float()).T.unsqueeze(0)  # [1, D, L]
         return self.out(nn.functional.gelu(self.conv(x))[0].T)
 
@@ -117,7 +120,8 @@ def propensity_baseline(
     sequences: Sequence[str], states: Sequence[np.ndarray], *, n_classes: int
 ) -> tuple[int, dict[str, int]]:
     """(majority state, residue letter -> its most frequent state) over training proteins; states
-    are class-index arrays. Predict with ``[table.get(r, majority) for r in sequence]``."""
+    are class-index arrays. Predict with ``[table.get(r, majority) for r in sequence]``.
+    """
     counts = np.zeros(n_classes, dtype=np.int64)
     by_residue: dict[str, Counter] = {}
     for sequence, row in zip(sequences, states):
@@ -135,7 +139,8 @@ def read_residue_table(
     """(ids, sequences, state strings) of a CSV/TSV with a ``sequence`` column and a column of
     one state letter per residue (``label_column``: ``ss3``, ``ss8``, ...). Rows whose lengths
     differ, longer than ``max_length`` or with letters outside the amino-acid alphabet go to
-    ``rejects`` with the reason; ids come from an ``id`` / ``name`` column, else ``line N``."""
+    ``rejects`` with the reason; ids come from an ``id`` / ``name`` column, else ``line N``.
+    """
     import csv
 
     from kiban.encoders.base import InvalidInput
@@ -243,7 +248,8 @@ def evaluate_secondary_structure(
     encoder: Any, rows: Sequence[tuple[str, str]], *, seed: int = 0, epochs: int = 10
 ) -> dict[str, Any]:
     """Residue head vs. majority-class and amino-acid-propensity baselines, split by protein
-    (length-stratified, no validation side); metrics over all test residues pooled."""
+    (length-stratified, no validation side); metrics over all test residues pooled.
+    """
     from kiban.tasks.splits import length_stratified_split
 
     index = {s: k for k, s in enumerate(SS3)}

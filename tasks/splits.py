@@ -37,6 +37,7 @@ class Split:
     test: np.ndarray
 
     def describe(self) -> dict:
+        """Sizes and method of the split, for metrics.json."""
         return {
             "method": self.method,
             "seed": self.seed,
@@ -50,6 +51,7 @@ def _fractions(valid: float, test: float) -> None:
 
 
 def random_split(n: int, *, valid: float = 0.1, test: float = 0.2, seed: int = 0) -> Split:
+    """A seeded random train / valid / test split of ``n`` rows."""
     _fractions(valid, test)
     order = np.random.default_rng(seed).permutation(n)
     n_test, n_valid = max(1, round(n * test)), round(n * valid)

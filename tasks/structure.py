@@ -26,9 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor, nn
+
 from kiban.tasks.heads import HeadConfig, register_head, save_head
 from kiban.tasks.metrics import precision_at_l
-from torch import Tensor, nn
 
 __all__ = [
     "AttentionContactHead",
@@ -96,7 +97,7 @@ def contact_labels(
 
 
 def symmetrize(x: Tensor) -> Tensor:
-    """x + x^T over the last two dimensions."""
+    """X + x^T over the last two dimensions."""
     return x + x.transpose(-1, -2)
 
 
@@ -122,6 +123,7 @@ class AttentionContactHead(nn.Module):
         self.regression = nn.Linear(in_features, 1)
 
     def forward(self, features: Tensor) -> Tensor:
+        """Contact logits [B, N, N] from pair features."""
         return self.regression(features).squeeze(-1)
 
     def fit(
@@ -134,7 +136,8 @@ class AttentionContactHead(nn.Module):
         lr: float = 0.05,
     ) -> list[float]:
         """Train on (features [L, L, F], contacts [L, L], valid [L, L]) per protein; pairs with
-        |i - j| >= ``min_separation`` only. An L1 penalty as in ESM-2 (which fitted 20 proteins)."""
+        |i - j| >= ``min_separation`` only. An L1 penalty as in ESM-2 (which fitted 20 proteins).
+        """
         xs, ys = [], []
         for features, contacts, valid in examples:
             i, j = np.triu_indices(len(contacts), k=min_separation)
@@ -189,7 +192,8 @@ class PairwiseContactHead(nn.Module):
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(i, j, probability) of every pair i < j with j - i >= ``min_separation``, 0-based, computed
         ``chunk`` pairs at a time (the full [L, L] map of a 1000-residue protein would hold ~400 MB of
-        pair features at once)."""
+        pair features at once).
+        """
         a = self.project(tokens.float())
         i, j = np.triu_indices(len(tokens), k=max(min_separation, 1))
         i, j = torch.as_tensor(i), torch.as_tensor(j)
@@ -201,7 +205,7 @@ class PairwiseContactHead(nn.Module):
         return i.numpy(), j.numpy(), p.float().numpy()
 
     def forward(self, tokens: Tensor) -> Tensor:
-        """tokens [L, D] of one protein -> symmetric logits [L, L]."""
+        """Tokens [L, D] of one protein -> symmetric logits [L, L]."""
         length = len(tokens)
         i, j = torch.meshgrid(torch.arange(length), torch.arange(length), indexing="ij")
         return self._pairs(tokens, i.reshape(-1), j.reshape(-1)).reshape(length, length)
@@ -218,7 +222,8 @@ class PairwiseContactHead(nn.Module):
         progress: bool = False,
     ) -> list[float]:
         """Train on (tokens [L, D], contacts [L, L], valid [L, L]) per protein, one protein a step;
-        pairs with |i - j| >= ``min_separation`` and valid labels only. Returns the mean loss per epoch."""
+        pairs with |i - j| >= ``min_separation`` and valid labels only. Returns the mean loss per epoch.
+        """
         pairs = []
         for tokens, contacts, valid in examples:
             i, j = np.triu_indices(len(contacts), k=min_separation)
@@ -433,7 +438,8 @@ def _device(module: nn.Module) -> torch.device:
 
 def protein_sequence(item: Any) -> str:
     """The cleaned upper-case residue string of a protein input (str, Bio.Seq or SeqRecord);
-    ``InvalidInput`` names bad letters and their positions."""
+    ``InvalidInput`` names bad letters and their positions.
+    """
     from kiban.encoders.base import read_sequence
     from kiban.encoders.protein import RESIDUES
 
@@ -445,7 +451,8 @@ def protein_sequence(item: Any) -> str:
 
 def protein_tokens(encoder: Any, sequence: str) -> Tensor:
     """Per-residue tokens [L, D] of one protein (float32, CPU, no gradient). One protein per call,
-    so a protein's tokens never depend on what else is in a batch."""
+    so a protein's tokens never depend on what else is in a batch.
+    """
     batch = encoder.featurizer.collate([encoder.featurizer(sequence)])
     with torch.no_grad():
         tokens = encoder(batch["tokens"].to(_device(encoder))).embeddings[0]
@@ -472,6 +479,7 @@ class ProteinTokenHead(nn.Module):
 
     @property
     def task(self) -> str:
+        """The head's task name."""
         return self.config.task
 
     def check_model(self, model: Any) -> None:
@@ -486,11 +494,13 @@ class ProteinTokenHead(nn.Module):
             )
 
     def outputs(self, tokens: Tensor, sequence: str, **options: Any) -> dict[str, Any]:  # pragma: no cover
+        """Per-protein outputs of the head for one sequence's tokens."""
         raise NotImplementedError
 
     def predict(self, model: Any, items: Sequence[Any], **options: Any) -> list[dict[str, Any]]:
         """One output dict per protein input (see the subclass's ``outputs``); bad letters or an
-        over-long sequence raise the encoder's ``InvalidInput``."""
+        over-long sequence raise the encoder's ``InvalidInput``.
+        """
         encoder = model.encoders["protein"]
         rows = []
         for item in items:
@@ -523,6 +533,7 @@ class ContactMapHead(ProteinTokenHead):
 
     @property
     def min_separation(self) -> int:
+        """The smallest sequence separation |i - j| a contact is counted at."""
         return int(self.config.extra.get("min_separation", 6))
 
     def forward(self, tokens: Tensor) -> Tensor:
@@ -531,7 +542,8 @@ class ContactMapHead(ProteinTokenHead):
 
     def loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """Binary cross-entropy of logits [L, L] against contacts [L, L] (1 / 0, NaN = unknown) over
-        pairs i < j at least ``min_separation`` apart (what ``PairwiseContactHead.fit`` minimises)."""
+        pairs i < j at least ``min_separation`` apart (what ``PairwiseContactHead.fit`` minimises).
+        """
         i, j = torch.triu_indices(len(targets), len(targets), offset=self.min_separation)
         y = targets[i, j].float()
         known = ~torch.isnan(y)

@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
-from kiban.tasks.heads import PooledHead
 from torch import Tensor, nn
 
-__all__ = ["FitSettings", "fit_head", "scaling"]
+from kiban.tasks.heads import PooledHead
+
+__all__ = ["FitSettings", "embed_items", "fit_head", "fold_scaling", "scaling"]
 
 
 @dataclass
@@ -35,7 +37,8 @@ def scaling(
     features: Tensor, targets: Tensor, *, regression: bool
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """(feature mean, feature std, target mean, target std) of the training rows; the target
-    statistics are None unless ``regression`` (NaN targets, i.e. not measured, are ignored)."""
+    statistics are None unless ``regression`` (NaN targets, i.e. not measured, are ignored).
+    """
     mean, std = features.mean(0), features.std(0).clamp(min=1e-6)
     if not regression:
         return mean, std, None, None
@@ -96,12 +99,12 @@ def fit_head(
             epochs.set_postfix(loss=f"{history['train'][-1]:.3f}")
     if best_state is not None:
         head.load_state_dict(best_state)
-    _fold_scaling(head, mean, std, t_mean, t_std)
+    fold_scaling(head, mean, std, t_mean, t_std)
     return history
 
 
 @torch.no_grad()
-def _fold_scaling(
+def fold_scaling(
     head: PooledHead, mean: Tensor, std: Tensor, t_mean: Tensor | None, t_std: Tensor | None
 ) -> None:
     """Rewrite the first layer for raw inputs and the last for target units: same function, plain head."""
@@ -115,3 +118,29 @@ def _fold_scaling(
         last.weight *= t_std.unsqueeze(1)
         last.bias.mul_(t_std).add_(t_mean)
     head.eval()
+
+
+def embed_items(
+    model: Any,
+    modality: str,
+    items: list[Any],
+    *,
+    batch_size: int = 64,
+    layer: int | None = None,
+    progress: bool = True,
+) -> torch.Tensor:
+    """Pooled fused states [N, H] of the frozen model, in batches (with a progress bar); ``layer``
+    as ``KibanModel.embed``'s.
+    """
+    batches = range(0, len(items), batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc=f"embedding {len(items)} {modality} inputs", unit="batch", leave=False)
+    with torch.no_grad():
+        return torch.cat(
+            [
+                model.embed([(modality, item) for item in items[i : i + batch_size]], layer=layer).float()
+                for i in batches
+            ]
+        )

@@ -74,7 +74,8 @@ Site = tuple[int, int, int]
 
 class MutationError(ValueError):
     """A mutation that cannot be scored. The message names it; ``reason`` is a short fixed phrase
-    to count rejects by ("wild type differs", "not written like A23V", ...)."""
+    to count rejects by ("wild type differs", "not written like A23V", ...).
+    """
 
     def __init__(self, reason: str, message: str) -> None:
         self.reason = reason
@@ -365,7 +366,8 @@ def _targets(encoder: Any, wild_type: str, strand: str | None) -> list[_Target]:
 
 def _strict(featurizer: Any) -> Any:
     """A copy of a featurizer with no length limit that never flips strands: a score reads the
-    whole wild type as given (``_check_length`` refuses one longer than the model reads)."""
+    whole wild type as given (``_check_length`` refuses one longer than the model reads).
+    """
     featurizer = copy.copy(featurizer)
     featurizer.truncate = False
     featurizer.max_length = sys.maxsize

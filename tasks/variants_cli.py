@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from kiban.cli import command
+from kiban.atomic import write_atomic
+from kiban.cli import arguments, command
 
 __all__ = ["load_scoring_encoder", "read_wild_type", "score_variants_file", "variants_command"]
 
@@ -62,6 +61,7 @@ def read_wild_type(value: str, *, modality: str | None = None) -> tuple[str, str
 def load_scoring_encoder(model: str, modality: str, *, length: int) -> Any:
     """The encoder to score with (see the module docstring for what ``model`` may be)."""
     import torch
+
     from kiban.encoders import create_encoder
 
     if model == "tiny":
@@ -107,10 +107,12 @@ def score_variants_file(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Score every row of ``variants`` and write the output CSV; returns the counts, the rejects
-    by reason, the Spearman correlation (None without ``effects``) and the output path."""
+    by reason, the Spearman correlation (None without ``effects``) and the output path.
+    """
     import numpy as np
     import pandas as pd
     import torch
+
     from kiban.tasks.metrics import spearman
     from kiban.tasks.variants import score_variants
 
@@ -146,15 +148,7 @@ def score_variants_file(
 
     table[SCORE_COLUMN] = [f"{s:.6g}" if problem is None else "" for s, problem in zip(scores, problems)]
     table[REASON_COLUMN] = ["" if problem is None else str(problem) for problem in problems]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    handle, staged = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as stream:
-            table.to_csv(stream, index=False)
-        os.replace(staged, out)
-    finally:
-        if os.path.exists(staged):
-            os.unlink(staged)
+    write_atomic(out, table.to_csv(index=False))
 
     scored = np.array([problem is None for problem in problems])
     report: dict[str, Any] = {
@@ -224,19 +218,10 @@ def _variants_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _options(setup):
-    """Attach an argument-adding function before ``@command`` registers the subcommand."""
-
-    def wrap(fn):
-        fn.arguments = setup
-        return fn
-
-    return wrap
-
-
 @command("variants", help="zero-shot masked-marginal scores of protein or DNA mutations (ESM-1v style)")
-@_options(_variants_arguments)
+@arguments(_variants_arguments)
 def variants_command(args: argparse.Namespace) -> int:
+    """``kiban variants``: zero-shot scores of mutations in a table."""
     report = score_variants_file(
         wild_type=args.wild_type,
         variants=args.variants,

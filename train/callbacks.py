@@ -168,7 +168,8 @@ class StepLog(Callback):
     """Appends one JSON line per optimizer step to ``path`` (rank 0): step, epoch, loss, grad norm,
     lr, the ids of rank 0's records, samples and tokens, plus an objective's metrics (mean over the
     step's micro-batches). A resumed run appends to the same file: steps trained again after a
-    kill appear twice (with the same numbers, which the resume tests check); the last one counts."""
+    kill appear twice (with the same numbers, which the resume tests check); the last one counts.
+    """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

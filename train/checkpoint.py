@@ -29,11 +29,14 @@ import random
 import re
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from kiban.atomic import staged_folder, write_atomic
 
 __all__ = [
     "CheckpointError",
@@ -44,6 +47,8 @@ __all__ = [
     "prepare_checkpoint",
     "prune_checkpoints",
     "read_pointer",
+    "rng_file",
+    "save_checkpoint",
     "save_rng_state",
     "verify_checkpoint",
 ]
@@ -81,32 +86,64 @@ def prepare_checkpoint(root: Path, step: int) -> Path:
 def commit_checkpoint(tmp: Path, *, step: int) -> Path:
     """Manifest, fsync, rename ``tmp`` into place, move ``latest``. Returns the final directory."""
     _pause_for_tests(step)
-    files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    manifest = {
-        "format": 1,
-        "step": step,
-        "files": {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files},
-    }
-    for path in files:  # other ranks wrote some of these: make them durable before the manifest vouches
-        _fsync_file(path)
-    _write_durably(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-    for folder in sorted({p.parent for p in files} | {tmp}, key=lambda p: -len(p.parts)):
-        _fsync_dir(folder)
     final = tmp.with_name(checkpoint_name(step))
-    if final.exists():  # the same step saved again (e.g. a resumed run's final save): replace it
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    # durable: other ranks wrote some of these files; they reach the disk before the manifest vouches
+    # for them, and a checkpoint saved again at the same step (a resumed run's final save) replaces it
+    with staged_folder(final, stage=tmp, durable=True):
+        files = sorted(p for p in tmp.rglob("*") if p.is_file())
+        manifest = {
+            "format": 1,
+            "step": step,
+            "files": {str(p.relative_to(tmp)): {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files},
+        }
+        write_atomic(tmp / MANIFEST, json.dumps(manifest, indent=1) + "\n", durable=True)
     write_pointer(final.parent / "latest", final.name)
     return final
 
 
+def save_checkpoint(
+    root: Path,
+    step: int,
+    *,
+    rank: int,
+    barrier: Callable[[str], None],
+    files: Callable[[], Mapping[str, str]],
+    write_state: Callable[[Path], None],
+    committed: Callable[[Path], None] = lambda final: None,
+) -> Path | None:
+    """Save one checkpoint from every rank (a collective); returns the final directory on rank 0.
+
+    The one save sequence of the Lightning callback and the raw DeepSpeed loop: rank 0 prepares
+    ``ckpt-<step>.tmp/`` and writes the small text ``files()`` (name -> text: config.yaml,
+    meta.json, ...); every rank then calls ``write_state(tmp)`` (the trainer's or engine's own
+    save) and saves its RNG state; rank 0 commits (manifest, fsync, rename, ``latest``) and calls
+    ``committed(final)`` (pruning, the ``best`` pointer). ``barrier(name)`` separates the phases.
+    """
+    tmp = root / f"{checkpoint_name(step)}.tmp"
+    if rank == 0:
+        prepare_checkpoint(root, step)
+        for name, text in files().items():
+            write_atomic(tmp / name, text)
+    barrier("kiban-checkpoint-prepared")
+    write_state(tmp)
+    save_rng_state(tmp / rng_file(rank))
+    barrier("kiban-checkpoint-written")
+    final = None
+    if rank == 0:
+        final = commit_checkpoint(tmp, step=step)
+        committed(final)
+    barrier("kiban-checkpoint-committed")
+    return final
+
+
+def rng_file(rank: int) -> str:
+    """The name of one rank's RNG-state file in a checkpoint."""
+    return f"rng-rank{rank:05d}.pt"
+
+
 def write_pointer(path: Path, text: str) -> None:
-    """Replace a small pointer file atomically (write a temporary, fsync, ``os.replace``)."""
-    tmp = path.with_name(path.name + ".tmp")
-    _write_durably(tmp, text + "\n")
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    """Replace a small pointer file atomically and durably."""
+    write_atomic(path, text + "\n", durable=True)
 
 
 def read_pointer(path: Path) -> str | None:
@@ -229,26 +266,6 @@ def _sha256(path: Path) -> str:
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _write_durably(path: Path, text: str) -> None:
-    with path.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    with path.open("rb") as handle:
-        os.fsync(handle.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _pause_for_tests(step: int) -> None:

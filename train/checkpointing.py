@@ -19,28 +19,23 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback
 
-import kiban
 from kiban.train.checkpoint import (
     CheckpointError,
-    commit_checkpoint,
     load_rng_state,
-    prepare_checkpoint,
     prune_checkpoints,
     read_pointer,
-    save_rng_state,
+    rng_file,
+    save_checkpoint,
     verify_checkpoint,
     write_pointer,
 )
+from kiban.version import __version__
 
 __all__ = ["AtomicCheckpoint", "ResumeState", "STATE_FILE"]
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "state.ckpt"
-
-
-def rng_file(rank: int) -> str:
-    return f"rng-rank{rank:05d}.pt"
 
 
 class AtomicCheckpoint(Callback):
@@ -83,28 +78,18 @@ class AtomicCheckpoint(Callback):
         """Save the current step on every rank (a collective); returns the directory on rank 0."""
         step = trainer.global_step
         strategy = trainer.strategy
-        tmp = self.root / f"ckpt-{step:06d}.tmp"
-        if trainer.is_global_zero:
-            prepare_checkpoint(self.root, step)
-            (tmp / "config.yaml").write_text(self.config_yaml)
-        strategy.barrier("kiban-checkpoint-prepared")
+        meta = {
+            "step": step,
+            "epoch": trainer.current_epoch,
+            "world_size": trainer.world_size,
+            "strategy": type(strategy).__name__,
+            "reason": reason,
+            "kiban_version": __version__,
+            "time": time.time(),
+        }
         self._update_best(trainer, step)
-        trainer.save_checkpoint(tmp / STATE_FILE)
-        save_rng_state(tmp / rng_file(trainer.global_rank))
-        strategy.barrier("kiban-checkpoint-written")
-        final = None
-        if trainer.is_global_zero:
-            meta = {
-                "step": step,
-                "epoch": trainer.current_epoch,
-                "world_size": trainer.world_size,
-                "strategy": type(strategy).__name__,
-                "reason": reason,
-                "kiban_version": kiban.__version__,
-                "time": time.time(),
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-            final = commit_checkpoint(tmp, step=step)
+
+        def committed(final: Path) -> None:
             if self.best is not None and self.best["checkpoint"] == final.name:
                 write_pointer(self.root / "best", json.dumps(self.best))
             best = json.loads(read_pointer(self.root / "best") or "null")
@@ -112,7 +97,16 @@ class AtomicCheckpoint(Callback):
                 self.root, keep_last=self.keep_last, protect={best["checkpoint"]} if best else set()
             )
             log.info("saved checkpoint %s (%s)", final, reason)
-        strategy.barrier("kiban-checkpoint-committed")
+
+        final = save_checkpoint(
+            self.root,
+            step,
+            rank=trainer.global_rank,
+            barrier=strategy.barrier,
+            files=lambda: {"config.yaml": self.config_yaml, "meta.json": json.dumps(meta, indent=1) + "\n"},
+            write_state=lambda tmp: trainer.save_checkpoint(tmp / STATE_FILE),
+            committed=committed,
+        )
         self.last_saved_step = step
         return final
 

@@ -16,7 +16,7 @@ import sys
 import warnings
 from typing import Any
 
-from kiban.cli import _arguments, command
+from kiban.cli import arguments, command
 
 __all__ = ["fit_command", "pretrain_command", "test_command", "validate_command"]
 
@@ -54,7 +54,7 @@ def _load(args: argparse.Namespace):
 
 
 @command("fit", help="train the fused model as a YAML config says (CPU, GPUs, Slurm; resumes automatically)")
-@_arguments(_run_arguments)
+@arguments(_run_arguments)
 def fit_command(args: argparse.Namespace) -> int:
     config = _load(args)
     if args.print_config:
@@ -79,13 +79,13 @@ def fit_command(args: argparse.Namespace) -> int:
 
 
 @command("validate", help="evaluate a checkpoint on data.val")
-@_arguments(_eval_arguments)
+@arguments(_eval_arguments)
 def validate_command(args: argparse.Namespace) -> int:
     return _evaluate(args, "validate")
 
 
 @command("test", help="evaluate a checkpoint on data.test")
-@_arguments(_eval_arguments)
+@arguments(_eval_arguments)
 def test_command(args: argparse.Namespace) -> int:
     return _evaluate(args, "test")
 
@@ -141,7 +141,7 @@ _SAME_RUN_KEYS = ("modality", "encoder", "objective", "options", "train", "kind"
 
 
 @command("pretrain", help="pretrain one encoder on its self-supervised objective (resumes when run again)")
-@_arguments(_pretrain_arguments)
+@arguments(_pretrain_arguments)
 def pretrain_command(args: argparse.Namespace) -> int:
     from pathlib import Path
 

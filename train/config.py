@@ -3,9 +3,8 @@
 One file describes a run end to end (see docs/training.md for every key)::
 
     seed: 0
-    stage: align                # align | instruct | full | pretrain
+    stage: align                # align | instruct | full
     run:       {dir: runs/smoke, resume: auto}
-    pretrain:  {modality: protein, encoder: {preset: esm2_t6_8m}, objective: mlm, train: [seqs.fa]}
     model:     {encoders: ..., backbone: ..., projectors: ..., default_projector: ...}   # KibanConfig
     data:      {train: tiny, val: null, batch_size: 2, num_workers: 0}
     loss:      {contrastive_weight: 0.0, temperature: 0.07}
@@ -21,14 +20,14 @@ checks that need the registries or the device live in ``validation.py``.
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import yaml
+
+from kiban.config import ConfigError, from_plain, to_plain
+from kiban.fusion.config import KibanConfig
 
 __all__ = [
     "STRATEGIES",
@@ -61,19 +60,12 @@ STRATEGIES = (
 )
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work; ``field`` is its dotted path (``trainer.strategy``)."""
-
-    def __init__(self, field: str, problem: str) -> None:
-        self.field = field
-        super().__init__(f"{field}: {problem}")
-
-
 @dataclass
 class RunSection:
     """Where the run lives. ``resume``: ``auto`` (newest complete checkpoint in ``dir``, if any),
     ``never``, or the path of one checkpoint directory. ``init_from``: a checkpoint of an earlier
-    stage whose model weights start this run (align -> instruct); only used when not resuming."""
+    stage whose model weights start this run (align -> instruct); only used when not resuming.
+    """
 
     dir: str = "runs/kiban"
     resume: str = "auto"
@@ -83,7 +75,8 @@ class RunSection:
 @dataclass
 class DataSection:
     """Instruction records. ``train``/``val``/``test``: a JSONL file of chat records, or ``tiny``
-    (``tiny_records`` built-in example records over the model's modalities)."""
+    (``tiny_records`` built-in example records over the model's modalities).
+    """
 
     train: str = "tiny"
     val: str | None = None
@@ -98,7 +91,8 @@ class DataSection:
 @dataclass
 class LossSection:
     """Next-token loss on assistant turns, plus ``contrastive_weight`` x an InfoNCE loss between
-    pooled modality and assistant-text embeddings (the shared embedding space)."""
+    pooled modality and assistant-text embeddings (the shared embedding space).
+    """
 
     contrastive_weight: float = 0.0
     temperature: float = 0.07
@@ -117,7 +111,8 @@ class OptimSection:
 @dataclass
 class ScheduleSection:
     """LR schedule per optimizer step: linear warmup, then ``constant``, ``linear`` or ``cosine``
-    decay to ``min_lr_ratio`` x lr at ``total_steps`` (default: ``trainer.max_steps``)."""
+    decay to ``min_lr_ratio`` x lr at ``total_steps`` (default: ``trainer.max_steps``).
+    """
 
     name: str = "cosine"
     warmup_steps: int = 0
@@ -147,7 +142,8 @@ class TrainerSection:
 @dataclass
 class CheckpointSection:
     """Atomic checkpoints every ``every_n_steps`` optimizer steps and at the end; the last
-    ``keep_last`` are kept, plus the best by ``monitor`` (``mode`` min or max)."""
+    ``keep_last`` are kept, plus the best by ``monitor`` (``mode`` min or max).
+    """
 
     every_n_steps: int = 100
     keep_last: int = 3
@@ -158,7 +154,8 @@ class CheckpointSection:
 @dataclass
 class NanGuardSection:
     """What to do when the loss or a gradient is NaN/Inf: ``stop`` the run before the update, or
-    ``skip`` the update (at most ``max_skips`` times, then stop)."""
+    ``skip`` the update (at most ``max_skips`` times, then stop).
+    """
 
     action: str = "stop"
     max_skips: int = 10
@@ -167,7 +164,8 @@ class NanGuardSection:
 @dataclass
 class ThroughputSection:
     """``peak_tflops``: peak dense TFLOP/s of one device for MFU; default: Lightning's table for
-    known GPUs (none for CPUs, where MFU is not reported unless this is set)."""
+    known GPUs (none for CPUs, where MFU is not reported unless this is set).
+    """
 
     peak_tflops: float | None = None
 
@@ -209,10 +207,11 @@ class PretrainSection:
 
 @dataclass
 class TrainConfig:
-    """A whole run. ``model`` holds ``KibanConfig`` fields (encoders, backbone, projectors, ...);
-    ``stage: pretrain`` needs no ``model`` but a ``pretrain`` section."""
+    """A whole run. ``model`` is the ``KibanConfig`` (encoders, backbone, projectors, ...);
+    ``stage: pretrain`` needs no ``model`` but a ``pretrain`` section.
+    """
 
-    model: dict[str, Any] = field(default_factory=dict)
+    model: KibanConfig | None = None
     stage: str = "align"
     seed: int = 0
     run: RunSection = field(default_factory=RunSection)
@@ -225,13 +224,19 @@ class TrainConfig:
     pretrain: PretrainSection | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        values = _plain(dataclasses.asdict(self))
+        """Plain values in the YAML's layout (``kiban.config.to_plain``)."""
+        values = to_plain(self)
+        if values.get("model") is None:
+            values.pop("model", None)  # stage: pretrain
+        else:
+            values["model"].pop("kiban_version", None)  # a run config, not a saved model
         if values.get("pretrain") is None:
             values.pop("pretrain", None)  # align / instruct YAMLs read as before
-        order = ("seed", "stage", "run", "model")  # the reading order of the shipped YAMLs
+        order = [k for k in ("seed", "stage", "run", "model") if k in values]  # the shipped YAMLs' order  # the reading order of the shipped YAMLs
         return {**{k: values[k] for k in order}, **{k: v for k, v in values.items() if k not in order}}
 
     def to_yaml(self) -> str:
+        """The YAML text of ``to_dict``."""
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
@@ -260,29 +265,32 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
         value = getattr(config.data, split)
         if value is not None and value != "tiny":
             setattr(config.data, split, str(Path(value).expanduser().resolve()))
-    if config.pretrain is not None:
-        p = config.pretrain
-        p.train = [str(Path(v).expanduser().resolve()) for v in p.train]
-        p.val = [str(Path(v).expanduser().resolve()) for v in p.val]
     if config.run.resume not in ("auto", "never"):
         config.run.resume = str(Path(config.run.resume).expanduser().resolve())
     if config.run.init_from is not None:
         config.run.init_from = str(Path(config.run.init_from).expanduser().resolve())
-    backbone = config.model.get("backbone")
-    if isinstance(backbone, dict) and backbone.get("gguf") == "smollm2":
+    if config.pretrain is not None:
+        p = config.pretrain
+        p.train = [str(Path(v).expanduser().resolve()) for v in p.train]
+        p.val = [str(Path(v).expanduser().resolve()) for v in p.val]
+    if config.model is None:
+        return config
+    backbone = config.model.backbone
+    if backbone.gguf == "smollm2":
         from kiban.fusion.backbone import smollm2_gguf
 
-        config.model["backbone"] = {**backbone, "gguf": str(smollm2_gguf())}
-    elif isinstance(backbone, dict):
+        backbone.gguf = str(smollm2_gguf())
+    else:
         for key in ("path", "gguf", "tokenizer_path"):
-            if isinstance(backbone.get(key), str):
-                backbone[key] = str(Path(backbone[key]).expanduser().resolve())
+            if isinstance(getattr(backbone, key), str):
+                setattr(backbone, key, str(Path(getattr(backbone, key)).expanduser().resolve()))
     return config
 
 
 def apply_overrides(values: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """``["trainer.max_steps=5", "model.encoders.dna.rc_augment=0.5"]`` applied to a nested dict;
-    each value is parsed as YAML (``5`` an int, ``null`` None, ``[1, 2]`` a list)."""
+    each value is parsed as YAML (``5`` an int, ``null`` None, ``[1, 2]`` a list).
+    """
     out = _deep_copy(values)
     for override in overrides:
         key, sep, raw = override.partition("=")
@@ -305,7 +313,9 @@ def apply_overrides(values: Mapping[str, Any], overrides: Sequence[str]) -> dict
 
 
 def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
-    """The typed config of a YAML's values; ``model`` is required except for ``stage: pretrain``."""
+    """The typed config of a training YAML's values (``kiban.config.from_plain``, strict);
+    ``model`` is required except for ``stage: pretrain``, which needs a ``pretrain`` section.
+    """
     if values.get("stage") == "pretrain":
         if not values.get("pretrain"):
             raise ConfigError(
@@ -313,87 +323,8 @@ def config_from_dict(values: Mapping[str, Any]) -> TrainConfig:
             )
     elif "model" not in values:
         raise ConfigError("model", "is required (encoders, backbone, projectors: the KibanConfig fields)")
-    return _build(TrainConfig, values, "")
-
-
-def _build(cls: type, values: Any, path: str) -> Any:
-    if not isinstance(values, Mapping):
-        raise ConfigError(path or "config", f"must be a mapping, got {type(values).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - fields)
-    if unknown:
-        where = f"{path}.{unknown[0]}" if path else unknown[0]
-        raise ConfigError(where, f"unknown key (known here: {', '.join(sorted(fields))})")
-    kwargs = {}
-    for name, value in values.items():
-        kwargs[name] = _coerce(hints[name], value, f"{path}.{name}" if path else name)
-    return cls(**kwargs)
-
-
-def _coerce(hint: Any, value: Any, path: str) -> Any:
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value if value is not None else {}, path)
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(option, value, path)
-            except ConfigError as error:
-                errors.append(error)
-        raise errors[0]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(hint)):
-            raise ConfigError(path, f"must be a list of {len(typing.get_args(hint))} numbers, got {value!r}")
-        return tuple(_coerce(t, v, path) for t, v in zip(typing.get_args(hint), value, strict=True))
-    if origin is list:
-        if isinstance(value, str):  # one path where a list is expected
-            value = [value]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(path, f"must be a list, got {value!r}")
-        (item,) = typing.get_args(hint)
-        return [_coerce(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or hint is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(path, f"must be a mapping, got {value!r}")
-        return dict(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(path, f"must be true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(path, f"must be an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, str):  # PyYAML reads 1e-3 (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(path, f"must be a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(path, f"must be a string, got {value!r}")
-        return value
-    return value
+    return from_plain(TrainConfig, values)
 
 
 def _deep_copy(values: Mapping[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, Mapping) else v for k, v in values.items()}
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value

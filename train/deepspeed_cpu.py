@@ -22,25 +22,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-import kiban
+from kiban.data.datamodule import KibanDataModule
 from kiban.hpc.env import ClusterEnv
 from kiban.hpc.presets import deepspeed_config
 from kiban.hpc.requeue import clear_preemption, in_slurm_job, preemption_requested, requeue_job
 from kiban.train.callbacks import NonFiniteError, describe_non_finite
 from kiban.train.checkpoint import (
     CheckpointError,
-    commit_checkpoint,
     load_rng_state,
-    prepare_checkpoint,
     prune_checkpoints,
-    save_rng_state,
+    rng_file,
+    save_checkpoint,
     verify_checkpoint,
 )
-from kiban.train.checkpointing import rng_file
 from kiban.train.config import TrainConfig
-from kiban.data.datamodule import KibanDataModule
 from kiban.train.objectives import fused_losses
 from kiban.train.optim import build_optimizer, build_scheduler
+from kiban.version import __version__
 
 __all__ = ["fit_deepspeed_cpu"]
 
@@ -52,7 +50,7 @@ def fit_deepspeed_cpu(config: TrainConfig, *, cluster: ClusterEnv, resume: Path 
     import deepspeed
     import pytorch_lightning as pl
 
-    from kiban.fusion.model import KibanConfig, KibanModel, apply_freeze_policy
+    from kiban.fusion.model import KibanModel, apply_freeze_policy
 
     t = config.trainer
     if cluster.kind == "local" and "MASTER_PORT" not in os.environ:
@@ -78,7 +76,7 @@ def fit_deepspeed_cpu(config: TrainConfig, *, cluster: ClusterEnv, resume: Path 
     # Built whole, then partitioned by deepspeed.initialize: under zero.Init each submodule's
     # parameters are sharded as soon as its __init__ returns, and fair-esm's ESM-2 then
     # initialises a child's weight from the parent (an empty shard by then). See strategies.py.
-    model = KibanModel.from_config(KibanConfig.from_dict(config.model))
+    model = KibanModel.from_config(config.model)
     apply_freeze_policy(model, config.stage)
     optimizer = build_optimizer(model.named_parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.schedule, max_steps=t.max_steps)
@@ -183,29 +181,33 @@ class _Saver:
 
     def save(self, *, reason: str) -> None:
         step = self.engine.global_steps
-        tmp = self.root / f"ckpt-{step:06d}.tmp"
-        if self.rank == 0:
-            prepare_checkpoint(self.root, step)
-            (tmp / "config.yaml").write_text(self.config.to_yaml())
-            (tmp / "data.json").write_text(json.dumps(self.data.state_dict()) + "\n")
-            meta = {
-                "step": step,
-                "world_size": self.world,
-                "strategy": f"raw DeepSpeed {self.config.trainer.strategy}",
-                "reason": reason,
-                "kiban_version": kiban.__version__,
-                "time": time.time(),
-            }
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=1) + "\n")
-        dist.barrier()
-        self.engine.save_checkpoint(str(tmp), tag="state")  # every rank writes its ZeRO shards
-        save_rng_state(tmp / rng_file(self.rank))
-        dist.barrier()
-        if self.rank == 0:
-            final = commit_checkpoint(tmp, step=step)
+        meta = {
+            "step": step,
+            "world_size": self.world,
+            "strategy": f"raw DeepSpeed {self.config.trainer.strategy}",
+            "reason": reason,
+            "kiban_version": __version__,
+            "time": time.time(),
+        }
+
+        def committed(final: Path) -> None:
             prune_checkpoints(self.root, keep_last=self.config.callbacks.checkpoint.keep_last)
             log.info("saved checkpoint %s (%s)", final, reason)
-        dist.barrier()
+
+        save_checkpoint(
+            self.root,
+            step,
+            rank=self.rank,
+            barrier=lambda name: dist.barrier(),
+            files=lambda: {
+                "config.yaml": self.config.to_yaml(),
+                "data.json": json.dumps(self.data.state_dict()) + "\n",
+                "meta.json": json.dumps(meta, indent=1) + "\n",
+            },
+            # every rank writes its ZeRO shards
+            write_state=lambda tmp: self.engine.save_checkpoint(str(tmp), tag="state"),
+            committed=committed,
+        )
         self.last_step = step
 
 

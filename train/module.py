@@ -18,10 +18,10 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 
-from kiban.fusion.model import KibanConfig, KibanModel, apply_freeze_policy
+from kiban.data.resumable import TrainBatch
+from kiban.fusion.model import KibanModel, apply_freeze_policy
 from kiban.train.checkpoint import verify_checkpoint
 from kiban.train.config import TrainConfig, config_from_dict
-from kiban.data.resumable import TrainBatch
 from kiban.train.objectives import fused_losses
 from kiban.train.optim import build_optimizer, build_scheduler
 
@@ -52,7 +52,8 @@ class StepStats:
 def load_stage_weights(model: KibanModel, checkpoint: Path) -> None:
     """Start from the model weights of an earlier stage's checkpoint (verified first). Parameters
     the earlier stage did not have (new LoRA adapters) keep their initialisation; anything else
-    that does not fit is an error."""
+    that does not fit is an error.
+    """
     verify_checkpoint(checkpoint)
     if (checkpoint / "state.ckpt").is_dir():
         raise ValueError(
@@ -76,7 +77,8 @@ def load_stage_weights(model: KibanModel, checkpoint: Path) -> None:
 
 def _peft_name(name: str, names: set[str]) -> str:
     """A plain backbone's parameter name as it reads once peft wraps the LLM for LoRA:
-    ``llm.model.x.q_proj.weight`` -> ``llm.base_model.model.model.x.q_proj.base_layer.weight``."""
+    ``llm.model.x.q_proj.weight`` -> ``llm.base_model.model.model.x.q_proj.base_layer.weight``.
+    """
     if name in names or not name.startswith("llm."):
         return name
     wrapped = "llm.base_model.model." + name.removeprefix("llm.")
@@ -102,7 +104,7 @@ class KibanLightningModule(pl.LightningModule):
     def configure_model(self) -> None:
         if self.model is not None:  # Lightning may call this again (e.g. validate after fit)
             return
-        self.model = KibanModel.from_config(KibanConfig.from_dict(self.config.model))
+        self.model = KibanModel.from_config(self.config.model)
         if self.config.run.init_from and self.init_weights:
             load_stage_weights(self.model, Path(self.config.run.init_from))
         counts = apply_freeze_policy(self.model, self.config.stage)

@@ -39,7 +39,8 @@ def fused_losses(
     model: KibanModel, batch: FusedBatch, *, contrastive_weight: float = 0.0, temperature: float = 0.07
 ) -> StepLosses:
     """The training loss of one batch. The model's own ``forward`` gives the next-token loss alone;
-    here the merge is spelled out so the encoded tokens serve both losses and the token count."""
+    here the merge is spelled out so the encoded tokens serve both losses and the token count.
+    """
     # Encoders and projectors run outside autocast (in their own dtype): under bf16 autocast the
     # molecule encoder's message passing mixes float32 and bfloat16 in index_add_ and fails. The
     # LLM, where the FLOPs are, keeps the run's mixed precision.

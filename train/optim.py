@@ -22,7 +22,8 @@ def build_optimizer(
     parameters: Iterable[tuple[str, nn.Parameter]], settings: OptimSection, *, cpu_adam: bool = False
 ) -> torch.optim.Optimizer:
     """``parameters``: (name, parameter) pairs; frozen ones are left out. ``cpu_adam`` picks
-    DeepSpeed's CPU Adam, which ZeRO-Offload needs for optimizer states in host memory."""
+    DeepSpeed's CPU Adam, which ZeRO-Offload needs for optimizer states in host memory.
+    """
     trainable = [(n, p) for n, p in parameters if p.requires_grad]
     if not trainable:
         raise ValueError("nothing to train: the stage's freeze policy left no parameter trainable")

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from Bio.Seq import Seq
 from Bio.SeqRecord import SeqRecord
+
 from kiban.data.datasets import RecordList
 from kiban.data.readers import detect_kind, read
 from kiban.data.rejects import COUNTS_FILE, REJECTS_FILE, DataError, Record, Reject, Rejects

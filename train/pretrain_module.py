@@ -15,6 +15,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+
 from kiban.data.resumable import TrainBatch
 from kiban.encoders.base import create_encoder
 from kiban.encoders.pretraining import PretrainObjective, create_objective

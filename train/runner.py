@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from kiban.atomic import staged_folder, write_atomic
 from kiban.hpc.env import ClusterEnv, detect_cluster, lightning_environment
 from kiban.train.checkpoint import complete_checkpoints, verify_checkpoint
 from kiban.train.config import ConfigError, TrainConfig
@@ -34,7 +35,8 @@ class FitResult:
 
 def fit(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> FitResult:
     """Train as the config says; returns where it ended. ``callbacks``: extra Lightning callbacks,
-    run before kiban's own (not available on the raw-DeepSpeed CPU path)."""
+    run before kiban's own (not available on the raw-DeepSpeed CPU path).
+    """
     validate_config(config)
     cluster = detect_cluster()
     accelerator = resolve_accelerator(config)
@@ -43,7 +45,7 @@ def fit(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> FitResult:
     resume = resume_checkpoint(config)
     if cluster.global_rank == 0 and os.environ.get("LOCAL_RANK", "0") == "0":
         run_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomically(run_dir / "config.yaml", config.to_yaml())
+        write_atomic(run_dir / "config.yaml", config.to_yaml())
     from kiban.train.strategies import uses_raw_deepspeed
 
     if uses_raw_deepspeed(config, accelerator=accelerator):
@@ -81,20 +83,17 @@ def fit(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> FitResult:
 def _export_model(model: Any, target: Path) -> None:
     """The trained model as ``save_pretrained`` writes it (what ``kiban serve`` and ``kiban
     finetune --model`` read), replacing an older export only once the new one is complete. Only
-    where rank 0 holds whole weights (one process or DDP); sharded runs export from a checkpoint."""
-    import shutil
-
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    model.save_pretrained(staging)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    where rank 0 holds whole weights (one process or DDP); sharded runs export from a checkpoint.
+    """
+    with staged_folder(target) as staging:
+        model.save_pretrained(staging)
     log.info("saved the trained model to %s (kiban serve %s)", target, target)
 
 
 def _export_encoder(module: Any, target: Path, *, step: int) -> None:
     """The pretrained encoder alone (``save_encoder``: config.json + model.safetensors), replacing
-    an older export only once the new one is complete."""
+    an older export only once the new one is complete.
+    """
     import shutil
 
     from kiban.encoders.pretraining import save_encoder
@@ -166,14 +165,15 @@ def _build(
 ) -> tuple[Any, Any, Any]:
     import pytorch_lightning as pl
     import torch
+    from pytorch_lightning.callbacks import LearningRateMonitor
+    from pytorch_lightning.loggers import CSVLogger
+
     from kiban.data.datamodule import KibanDataModule
     from kiban.hpc.requeue import PreemptionRequeue
     from kiban.train.callbacks import NonFiniteGuard, StepLog, ThroughputMonitor
     from kiban.train.checkpointing import AtomicCheckpoint, ResumeState
     from kiban.train.module import KibanLightningModule
     from kiban.train.strategies import build_strategy
-    from pytorch_lightning.callbacks import LearningRateMonitor
-    from pytorch_lightning.loggers import CSVLogger
 
     t, c = config.trainer, config.callbacks
     pl.seed_everything(config.seed, workers=True, verbose=False)
@@ -303,7 +303,3 @@ def _check_world(config: TrainConfig, cluster: ClusterEnv, *, accelerator: str) 
         )
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

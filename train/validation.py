@@ -6,15 +6,10 @@ queue wait plus a model load. Every failure is a ``ConfigError`` naming the fiel
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
 
-from kiban.encoders.base import encoder_spec, list_encoders
-from kiban.fusion.backbone import BackboneConfig
-from kiban.fusion.model import KibanConfig
-from kiban.fusion.projector import ProjectorConfig, list_projectors
 from kiban.train.config import STRATEGIES, ConfigError, TrainConfig
 
 __all__ = ["PRECISIONS", "TRAIN_STAGES", "resolve_accelerator", "validate_config"]
@@ -53,23 +48,9 @@ def resolve_accelerator(config: TrainConfig) -> str:
 
 
 def _check_model(config: TrainConfig) -> None:
-    model = config.model
-    known = {f.name for f in dataclasses.fields(KibanConfig)}
-    for key in model:
-        if key not in known and key != "kiban_version":
-            raise ConfigError(f"model.{key}", f"unknown key (known: {', '.join(sorted(known))})")
-    encoders = model.get("encoders")
-    if not isinstance(encoders, dict) or not encoders:
-        raise ConfigError("model.encoders", "needs at least one encoder, e.g. {protein: {preset: tiny}}")
-    registered = list_encoders()
-    for name, spec in encoders.items():
-        _check_encoder(name, spec, registered)
-    if "backbone" not in model:
-        raise ConfigError("model.backbone", "is required: one of path, gguf or hf_config")
-    try:
-        backbone = BackboneConfig.from_dict(model["backbone"] or {})
-    except (TypeError, ValueError) as error:
-        raise ConfigError("model.backbone", str(error)) from None
+    # names, presets, keys and types were checked as the YAML was read (kiban.fusion.config);
+    # what is left needs the file system or the stage
+    backbone = config.model.backbone
     sources = [name for name in ("path", "gguf", "hf_config") if getattr(backbone, name) is not None]
     if len(sources) != 1:
         raise ConfigError(
@@ -83,28 +64,10 @@ def _check_model(config: TrainConfig) -> None:
         raise ConfigError(
             "model.backbone.lora", "stage 'instruct' trains LoRA adapters: set backbone.lora {r, alpha}"
         )
-    projector_fields = {f.name for f in dataclasses.fields(ProjectorConfig)}
-    settings = {"model.default_projector": model.get("default_projector") or {}}
-    settings.update({f"model.projectors.{m}": p for m, p in (model.get("projectors") or {}).items()})
-    for where, values in settings.items():
-        for key in values:
-            if key not in projector_fields:
-                raise ConfigError(
-                    f"{where}.{key}", f"unknown projector setting ({', '.join(sorted(projector_fields))})"
-                )
-        kind = values.get("kind")
-        if kind is not None and kind not in list_projectors():
-            raise ConfigError(
-                f"{where}.kind", f"unknown projector {kind!r}; known: {', '.join(list_projectors())}"
-            )
-    for modality in model.get("projectors") or {}:
-        if modality not in encoders:
-            raise ConfigError(
-                f"model.projectors.{modality}", f"has no encoder in model.encoders ({', '.join(encoders)})"
-            )
 
 
 def _check_pretrain(config: TrainConfig, target: str | None) -> None:
+    from kiban.encoders.base import list_encoders
     from kiban.encoders.pretraining import objective_spec
 
     p = config.pretrain
@@ -115,7 +78,7 @@ def _check_pretrain(config: TrainConfig, target: str | None) -> None:
         raise ConfigError(
             "pretrain.modality", f"unknown encoder {p.modality!r}; registered encoders: {', '.join(registered)}"
         )
-    _check_encoder(p.modality, p.encoder, registered, where="pretrain.encoder")
+    _check_encoder_spec(p.modality, p.encoder, where="pretrain.encoder")
     try:
         objective_spec(p.modality, p.objective)
     except KeyError as error:
@@ -139,18 +102,14 @@ def _check_pretrain(config: TrainConfig, target: str | None) -> None:
         )
 
 
-def _check_encoder(name: str, spec: object, registered: list[str], *, where: str | None = None) -> None:
-    where = where or f"model.encoders.{name}"
-    if name not in registered:
-        raise ConfigError(where, f"unknown encoder {name!r}; registered encoders: {', '.join(registered)}")
-    if spec is None:
-        spec = {}
-    if not isinstance(spec, dict):
-        raise ConfigError(where, "must be a mapping: {preset: NAME, ...overrides} or {config: {...}}")
+def _check_encoder_spec(name: str, spec: dict, *, where: str) -> None:
+    """``{preset: NAME, ...overrides}`` or ``{config: {...}}`` of encoder ``name``."""
+    import dataclasses
+
+    from kiban.encoders.base import config_from_dict, encoder_spec
+
     encoder = encoder_spec(name)
     if "config" in spec:
-        from kiban.encoders.base import config_from_dict
-
         try:
             config_from_dict(encoder.config_class, spec["config"])
         except (TypeError, ValueError) as error:
@@ -158,15 +117,11 @@ def _check_encoder(name: str, spec: object, registered: list[str], *, where: str
         return
     preset = spec.get("preset", encoder.default_preset)
     if preset not in encoder.presets:
-        raise ConfigError(
-            f"{where}.preset", f"no preset {preset!r}; presets: {', '.join(sorted(encoder.presets))}"
-        )
+        raise ConfigError(f"{where}.preset", f"no preset {preset!r}; presets: {', '.join(sorted(encoder.presets))}")
     fields = {f.name for f in dataclasses.fields(encoder.config_class)}
     for key in spec:
         if key != "preset" and key not in fields:
-            raise ConfigError(
-                f"{where}.{key}", f"not a setting of the {name} encoder ({', '.join(sorted(fields))})"
-            )
+            raise ConfigError(f"{where}.{key}", f"not a setting of the {name} encoder ({', '.join(sorted(fields))})")
 
 
 def _check_values(config: TrainConfig) -> None:

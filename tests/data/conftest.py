@@ -1,5 +1,6 @@
 """Fixtures for the data-layer tests: real files bundled with scanpy / RDKit / scikit-image, the
-shared data folder when present, and small files written on the fly."""
+shared data folder when present, and small files written on the fly.
+"""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def pbmc_h5ad(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """scanpy's bundled pbmc68k_reduced (700 cells x 765 genes), written to a temporary .h5ad."""
+    """Scanpy's bundled pbmc68k_reduced (700 cells x 765 genes), written to a temporary .h5ad."""
     import scanpy as sc
 
     path = tmp_path_factory.mktemp("pbmc") / "pbmc68k_reduced.h5ad"

@@ -89,6 +89,30 @@ def test_bad_rows_are_located_and_the_rest_is_read(tmp_path):
     }
 
 
+def test_explicitly_stored_zeros_are_not_expressed_genes(tmp_path):
+    adata = make_adata(6, 8, seed=4)
+    x = adata.X.toarray()
+    x[2, :] = 0.0
+    x[4, :] = 0.0
+    x[4, 1] = 5.0
+    data = np.where(np.arange(8) % 2 == 0, 0.0, 1.0).astype(np.float32)  # zeros stored in the CSR data
+    stored = scipy.sparse.csr_matrix(x)
+    rows = [stored.getrow(i) for i in range(6)]
+    rows[2] = scipy.sparse.csr_matrix((data * 0, (np.zeros(8, int), np.arange(8))), shape=(1, 8))
+    rows[4] = scipy.sparse.csr_matrix((data * 0 + np.eye(8)[1] * 5, (np.zeros(8, int), np.arange(8))), shape=(1, 8))
+    matrix = scipy.sparse.vstack(rows, format="csr")
+    assert matrix.getrow(2).nnz == 8 and matrix.getrow(4).nnz == 8  # stored, though (almost) all zero
+    adata.X = matrix
+    adata.write_h5ad(tmp_path / "zeros.h5ad")
+    rejects = Rejects()
+    records = {r.location.split(":")[-1]: r for r in read_h5ad(tmp_path / "zeros.h5ad", rejects=rejects)}
+    report = _report(rejects)
+    assert [(r.reason, r.location.split(":")[-1]) for r in report.first_rejects] == [("no expressed genes", "row 2")]
+    assert list(records["row 4"].item["genes"]) == [adata.var_names[1]]
+    assert list(records["row 4"].item["values"]) == [5.0]
+    assert "row 5" in records  # the rows after a reject keep their location
+
+
 def test_preprocessing_matches_scanpy_per_cell_and_highly_variable_genes(tmp_path):
     adata = make_adata(500, 200, seed=1)
     adata.write_h5ad(tmp_path / "m.h5ad")

@@ -9,7 +9,7 @@ from kiban.encoders.cell import make_adata
 
 
 def _ids_seen(stream, *, world_size, num_workers):
-    """ids yielded by every rank, each through its own DataLoader with ``num_workers`` workers."""
+    """Ids yielded by every rank, each through its own DataLoader with ``num_workers`` workers."""
     per_rank = []
     for rank in range(world_size):
         stream.set_distributed(rank=rank, world_size=world_size)

@@ -1,14 +1,16 @@
 """Tests of the cell encoder: gene matching and its report, scGPT binning, Geneformer ranking, the
-three input forms, bad inputs, padding, weights, and real data (scanpy's PBMC 68k, Tabula Muris)."""
+three input forms, bad inputs, padding, weights, and real data (scanpy's PBMC 68k, Tabula Muris).
+"""
 
 import pickle
 from pathlib import Path
 
-import kiban
 import numpy as np
 import pytest
 import scipy.sparse
 import torch
+
+import kiban
 from kiban.encoders import InvalidInput, config_from_dict, config_to_dict, create_encoder
 from kiban.encoders.cell import (
     CellEncoderConfig,
@@ -27,7 +29,7 @@ VOCAB = ("G0", "G1", "G2", "G3", "G4", "G5")
 
 @pytest.fixture(scope="module")
 def pbmc_raw():
-    """scanpy's bundled PBMC 68k subset (700 cells x 765 genes), as its ``raw`` expression.
+    """Scanpy's bundled PBMC 68k subset (700 cells x 765 genes), as its ``raw`` expression.
 
     Its X is scaled (z-scored per gene, so partly negative), which is not expression; ``adata.raw``
     holds the log-normalised values of the same genes, non-negative and sparse.

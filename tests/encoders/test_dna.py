@@ -1,5 +1,6 @@
 """Tests of the DNA encoder: tokenization, reverse complement, strand averaging, shapes, bad input,
-Hugging Face loading."""
+Hugging Face loading.
+"""
 
 from __future__ import annotations
 

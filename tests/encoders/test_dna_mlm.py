@@ -1,7 +1,8 @@
 """The DNA encoder's masked-LM head: built in and from Hugging Face masked-LM directories (a
 Nucleotide Transformer-style EsmForMaskedLM over 6-mers and a BERT MaskedLM over single bases),
 frozen as never-trained, and carried through export and a fused model's save/load; configs saved
-before the head existed still load."""
+before the head existed still load.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import pytest
 import torch
 import transformers
+
 from kiban.encoders import config_from_dict, config_to_dict, create_encoder
 from kiban.encoders.dna import DnaEncoderConfig
 

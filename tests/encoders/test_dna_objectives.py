@@ -5,10 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from kiban.data import Rejects, read
+from kiban.data.resumable import seeded
 from kiban.encoders.base import create_encoder
 from kiban.encoders.pretraining import IGNORE_INDEX, create_objective, load_encoder, save_encoder
-from kiban.data.resumable import seeded
 from kiban.train.pretrain_data import evaluate_objective, masked_batches
 
 SHARED = Path(__file__).resolve().parents[2] / ".." / "shared" / "data"
@@ -26,7 +27,8 @@ def _lowers_loss(objective, records, *, steps, lr, crop=None, batch_size=16):
     """(held-out loss before, after) ``steps`` seeded AdamW steps on the other records.
 
     One thread: tiny matrices gain nothing from two, and a shared, loaded machine makes the
-    second thread's synchronisation cost more than the work."""
+    second thread's synchronisation cost more than the work.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

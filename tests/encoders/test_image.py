@@ -1,5 +1,6 @@
 """Tests of the image encoder: real images from scikit-image, channel layouts, multi-channel images
-and z-stacks, a CNN backbone, loading timm weights from a local file, and bad inputs."""
+and z-stacks, a CNN backbone, loading timm weights from a local file, and bad inputs.
+"""
 
 import pickle
 
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+
 from kiban.encoders import InvalidInput, config_from_dict, config_to_dict, create_encoder
 from kiban.encoders.image import ImageEncoderConfig, ImageFeaturizer
 

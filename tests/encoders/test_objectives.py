@@ -7,6 +7,8 @@ import pickle
 
 import pytest
 import torch
+
+from kiban.data.resumable import seeded
 from kiban.encoders.base import create_encoder, encoder_spec
 from kiban.encoders.pretraining import (
     create_objective,
@@ -15,7 +17,6 @@ from kiban.encoders.pretraining import (
     objective_spec,
     save_encoder,
 )
-from kiban.data.resumable import seeded
 
 OBJECTIVES = [(modality, name) for modality, names in list_objectives().items() for name in names]
 

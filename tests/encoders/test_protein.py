@@ -165,7 +165,8 @@ def test_repr_layer_selects_an_inner_layer() -> None:
 
 def _save_torch_hub_checkpoint(model: esm.ESM2, path) -> None:
     """Write ``model`` the way fair-esm publishes ESM-2: fairseq keys, a cfg Namespace, and the
-    contact regression in a separate ``<name>-contact-regression.pt``."""
+    contact regression in a separate ``<name>-contact-regression.pt``.
+    """
     state, regression = {}, {}
     for key, value in model.state_dict().items():
         if key.startswith("contact_head."):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from kiban.data import Rejects, read
 from kiban.data.resumable import seeded
 from kiban.encoders.base import create_encoder
@@ -28,7 +29,8 @@ def _lowers_loss(objective, records, *, steps, lr, crop=None, batch_size=16):
     """(held-out loss before, after) ``steps`` seeded AdamW steps on the other records.
 
     One thread: tiny matrices gain nothing from two, and a shared, loaded machine makes the
-    second thread's synchronisation cost more than the work."""
+    second thread's synchronisation cost more than the work.
+    """
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -1,5 +1,6 @@
 """Every registered encoder, at its tiny preset, on its own example inputs: a new encoder is tested
-the day it is registered."""
+the day it is registered.
+"""
 
 import json
 import pickle

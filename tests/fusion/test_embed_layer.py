@@ -1,5 +1,6 @@
 """``KibanModel.embed(..., layer=k)``: Hugging Face's ``hidden_states[k]`` pooled, from a forward that
-really stops after layer k, whatever else the batch holds, under LoRA, and in one thread only."""
+really stops after layer k, whatever else the batch holds, under LoRA, and in one thread only.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import threading
 
 import pytest
 import torch
+
 from kiban.fusion import KibanConfig, KibanModel
 from kiban.fusion.prompt import IGNORE_INDEX, ProcessedRecord, slot_id
 from kiban.tiny import tiny_backbone_config
@@ -137,7 +139,8 @@ def test_the_stop_hook_is_removed_when_the_forward_fails(model):
 
 def test_the_stop_acts_only_in_the_thread_that_asked_for_it(model):
     """Thread A stops after layer 1; thread B runs the full depth through layer 1 while A's stop
-    hook sits on it (A is held inside layer 1's hooks until B is done); both get their own answer."""
+    hook sits on it (A is held inside layer 1's hooks until B is done); both get their own answer.
+    """
     shallow, full = model.embed(ITEMS, layer=1), model.embed(ITEMS)
     a_inside, b_done = threading.Event(), threading.Event()
     a_thread = {}

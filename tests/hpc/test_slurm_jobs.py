@@ -1,5 +1,6 @@
 """Jobs on a real Slurm: `kiban slurm submit` renders the script, sbatch queues it, srun runs 2 ranks
-(DDP over gloo on the CPU) that train a tiny fused model; SIGUSR1 checkpoints and requeues a job."""
+(DDP over gloo on the CPU) that train a tiny fused model; SIGUSR1 checkpoints and requeues a job.
+"""
 
 import json
 import subprocess

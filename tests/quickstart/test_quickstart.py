@@ -308,6 +308,7 @@ def test_the_report_renders_in_headless_chromium_without_console_errors(tiny_run
 @pytest.mark.slow
 def test_the_default_model_quickstart_serves_chat_and_its_heads(tmp_path):
     import openai
+
     from kiban.serve.launch import ServerProcess
 
     out = tmp_path / "run"

@@ -97,7 +97,8 @@ def model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def start_server(tmp_path_factory, keys_file):
     """Factory: ``start_server(model_dir, *flags, keys=True)`` -> a ready ServerProcess; all are
-    stopped at the end of the session."""
+    stopped at the end of the session.
+    """
     started: list[ServerProcess] = []
 
     def start(model_dir: Path, *flags: str, keys: bool = True) -> ServerProcess:

@@ -1,6 +1,7 @@
 """Hostile and broken requests against a real server: each gets a 4xx whose message says what was
 wrong (naming the limit where one was hit), never a 5xx or a traceback, and the next good request
-still succeeds."""
+still succeeds.
+"""
 
 from __future__ import annotations
 

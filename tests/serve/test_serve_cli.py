@@ -1,5 +1,6 @@
 """``kiban serve`` refuses unsafe or broken setups with one clear line, loads model files only from
-the directory given, and the settings keep keys out of sight."""
+the directory given, and the settings keep keys out of sight.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Batching over real HTTP: the same requests sent concurrently and one by one get the same
-answers (chat, streamed chat, embeddings, predictions), and the server did batch them."""
+answers (chat, streamed chat, embeddings, predictions), and the server did batch them.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The inference engine on its own, without HTTP: batching routes answers right, one bad request
-never fails its neighbours, the queue is bounded, deadlines hold, loading can fail cleanly."""
+never fails its neighbours, the queue is bounded, deadlines hold, loading can fail cleanly.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Task heads (``kiban.tasks.heads``): save/load through safetensors, predictions, and the checks the
-server relies on when it loads ``MODEL_DIR/heads/``."""
+server relies on when it loads ``MODEL_DIR/heads/``.
+"""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Images from data URLs (``kiban.serve.images``): formats, channel handling, and limits checked from
-the header before any pixel is decoded."""
+the header before any pixel is decoded.
+"""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """The official ``openai`` client against a real ``kiban serve`` on loopback: chat about a protein
 and a molecule through typed parts, a streamed completion, embeddings, errors as client exceptions;
-plus the kiban-only routes (models, predict, health, metrics) over plain HTTP."""
+plus the kiban-only routes (models, predict, health, metrics) over plain HTTP.
+"""
 
 from __future__ import annotations
 

@@ -2,16 +2,18 @@
 kind beyond the pooled ones: per-residue states, contacts, a (protein, molecule) pair head, and a
 multilabel head saved in the older head.json form. Each answers over HTTP exactly what the same
 head answers in process; requests that do not fit a head get a 422 that says why; the OpenAPI
-document describes the new request and response shapes."""
+document describes the new request and response shapes.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import kiban.tasks.predict  # noqa: F401 - registers the residue, contact and pair architectures
 import pytest
 import torch
+
+import kiban.tasks.predict  # noqa: F401 - registers the residue, contact and pair architectures
 from kiban.tasks import HeadConfig, create_head
 from kiban.tiny import tiny_model
 
@@ -265,7 +267,8 @@ def test_the_document_describes_the_new_shapes(api):
 @pytest.mark.parametrize("mode", ["positive", "negative"])
 def test_generated_predict_requests_get_no_5xx_and_documented_answers(task_server, api_keys, mode):
     """Schemathesis, from this server's own document (its task enum names the new heads): every
-    answer, pair and per-residue ones included, is declared and fits its schema."""
+    answer, pair and per-residue ones included, is declared and fits its schema.
+    """
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from schemathesis.checks import not_a_server_error

@@ -1,5 +1,6 @@
 """Fixtures for the task-head tests: the shared real data (skipped cleanly when absent), scanpy's
-bundled pbmc68k_reduced, and small files written on the fly."""
+bundled pbmc68k_reduced, and small files written on the fly.
+"""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def pbmc():
-    """scanpy's bundled pbmc68k_reduced: 700 cells, 10 annotated types in obs.bulk_labels."""
+    """Scanpy's bundled pbmc68k_reduced: 700 cells, 10 annotated types in obs.bulk_labels."""
     import scanpy as sc
 
     return sc.datasets.pbmc68k_reduced()

@@ -1,5 +1,6 @@
 """``HeadConfig.layer``: stored in head.json, absent in old files (None), checked, and used by
-``PooledHead.predict`` to read the model's states at the head's layer."""
+``PooledHead.predict`` to read the model's states at the head's layer.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 
 import pytest
 import torch
+
 from kiban.fusion import KibanConfig, KibanModel
 from kiban.tasks.heads import HeadConfig, create_head, load_head
 from kiban.tiny import tiny_backbone_config

@@ -1,7 +1,8 @@
 """DNA masked-marginal variant scoring: exact values read from the LM head (single bases,
 non-overlapping k-mers, a Nucleotide Transformer-style Hugging Face model), the wild type scoring
 0, additivity, strand averaging, errors that name the mutation, and a tiny model trained on real
-E. coli promoters whose scores pick out the mutations that break the transcription start."""
+E. coli promoters whose scores pick out the mutations that break the transcription start.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+
 from kiban.encoders import InvalidInput, create_encoder
 from kiban.encoders.dna import reverse_complement
 from kiban.tasks.variants import MutationError, masked_marginal_scores, parse_mutations, score_variants
@@ -233,7 +235,8 @@ def one_thread():
 def _plus_one_check(encoder, sequences: list[str]) -> tuple[float, float]:
     """Per held-out promoter: the mean score of the two purine -> pyrimidine changes of +1, and of
     the same kind of change at every other purine more than 2 bases away. Returns (the fraction
-    of promoters where +1 scores lower, the mean difference +1 - elsewhere)."""
+    of promoters where +1 scores lower, the mean difference +1 - elsewhere).
+    """
     plus_one, elsewhere = [], []
     for sequence in sequences:
         at_tss = [f"{sequence[PLUS_ONE]}{PLUS_ONE + 1}{b}" for b in "CT"]
@@ -253,7 +256,8 @@ def _plus_one_check(encoder, sequences: list[str]) -> tuple[float, float]:
 def test_a_model_trained_on_promoters_scores_breaking_the_start_site_lower(shared_data, one_thread):
     """E. coli transcription starts at a purine (A or G at +1 in 79% of the training promoters,
     against about 50% at the other positions); a masked LM that learned it must score
-    purine -> pyrimidine at +1 below the same change elsewhere. The untrained model does not."""
+    purine -> pyrimidine at +1 below the same change elsewhere. The untrained model does not.
+    """
     train_file = shared_data / "dna" / "ecoli_promoters_iPromoter2L_benchmark.csv"
     test_file = shared_data / "dna" / "ecoli_promoters_iPromoter2L_independent_test.csv"
     if not (train_file.is_file() and test_file.is_file()):

@@ -1,11 +1,13 @@
 """Drug–target affinity on a real Davis subset with DeepDTA's folds: the pair head and the
-fingerprint baseline beat the training mean."""
+fingerprint baseline beat the training mean.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 import pytest
+
 from kiban.tasks.dti import evaluate_pairs
 from kiban.tasks.splits import Split
 

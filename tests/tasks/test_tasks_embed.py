@@ -1,10 +1,12 @@
 """``kiban embed``: obsm["X_kiban"] + uns["kiban"] on a real h5ad, X untouched; beside-file output
-for SMILES; a gene-disjoint h5ad fails cleanly."""
+for SMILES; a gene-disjoint h5ad fails cleanly.
+"""
 
 from __future__ import annotations
 
 import anndata
 import numpy as np
+
 from kiban.cli import main
 
 

@@ -1,5 +1,6 @@
 """``kiban finetune`` end to end on a real SMILES CSV and a real h5ad, the saved head reloading,
-and bad input failing with one clear message and nothing left behind."""
+and bad input failing with one clear message and nothing left behind.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import anndata
 import pandas as pd
 import pytest
+
 from kiban.cli import main
 from kiban.tasks.heads import load_head, load_heads
 
@@ -128,7 +130,7 @@ def test_finetune_h5ad_end_to_end(pbmc_counts_h5ad, tmp_path):
 
 
 def test_finetune_holds_out_groups_reading_raw(pbmc_h5ad, tmp_path):
-    """scanpy's own file (X scaled, raw.X log-normalised) with --use-raw; cell-cycle phase groups held out."""
+    """Scanpy's own file (X scaled, raw.X log-normalised) with --use-raw; cell-cycle phase groups held out."""
     out = tmp_path / "grouped"
     assert (
         _finetune(
@@ -235,3 +237,30 @@ def test_h5ad_missing_label_column(pbmc_counts_h5ad, tmp_path, capsys):
         "celltype",
         message="adata.obs has no label column 'celltype'; columns: bulk_labels, phase",
     )
+
+
+def test_a_moved_run_folder_still_finds_its_model(tmp_path):
+    """head.json names the model relative to the head folder: moving the project keeps it working."""
+    import shutil
+
+    from kiban.tasks.predict import model_for_head
+    from kiban.tiny import tiny_model
+
+    project = tmp_path / "project"
+    tiny_model(["molecule"]).save_pretrained(project / "model")
+    smiles = ["CCO", "CCCO", "CCCCO", "c1ccccc1", "c1ccccc1O", "CC(=O)O", "CCN", "CCCN", "CCOC", "CCCl"] * 3
+    table = pd.DataFrame({"smiles": smiles, "y": [float(len(s)) for s in smiles]})
+    table.to_csv(project / "data.csv", index=False)
+    args = ["y", "--data", str(project / "data.csv"), "--labels", "y", "--model", str(project / "model")]
+    assert _finetune(*args, "--out", str(project / "run"), epochs=2) == 0
+    config = json.loads((project / "run" / "heads" / "y" / "head.json").read_text())
+    assert config["extra"]["model"] == "../../../model"
+    moved = tmp_path / "moved"
+    shutil.move(project, moved)
+    folder = moved / "run" / "heads" / "y"
+    head = load_head(folder)
+    assert model_for_head(folder, head).encoders.keys() == {"molecule"}
+    # a head saved before the fix names its model by an absolute path: still read
+    config["extra"]["model"] = str((moved / "model").resolve())
+    (folder / "head.json").write_text(json.dumps(config))
+    assert model_for_head(folder, load_head(folder)).encoders.keys() == {"molecule"}

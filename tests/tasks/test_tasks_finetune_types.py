@@ -1,7 +1,8 @@
 """``kiban finetune`` for per-residue secondary structure, drug–target pairs and contacts, each
 saving a head that ``kiban predict`` reloads and reproduces; label columns whose names hold
 commas (SIDER); and bad input failing with one clear line and nothing left behind. Real data
-comes from the shared folder (skipped when absent); the contact run uses synthetic PDB files."""
+comes from the shared folder (skipped when absent); the contact run uses synthetic PDB files.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
 from kiban.cli import main
 from kiban.tasks.heads import load_head, load_heads
 
@@ -188,7 +190,8 @@ def _write_pdb(path: Path, rng: np.random.Generator, length: int) -> None:
 
 def test_contacts_run_saves_the_head_it_scored(tmp_path):
     """Always runs: the saved contact head, reloaded with the run's model, reproduces the run's own
-    test-set precision; ``kiban predict`` lists its top-k pairs per protein."""
+    test-set precision; ``kiban predict`` lists its top-k pairs per protein.
+    """
     from kiban.tasks.predict import model_for_head
     from kiban.tasks.structure import contact_labels, contact_metrics, protein_tokens
 

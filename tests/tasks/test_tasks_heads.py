@@ -1,5 +1,6 @@
 """Head losses and training: every registered architecture trains, NaN targets are masked, the
-folded head answers in label units, and a drug classifier on real BBBP beats the majority class."""
+folded head answers in label units, and a drug classifier on real BBBP beats the majority class.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
 from kiban.cli import main
 from kiban.tasks.baselines import morgan_fingerprints, trivial
 from kiban.tasks.heads import HeadConfig, create_head, list_head_architectures, load_head
 from kiban.tasks.training import FitSettings, fit_head
-
 
 # the heads over pooled states; per-residue, contact and pair heads have their own tests
 # (tests/tasks/test_tasks_saved_heads.py)

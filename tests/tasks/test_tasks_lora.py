@@ -1,5 +1,6 @@
 """``kiban finetune --mode lora``: adapters on the backbone train with the head through a
-grad-enabled pooled-state path, are saved in the run's model/lora/, and reload to identical outputs."""
+grad-enabled pooled-state path, are saved in the run's model/lora/, and reload to identical outputs.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import numpy as np
 import pandas as pd
 import torch
+
 from kiban.cli import main
 from kiban.tasks.heads import HeadConfig, create_head, load_heads
 from kiban.tasks.predict import model_for_head
@@ -68,7 +70,8 @@ def test_fit_lora_trains_adapters_only():
 
 def test_finetune_lora_end_to_end_reloads_identically(tmp_path):
     """Always runs: a small SMILES regression CSV, --mode lora on the tiny model; the run folder's
-    model/lora/ holds peft's adapter files and the reloaded model + head reproduce predictions.csv."""
+    model/lora/ holds peft's adapter files and the reloaded model + head reproduce predictions.csv.
+    """
     smiles = [f"{'C' * n}O" for n in range(1, 31)] + [f"c1ccccc1{'C' * n}" for n in range(30)]
     data = tmp_path / "toy.csv"
     ids = [f"m{k}" for k in range(len(smiles))]

@@ -2,6 +2,9 @@
 
 import numpy as np
 import pytest
+from scipy.stats import spearmanr
+from sklearn import metrics as skm
+
 from kiban.tasks.metrics import (
     concordance_index,
     confusion_matrix,
@@ -12,8 +15,6 @@ from kiban.tasks.metrics import (
     roc_auc,
     spearman,
 )
-from scipy.stats import spearmanr
-from sklearn import metrics as skm
 
 rng = np.random.default_rng(0)
 

@@ -1,5 +1,6 @@
 """Multi-task binary classification with missing labels masked (Tox21 / SIDER style): the loss
-ignores blanks, metrics are per task, and ``kiban finetune`` runs end to end on a Tox21 subset."""
+ignores blanks, metrics are per task, and ``kiban finetune`` runs end to end on a Tox21 subset.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import average_precision_score, roc_auc_score
+
 from kiban.cli import main
 from kiban.tasks.heads import HeadConfig, MultiLabelHead, create_head, load_head, load_heads
 from kiban.tasks.objectives import multilabel_loss, multilabel_metrics
-from sklearn.metrics import average_precision_score, roc_auc_score
 
 NAN = float("nan")
 
@@ -51,7 +53,8 @@ def test_multilabel_metrics_per_task_match_sklearn():
 
 def test_multilabel_head_trains_on_synthetic_masked_tasks(tmp_path):
     """Two tasks read different features; half of each task's labels are missing. The head learns
-    both (AUC well above 0.5) and saves, reloads and predicts identically."""
+    both (AUC well above 0.5) and saves, reloads and predicts identically.
+    """
     from kiban.tasks.training import FitSettings, fit_head
 
     generator = torch.Generator().manual_seed(0)
@@ -150,7 +153,8 @@ def test_multilabel_single_class_task_is_rejected(tmp_path, capsys):
 
 def test_finetune_tox21_subset_beats_trivial(shared_data, tmp_path):
     """1,000 Tox21 molecules, all 12 assays (blanks masked): the fingerprint baseline and the tiny
-    random model's head are reported per task; the head must beat the trivial predictor's 0.5 mean AUC."""
+    random model's head are reported per task; the head must beat the trivial predictor's 0.5 mean AUC.
+    """
     frame = pd.read_csv(shared_data / "molecules" / "tox21.csv").sample(1000, random_state=0)
     data = tmp_path / "tox21.csv"
     frame.to_csv(data, index=False)

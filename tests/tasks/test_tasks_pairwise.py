@@ -1,10 +1,12 @@
 """The supervised pairwise contact head: mechanics on synthetic structures (always runs) and an
-evaluation against the sequence-separation prior on a few real PDB chains (skipped without data)."""
+evaluation against the sequence-separation prior on a few real PDB chains (skipped without data).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+
 from kiban.tasks.structure import (
     PairwiseContactHead,
     contact_labels,
@@ -16,7 +18,8 @@ from kiban.tasks.structure import (
 
 def _synthetic_protein(rng, length=80):
     """A random 3D chain (3.8 Å steps, compacted); tokens carry the coordinates plus noise, so contacts
-    are learnable from token pairs while the separation prior alone cannot place them."""
+    are learnable from token pairs while the separation prior alone cannot place them.
+    """
     steps = rng.normal(size=(length, 3))
     steps = 3.8 * steps / np.linalg.norm(steps, axis=1, keepdims=True)
     xyz = np.cumsum(steps, 0)
@@ -70,7 +73,8 @@ def test_pairwise_head_ignores_pairs_closer_than_six():
 
 def test_pairwise_head_vs_separation_prior_on_real_pdbs(shared_data):
     """A few real chains, tokens from the tiny (random) protein encoder: the head trains and is
-    scored by precision@L per range beside the separation prior fitted on the same training chains."""
+    scored by precision@L per range beside the separation prior fitted on the same training chains.
+    """
     from kiban.encoders import create_encoder
 
     torch.manual_seed(0)
@@ -117,7 +121,8 @@ def _write_synthetic_pdb(path, rng, length=40):
 
 def test_finetune_contacts_command_on_synthetic_pdbs(tmp_path, capsys):
     """Always runs: ``kiban finetune contacts --data DIR`` on six synthetic PDB files writes
-    metrics.json (three models, by range) and the contact-map PNG; a bad folder leaves nothing."""
+    metrics.json (three models, by range) and the contact-map PNG; a bad folder leaves nothing.
+    """
     import json
 
     from kiban.cli import main

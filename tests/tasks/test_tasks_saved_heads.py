@@ -1,6 +1,7 @@
 """The per-residue, contact and pair heads in the saved-head format (head.json + head.safetensors,
 ``load_head``): a reload gives identical outputs, each head checks the model it is given, the
-"multilabel" kind (and old head.json files that say "classification"), and ``--labels`` parsing."""
+"multilabel" kind (and old head.json files that say "classification"), and ``--labels`` parsing.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from kiban.tasks.dti import PairHead
 from kiban.tasks.finetune import resolve_labels
 from kiban.tasks.heads import HeadConfig, MultiLabelHead, create_head, load_head, load_heads
@@ -118,7 +120,8 @@ def test_output_shapes(model):
 
 def test_token_heads_own_their_loss_and_metrics(model):
     """The per-residue and contact heads carry the losses their ``fit`` minimises: gradients reach
-    every parameter, unknown labels and pairs closer than min_separation never count."""
+    every parameter, unknown labels and pairs closer than min_separation never count.
+    """
     from kiban.tasks.structure import protein_tokens
 
     torch.manual_seed(0)

@@ -1,11 +1,13 @@
 """Per-residue 3-state secondary structure head: metrics by hand, mechanics on synthetic tokens,
-and a run on real DSSP labels beating the majority state (skipped without the shared data)."""
+and a run on real DSSP labels beating the majority state (skipped without the shared data).
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+
 from kiban.tasks.secondary import SS3, ResidueHead, evaluate_secondary_structure, q3_metrics, read_ss3
 
 
@@ -21,7 +23,8 @@ def test_q3_metrics_by_hand():
 
 def test_residue_head_learns_windowed_states():
     """A state that depends on the neighbours (a residue is H when its left neighbour's feature 0 is
-    positive): the windowed head learns it, per residue, far above the majority state."""
+    positive): the windowed head learns it, per residue, far above the majority state.
+    """
     generator = torch.Generator().manual_seed(0)
     examples = []
     for _ in range(20):

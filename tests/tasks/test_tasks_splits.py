@@ -3,6 +3,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+
 from kiban.tasks.splits import group_split, length_stratified_split, murcko_scaffold, scaffold_split
 
 

@@ -1,5 +1,6 @@
 """Contact labels from a real PDB against hand-checked pairs, ESM-2's attention features, and the
-attention contact head + separation prior over a tiny protein encoder on real structures."""
+attention contact head + separation prior over a tiny protein encoder on real structures.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
 from kiban.tasks.structure import (
     AttentionContactHead,
     apc,

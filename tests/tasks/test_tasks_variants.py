@@ -1,6 +1,7 @@
 """Masked-marginal variant scoring: mutant parsing, the wild type scoring 0, additivity, a
 brute-force check of one score, and Spearman against the real β-lactamase DMS (mechanics only:
-with a tiny random encoder the correlation itself means nothing)."""
+with a tiny random encoder the correlation itself means nothing).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
 from kiban.tasks.metrics import spearman
 from kiban.tasks.variants import masked_marginal_scores, parse_mutations
 

@@ -1,6 +1,7 @@
 """``kiban variants`` end to end: the real TEM-1 β-lactamase DMS with a tiny random ESM-2 (the
 mechanics only: its Spearman means nothing), DNA variants with a saved kiban model whose DNA
-encoder has a masked-LM head, and bad input ending in one line and exit code 2."""
+encoder has a masked-LM head, and bad input ending in one line and exit code 2.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+
 from kiban.cli import main
 from kiban.encoders import create_encoder
 from kiban.tasks.metrics import spearman

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
+
 from kiban.cli import main
 from kiban.encoders.base import create_encoder
 from kiban.encoders.pretraining import load_encoder
 from kiban.train.config import ConfigError, config_from_dict
 from kiban.train.validation import validate_config
-from safetensors.torch import load_file
 
 RESIDUES = "ACDEFGHIKLMNPQRSTVWY"
 TINY = ["--preset", "tiny", "--set", "data.batch_size=4", "--set", "optim.lr=0.003"]
@@ -281,7 +282,7 @@ def test_h5ad_files_with_different_gene_sets_are_each_matched_once_and_counted(t
     assert (a["read"], a["accepted"], b["read"], b["accepted"], b["rejected"]) == (30, 30, 20, 19, 1)
     assert rejects.read == 50 == rejects.accepted + rejects.rejected and len(source) == 49
     (line,) = (tmp_path / "rejects.jsonl").read_text().splitlines()
-    reject = json.loads(line)  # stored zeros pass the reader; the featurizer refuses the empty cell
-    assert reject["id"] == "cell3" and reject["reason"] == "invalid cell input" and reject["detail"]
+    reject = json.loads(line)
+    assert reject["id"] == "cell3" and reject["reason"] == "no expressed genes" and reject["detail"]
     record = source.read_many([45])[0]  # a cell of the second file, read from disk by row
     assert record.location.startswith(str(tmp_path / "b.h5ad")) and len(record.item["genes"]) > 0

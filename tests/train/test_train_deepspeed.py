@@ -1,5 +1,6 @@
 """DeepSpeed ZeRO-2 and ZeRO-3 on the CPU: 2 ranks over gloo (torchrun), through `kiban fit` and the
-same hpc/presets files a GPU run hands to Lightning's DeepSpeedStrategy."""
+same hpc/presets files a GPU run hands to Lightning's DeepSpeedStrategy.
+"""
 
 import json
 import subprocess

@@ -1,16 +1,17 @@
 """The parts of a run, each alone: objectives, activation checkpointing, schedule, FLOPs/MFU,
-strategies and presets, the resumable sampler, and validate/test on a checkpoint."""
+strategies and presets, the resumable sampler, and validate/test on a checkpoint.
+"""
 
 import math
 
 import pytest
 import torch
 
+from kiban.data.resumable import ResumableBatches
 from kiban.fusion import apply_freeze_policy
 from kiban.hpc.presets import deepspeed_config, list_presets, load_preset
 from kiban.tiny import example_records, tiny_model
 from kiban.train.config import ScheduleSection
-from kiban.data.resumable import ResumableBatches
 from kiban.train.flops import model_flops, peak_flops
 from kiban.train.objectives import fused_losses
 from kiban.train.optim import lr_multiplier
@@ -234,8 +235,8 @@ def test_fit_exports_the_trained_model_for_serving(train_config):
     config = train_config("trainer.max_steps=2", "callbacks.checkpoint.every_n_steps=2", "trainer.val_check_interval=null")
     result = fit(config)
     exported = result.run_dir / "model"
-    assert (exported / "model.safetensors").is_file() and not exported.with_name("model.tmp").exists()
+    assert (exported / "model.safetensors").is_file() and not list(exported.parent.glob(".model.*.partial"))
     model = KibanModel.from_pretrained(exported).eval()
-    assert set(model.encoders) == set(config.model["encoders"])
+    assert set(model.encoders) == set(config.model.encoders)
     answer = model.chat("Is <molecule> soluble?", molecule="CCO", max_new_tokens=3)
     assert isinstance(answer, str)

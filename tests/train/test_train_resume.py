@@ -22,7 +22,7 @@ class SignalAtStep(pl.Callback):
 
 
 def _steps(run_dir):
-    """step -> the last logged entry for it (a resumed run appends)."""
+    """Step -> the last logged entry for it (a resumed run appends)."""
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         entry = json.loads(line)
