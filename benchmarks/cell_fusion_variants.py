@@ -48,6 +48,7 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 def run_variant(name: str, *, out: Path, seed: int, vocab: list[str], pbmc: Path) -> dict[str, Any]:
     """Build the variant's fused model and run the cell-type head; returns its row of the table."""
     import torch
+
     from kiban.fusion.model import KibanConfig, KibanModel, default_config
     from kiban.quickstart.run import HEAD_LAYER
     from kiban.tasks.finetune import FinetuneOptions, finetune
@@ -96,12 +97,13 @@ def trace_variant(name: str, *, seed: int, vocab: list[str], pbmc: Path) -> list
     import anndata
     import numpy as np
     import torch
-    from kiban.fusion.model import KibanConfig, KibanModel, default_config
-    from kiban.quickstart.run import HEAD_LAYER
-    from kiban.tasks.splits import random_split
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
     from sklearn.preprocessing import StandardScaler
+
+    from kiban.fusion.model import KibanConfig, KibanModel, default_config
+    from kiban.quickstart.run import HEAD_LAYER
+    from kiban.tasks.splits import random_split
 
     adata = anndata.read_h5ad(pbmc)
     matrix = adata.raw.X.toarray() if hasattr(adata.raw.X, "toarray") else np.asarray(adata.raw.X)
@@ -156,6 +158,7 @@ def main() -> None:
 
     import anndata
     import torch
+
     from kiban.encoders.cell import vocab_from_adata
     from kiban.quickstart.corpus import pbmc_path
 

@@ -24,8 +24,9 @@ import csv
 import sys
 from pathlib import Path
 
-from kiban.tasks.splits import murcko_scaffold
 from rdkit import Chem, rdBase
+
+from kiban.tasks.splits import murcko_scaffold
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "molecules"
 SOURCES = {"lipophilicity.csv": "smiles", "tox21.csv": "smiles", "bace_classification.csv": "mol", "sider.csv": "smiles"}
@@ -73,6 +74,7 @@ def write_models(encoder_dir: str, out: str) -> None:
     import json
 
     import torch
+
     from kiban.fusion.model import KibanConfig, KibanModel
     from kiban.tiny import tiny_backbone_config
 

@@ -40,7 +40,6 @@ from kiban.encoders.base import (
     register_preset,
 )
 from kiban.encoders.cell_trunks import create_trunk
-from torch import Tensor, nn
 
 __all__ = [
     "CellEncoder",
@@ -83,7 +82,8 @@ class CellEncoderConfig:
     gene_medians: rank mode only: per-gene medians, in vocabulary order, that values are divided by
         before ranking (Geneformer's normalisation); empty means rank the raw values.
     width, num_layers, num_heads, ffn_dim, dropout: the transformer.
-    weights_path: a local state dict of this encoder (.safetensors, or .pt/.pth read with weights_only).
+    weights_path: a local state dict of this encoder (.safetensors, or .pt/.pth read with weights_only), or a
+        folder written by ``kiban pretrain cell`` (its config, vocabulary included, then replaces this one).
     arch: the trunk (``cell_trunks``): "kiban", "scgpt" (scGPT's encoder) or "geneformer" (BERT).
     checkpoint_dir: a published checkpoint folder of that arch (``cell_checkpoints``): it sets the
         architecture, vocabulary, token ids and weights. token_dictionary_path / gene_median_path:
@@ -161,6 +161,7 @@ class GeneMatchReport:
 
     @property
     def fraction_matched(self) -> float:
+        """Share of the matched gene names among all names, matched or not (0.0 when there were none)."""
         total = self.n_matched + self.n_unmatched
         return self.n_matched / total if total else 0.0
 
@@ -178,6 +179,7 @@ class GeneMatchReport:
                 self.unmatched_examples.append(name)
 
     def summary(self) -> str:
+        """One line for the log: lists, matched and unmatched counts, case-only matches, repeats, examples."""
         text = (
             f"{self.n_lists} gene list(s): {self.n_matched} gene names matched the vocabulary of "
             f"{self.vocab_size} genes and {self.n_unmatched} did not "
@@ -387,6 +389,7 @@ class CellFeaturizer:
 
     @property
     def vocab_size(self) -> int:
+        """Number of genes in the vocabulary."""
         return len(self.vocab)
 
     def match_genes(self, gene_names: Sequence[Any]) -> GeneMatchReport:
@@ -672,6 +675,16 @@ class CellEncoder(Encoder):
             from kiban.encoders.cell_checkpoints import read_checkpoint
 
             config, state = read_checkpoint(config)
+        kiban_folder = bool(config.weights_path) and Path(config.weights_path).is_dir()
+        if kiban_folder:
+            # a folder written by ``kiban pretrain cell``: its config (architecture, vocabulary) wins
+            from kiban.encoders.base import config_from_dict
+            from kiban.encoders.pretraining import read_encoder_dir
+
+            values, folder_state = read_encoder_dir(config.weights_path, modality=MODALITY)
+            config = dataclasses.replace(
+                config_from_dict(CellEncoderConfig, values), weights_path=config.weights_path
+            )
         if config.max_genes <= 0:
             # 0: as many genes as the model's input allows (its positions less the special tokens)
             n_special = (config.cls_id is not None) + (config.eos_id is not None)
@@ -693,7 +706,7 @@ class CellEncoder(Encoder):
         if state:
             self.trunk.load_state_dict(state)
         if config.weights_path:
-            self.load_state_dict(load_weights(config.weights_path))
+            self.load_state_dict(folder_state if kiban_folder else load_weights(config.weights_path))
 
     def portable_config(self) -> CellEncoderConfig:
         """The config with the vocabulary inlined and no weights path: rebuilds this architecture anywhere."""

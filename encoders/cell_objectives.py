@@ -24,10 +24,11 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from kiban.encoders.base import pad_stack
 from kiban.encoders.cell import CellEncoder
 from kiban.encoders.pretraining import ObjectiveOutput, PretrainObjective, register_objective
-from torch import Tensor, nn
 
 __all__ = ["MaskedExpression", "MaskedExpressionMasker", "ProfileMasker", "RankMLM", "RankMasker"]
 

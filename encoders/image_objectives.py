@@ -19,10 +19,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+from torch import Tensor, nn
+
 from kiban.encoders.base import pad_stack
 from kiban.encoders.image import ImageEncoder, ImageFeaturizer
 from kiban.encoders.pretraining import ObjectiveOutput, PretrainObjective, register_objective
-from torch import Tensor, nn
 
 __all__ = ["MaskedAutoencoder", "PatchMasker", "patchify"]
 

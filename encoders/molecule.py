@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rdkit import Chem, rdBase
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
 from kiban.encoders.base import (
     Encoder,
     InvalidInput,
@@ -39,9 +43,6 @@ from kiban.encoders.molecule_chemprop import (
     CHEMPROP_FEATURES,
     read_chemprop_checkpoint,
 )
-from rdkit import Chem, rdBase
-from safetensors.torch import load_file
-from torch import Tensor, nn
 
 __all__ = [
     "ATOM_FEATURE_DIM",

@@ -19,6 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from rdkit import Chem, rdBase
+from torch import Tensor
+from transformers import AutoTokenizer
+
 from kiban.encoders.base import Encoder, InvalidInput, ModalityTokens, pad_stack
 from kiban.encoders.molecule import (
     MODALITY,
@@ -27,9 +31,6 @@ from kiban.encoders.molecule import (
     register_molecule_kind,
 )
 from kiban.encoders.text import TextEncoderConfig, load_transformer
-from rdkit import Chem, rdBase
-from torch import Tensor
-from transformers import AutoTokenizer
 
 __all__ = ["SmilesLanguageModelEncoder", "SmilesTokenFeaturizer"]
 

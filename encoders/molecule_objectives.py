@@ -21,9 +21,10 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from kiban.encoders.molecule import MoleculeEncoder, MoleculeFeaturizer, graph_features
 from kiban.encoders.pretraining import ObjectiveOutput, PretrainObjective, register_objective
-from torch import Tensor, nn
 
 __all__ = ["AttributeMasker", "AttributeMasking"]
 

@@ -18,6 +18,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+from transformers import AutoConfig, AutoModel, AutoTokenizer
+
 from kiban.encoders.base import (
     Encoder,
     InvalidInput,
@@ -26,8 +29,6 @@ from kiban.encoders.base import (
     register_encoder,
     register_preset,
 )
-from torch import Tensor
-from transformers import AutoConfig, AutoModel, AutoTokenizer
 
 __all__ = [
     "TextEncoder",

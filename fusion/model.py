@@ -35,7 +35,14 @@ from kiban.fusion.config import EncoderSpec, KibanConfig
 from kiban.fusion.generation import Completion, GenerationSettings, RowHooks, generate_completions
 from kiban.fusion.merge import merge_modality_tokens
 from kiban.fusion.projector import ProjectorConfig, create_projector
-from kiban.fusion.prompt import IGNORE_INDEX, FusedBatch, KibanProcessor, ProcessedRecord, encode_text, slot_id
+from kiban.fusion.prompt import (
+    IGNORE_INDEX,
+    FusedBatch,
+    KibanProcessor,
+    ProcessedRecord,
+    encode_text,
+    slot_id,
+)
 
 __all__ = ["STAGES", "KibanConfig", "KibanModel", "apply_freeze_policy", "default_config"]
 
@@ -53,6 +60,7 @@ def default_config() -> KibanConfig:
 
 
 class KibanModel(nn.Module):
+    """The fused model: per-modality encoders and projectors feeding their tokens into a causal LLM."""
     def __init__(
         self,
         *,
@@ -80,6 +88,7 @@ class KibanModel(nn.Module):
 
     @classmethod
     def from_config(cls, config: KibanConfig) -> "KibanModel":
+        """Build the encoders, projectors and backbone that a ``KibanConfig`` names."""
         config = dataclasses.replace(config)  # checks again what was changed since it was built
         llm, tokenizer = load_backbone(config.backbone)
         width = llm.get_input_embeddings().embedding_dim
@@ -92,10 +101,12 @@ class KibanModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's parameters."""
         return next(self.parameters()).device
 
     @property
     def has_lora(self) -> bool:
+        """Whether the backbone carries LoRA adapters (any ``lora_`` parameter)."""
         return any("lora_" in name for name, _ in self.llm.named_parameters())
 
     # -- forward ---------------------------------------------------------------------------------
@@ -121,6 +132,7 @@ class KibanModel(nn.Module):
         return self.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
 
     def prepare(self, records: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = False) -> FusedBatch:
+        """Featurize and collate chat records into a ``FusedBatch`` on the model's device."""
         return self.processor(records, add_generation_prompt=add_generation_prompt).to(self.device)
 
     # -- generation ------------------------------------------------------------------------------
@@ -217,6 +229,7 @@ class KibanModel(nn.Module):
     # -- save / load -----------------------------------------------------------------------------
 
     def save_pretrained(self, directory: str | Path) -> Path:
+        """Write config.json, model.safetensors, lora/ and tokenizer/ to ``directory``; returns it."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         config = self._portable_config(directory)
@@ -231,6 +244,7 @@ class KibanModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> "KibanModel":
+        """Load a model that ``save_pretrained`` wrote to ``directory``."""
         directory = Path(directory)
         config_file = directory / "config.json"
         if not config_file.is_file():

@@ -285,7 +285,8 @@ def model_config(out: Path, model: str) -> dict[str, Any]:
     """The fused model the quickstart trains: every encoder (so the served model takes any input),
     the cell encoder's vocabulary = the pbmc68k_reduced genes, each cell one whole-profile token
     (a 16-token resampler over gene tokens in the tiny model), a 16-token resampler for images
-    (short fused sequences), atom / residue / base tokens for the rest."""
+    (short fused sequences), atom / residue / base tokens for the rest.
+    """
     import anndata
 
     from kiban.encoders.cell import vocab_from_adata

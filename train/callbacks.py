@@ -61,6 +61,7 @@ class NonFiniteGuard(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any
     ) -> None:
+        """Record the gradient norm; drop the gradients and stop or skip if any rank saw a NaN/Inf."""
         stats = pl_module.stats
         grads = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
         squares = torch.zeros((), dtype=torch.float64)
@@ -94,9 +95,11 @@ class NonFiniteGuard(Callback):
         )
 
     def state_dict(self) -> dict[str, int]:
+        """The number of updates skipped so far, saved in the checkpoint."""
         return {"skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Restore the skip count from a checkpoint."""
         self.skipped = state.get("skipped", 0)
 
 
@@ -110,6 +113,7 @@ class ThroughputMonitor(Callback):
         self._last_step = -1
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Count the model's FLOPs, find the device's peak FLOP/s and start the clock."""
         # the fused model counts its LLM; a module training something else says what it trains
         own = getattr(pl_module, "model_flops", None)
         self.flops = own() if own is not None else model_flops(pl_module.model.llm)
@@ -129,6 +133,7 @@ class ThroughputMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        """Add each optimizer step's samples, tokens and FLOPs; log the rates every ``every_n_steps``."""
         if trainer.global_step == self._last_step:  # mid-accumulation
             return
         self._last_step = trainer.global_step
@@ -176,11 +181,13 @@ class StepLog(Callback):
         self._last_step = -1
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Start from the current (possibly resumed) step, so the first logged step is a new one."""
         self._last_step = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        """After each optimizer step append its JSON line (rank 0 only)."""
         if trainer.global_step == self._last_step:
             return
         self._last_step = trainer.global_step

@@ -147,6 +147,7 @@ def write_pointer(path: Path, text: str) -> None:
 
 
 def read_pointer(path: Path) -> str | None:
+    """The stripped text of a pointer file, or None if there is none."""
     return path.read_text().strip() if path.is_file() else None
 
 
@@ -243,6 +244,7 @@ def save_rng_state(path: Path) -> None:
 
 
 def load_rng_state(path: Path) -> None:
+    """Restore the Python, NumPy, torch and CUDA RNG states that ``save_rng_state`` wrote to ``path``."""
     state = torch.load(path, weights_only=True)  # tensors and lists only: nothing unpickled beyond that
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))

@@ -39,6 +39,7 @@ STATE_FILE = "state.ckpt"
 
 
 class AtomicCheckpoint(Callback):
+    """Lightning callback that saves atomic checkpoints under ``root`` and keeps the newest and the best."""
     def __init__(
         self,
         *,
@@ -56,12 +57,14 @@ class AtomicCheckpoint(Callback):
         self._last_step = -1
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Take the starting (possibly resumed) step as already saved."""
         # a resumed run starts at its checkpoint's step: nothing new to save until it moves on
         self._last_step = self.last_saved_step = trainer.global_step
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        """After each optimizer step record the data position and save every ``every_n_steps`` steps."""
         if trainer.global_step == self._last_step:  # mid-accumulation: no optimizer step yet
             return
         self._last_step = trainer.global_step
@@ -71,6 +74,7 @@ class AtomicCheckpoint(Callback):
             self.save(trainer, reason="periodic")
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Save the final step unless it was just saved."""
         if trainer.global_step != self.last_saved_step and trainer.global_step > 0:
             self.save(trainer, reason="end of training")
 
@@ -123,9 +127,11 @@ class AtomicCheckpoint(Callback):
             self.best = {"checkpoint": f"ckpt-{step:06d}", "monitor": self.monitor, "value": value}
 
     def state_dict(self) -> dict[str, Any]:
+        """The best checkpoint so far, saved in the Lightning checkpoint."""
         return {"best": self.best}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore the best checkpoint so far from a Lightning checkpoint."""
         self.best = state.get("best")
 
 
@@ -136,6 +142,7 @@ class ResumeState(Callback):
         self.checkpoint = Path(checkpoint)
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Verify the checkpoint on rank 0 and raise ``CheckpointError`` on every rank if it is bad."""
         problem = None
         if trainer.is_global_zero:
             try:
@@ -152,6 +159,7 @@ class ResumeState(Callback):
             raise CheckpointError(problem)
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Restore this rank's RNG states from the checkpoint (warn if it has none for this rank)."""
         path = self.checkpoint / rng_file(trainer.global_rank)
         if path.is_file():
             load_rng_state(path)

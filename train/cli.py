@@ -56,6 +56,7 @@ def _load(args: argparse.Namespace):
 @command("fit", help="train the fused model as a YAML config says (CPU, GPUs, Slurm; resumes automatically)")
 @arguments(_run_arguments)
 def fit_command(args: argparse.Namespace) -> int:
+    """``kiban fit``: train as the config says; exit status 3 on a NaN/Inf stop or a bad checkpoint."""
     config = _load(args)
     if args.print_config:
         print(config.to_yaml(), end="")
@@ -81,12 +82,14 @@ def fit_command(args: argparse.Namespace) -> int:
 @command("validate", help="evaluate a checkpoint on data.val")
 @arguments(_eval_arguments)
 def validate_command(args: argparse.Namespace) -> int:
+    """``kiban validate``: evaluate a checkpoint on data.val and print the metrics as JSON."""
     return _evaluate(args, "validate")
 
 
 @command("test", help="evaluate a checkpoint on data.test")
 @arguments(_eval_arguments)
 def test_command(args: argparse.Namespace) -> int:
+    """``kiban test``: evaluate a checkpoint on data.test and print the metrics as JSON."""
     return _evaluate(args, "test")
 
 
@@ -143,6 +146,7 @@ _SAME_RUN_KEYS = ("modality", "encoder", "objective", "options", "train", "kind"
 @command("pretrain", help="pretrain one encoder on its self-supervised objective (resumes when run again)")
 @arguments(_pretrain_arguments)
 def pretrain_command(args: argparse.Namespace) -> int:
+    """``kiban pretrain``: pretrain one encoder, writing to ``--out`` (resumes when run again)."""
     from pathlib import Path
 
     import yaml
@@ -175,6 +179,7 @@ def pretrain_command(args: argparse.Namespace) -> int:
 
         config = config_from_dict(apply_overrides(_PRETRAIN_DEFAULTS, overrides))
         config.run.dir = str(out)
+    _default_gene_vocab(config)
     previous = _previous_run(out)
     if previous is not None:
         mine = {k: v for k, v in yaml.safe_load(config.to_yaml())["pretrain"].items() if k in _SAME_RUN_KEYS}
@@ -214,6 +219,21 @@ def pretrain_command(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _default_gene_vocab(config: Any) -> None:
+    """A cell encoder configured without genes learns the genes of its training h5ad files."""
+    spec = config.pretrain.encoder
+    if config.pretrain.modality != "cell" or any(
+        spec.get(key) for key in ("gene_vocab", "gene_vocab_path", "checkpoint_dir", "weights_path", "config")
+    ):
+        return
+    from kiban.train.pretrain_data import gene_vocab_of
+
+    vocab = gene_vocab_of(config.pretrain.train)
+    if vocab:
+        spec["gene_vocab"] = list(vocab)
+        logging.getLogger("kiban.train").info("kiban pretrain cell: the encoder's vocabulary is the %d genes of the training files", len(vocab))
 
 
 # ``kiban pretrain`` without --config: small batches, AdamW with warmup, checkpoints every 100 steps.

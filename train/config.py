@@ -100,6 +100,7 @@ class LossSection:
 
 @dataclass
 class OptimSection:
+    """Optimizer settings: ``adamw`` (lr, weight_decay, betas, eps) or ``sgd`` (lr, momentum)."""
     name: str = "adamw"  # adamw | sgd
     lr: float = 1.0e-4
     weight_decay: float = 0.0
@@ -172,6 +173,7 @@ class ThroughputSection:
 
 @dataclass
 class CallbacksSection:
+    """Callback settings: checkpoints, NaN/Inf guard, throughput and the learning-rate monitor."""
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     nan_guard: NanGuardSection = field(default_factory=NanGuardSection)
     throughput: ThroughputSection = field(default_factory=ThroughputSection)

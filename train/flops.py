@@ -29,6 +29,7 @@ FORMULA = "MFU = (6·N·tokens + 12·L·d·Σ tokens·T) / (seconds · devices �
 
 @dataclass(frozen=True)
 class ModelFlops:
+    """The model sizes in the MFU formula: N parameters, L layers, width d."""
     params: int  # N
     layers: int  # L
     width: int  # d

@@ -46,6 +46,7 @@ class StepStats:
 
     @property
     def mean_loss(self) -> float:
+        """Mean loss over the step's micro-batches so far."""
         return self.loss / max(1, self.micro_batches)
 
 
@@ -102,6 +103,7 @@ class KibanLightningModule(pl.LightningModule):
         self.init_weights = True  # False when resuming: the checkpoint brings the weights
 
     def configure_model(self) -> None:
+        """Build the model once, load ``run.init_from`` weights and freeze what the stage does not train."""
         if self.model is not None:  # Lightning may call this again (e.g. validate after fit)
             return
         self.model = KibanModel.from_config(self.config.model)
@@ -120,6 +122,7 @@ class KibanLightningModule(pl.LightningModule):
     # -- steps -----------------------------------------------------------------------------------
 
     def training_step(self, batch: TrainBatch, batch_idx: int) -> torch.Tensor:
+        """One micro-batch: the fused loss, added to the step's stats and logged."""
         if self.trainer.global_step != self._stats_step:  # micro-batches of one step share global_step
             self.stats, self._stats_step = StepStats(), self.trainer.global_step
             self.stats.lr = self.trainer.optimizers[0].param_groups[0]["lr"]
@@ -144,9 +147,11 @@ class KibanLightningModule(pl.LightningModule):
         return out.loss
 
     def validation_step(self, batch: TrainBatch, batch_idx: int) -> None:
+        """Log the loss of one validation batch (``val/loss``)."""
         self._eval_step(batch, "val")
 
     def test_step(self, batch: TrainBatch, batch_idx: int) -> None:
+        """Log the loss of one test batch (``test/loss``)."""
         self._eval_step(batch, "test")
 
     def _eval_step(self, batch: TrainBatch, split: str) -> None:
@@ -156,6 +161,7 @@ class KibanLightningModule(pl.LightningModule):
     # -- optimization ----------------------------------------------------------------------------
 
     def configure_optimizers(self) -> dict[str, Any]:
+        """The optimizer and its per-step learning-rate schedule from the config."""
         strategy = self.config.trainer.strategy
         optimizer = build_optimizer(
             self.model.named_parameters(),
@@ -171,6 +177,7 @@ class KibanLightningModule(pl.LightningModule):
         gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
     ) -> None:
+        """Clip gradients by Lightning's means, or by FSDP's own ``clip_grad_norm_`` under FSDP."""
         if gradient_clip_val and self.config.trainer.strategy == "fsdp":
             # Lightning's FSDP precision plugin refuses norm clipping; FSDP's own method knows the shards
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)

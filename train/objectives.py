@@ -28,6 +28,7 @@ __all__ = ["StepLosses", "contrastive_loss", "fused_losses"]
 
 @dataclass
 class StepLosses:
+    """The losses of one training batch (scalar tensors) and its token counts."""
     loss: Tensor  # what backward() sees
     lm_loss: Tensor
     contrastive: Tensor | None

@@ -66,6 +66,7 @@ def lr_multiplier(step: int, settings: ScheduleSection, *, total_steps: int) -> 
 def build_scheduler(
     optimizer: torch.optim.Optimizer, settings: ScheduleSection, *, max_steps: int
 ) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-optimizer-step ``LambdaLR`` for ``settings`` (over ``total_steps``, else ``max_steps``)."""
     total = settings.total_steps or max_steps
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, settings, total_steps=total)

@@ -180,6 +180,29 @@ def read_pretrain_source(
     return _Concat(parts)
 
 
+def gene_vocab_of(paths: Sequence[str]) -> tuple[str, ...]:
+    """The gene names of the h5ad files among ``paths`` (files, or folders holding them), in first-seen order.
+
+    ``kiban pretrain cell`` uses them as the encoder's vocabulary when its config names none, so
+    a cell encoder is pretrained over the genes its data measures (unused names cost nothing).
+    """
+    import anndata
+
+    from kiban.encoders.cell import vocab_from_adata
+
+    files: list[Path] = []
+    for path in map(Path, paths):
+        files += sorted(path.rglob("*.h5ad")) if path.is_dir() else [path] if path.suffix == ".h5ad" else []
+    names: dict[str, None] = {}
+    for file in files:
+        adata = anndata.read_h5ad(file, backed="r")
+        try:
+            names.update(dict.fromkeys(vocab_from_adata(adata)))
+        finally:
+            adata.file.close()
+    return tuple(names)
+
+
 class _CroppedLengths(RecordList):
     """In-memory records whose bucketing length is capped at ``crop`` (what a batch will hold)."""
 

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class FitResult:
+    """Where a fit ended: the run directory, the last global step and the newest complete checkpoint."""
     run_dir: Path
     global_step: int
     checkpoint: Path | None  # the newest complete checkpoint after the run
@@ -108,10 +109,12 @@ def _export_encoder(module: Any, target: Path, *, step: int) -> None:
 
 
 def validate(config: TrainConfig, *, checkpoint: str | Path | None = None) -> list[dict[str, float]]:
+    """Evaluate a checkpoint (default: the newest in run.dir) on data.val; the metrics per dataloader."""
     return _evaluate(config, "validate", checkpoint)
 
 
 def test(config: TrainConfig, *, checkpoint: str | Path | None = None) -> list[dict[str, float]]:
+    """Evaluate a checkpoint (default: the newest in run.dir) on data.test; the metrics per dataloader."""
     return _evaluate(config, "test", checkpoint)
 
 

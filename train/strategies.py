@@ -21,10 +21,12 @@ __all__ = ["build_strategy", "uses_raw_deepspeed"]
 
 
 def uses_raw_deepspeed(config: TrainConfig, *, accelerator: str) -> bool:
+    """Whether the run uses the raw DeepSpeed loop: a DeepSpeed strategy on the CPU."""
     return config.trainer.strategy.startswith("deepspeed") and accelerator == "cpu"
 
 
 def build_strategy(config: TrainConfig, *, accelerator: str, world_size: int) -> Any:
+    """The Lightning strategy (or ``"auto"``) for ``trainer.strategy`` on this accelerator and world size."""
     name = config.trainer.strategy
     if name == "auto" and world_size == 1:
         return "auto"

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import scipy.sparse
 import torch
+
 from kiban.encoders import create_encoder
 from kiban.encoders.cell import CellEncoder
 from kiban.encoders.cell_checkpoints import read_plain_mapping

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from kiban.encoders import create_encoder
 from kiban.encoders.cell import vocab_from_adata
 from kiban.encoders.pretraining import create_objective, list_objectives

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from kiban.encoders import create_encoder
 from kiban.encoders.cell import CellEncoder
 
@@ -35,7 +36,7 @@ ARGS = {
 
 @pytest.fixture(scope="module")
 def scgpt():
-    """scGPT's model.py (as package ``scgpt_reference``) and its binning functions."""
+    """ScGPT's model.py (as package ``scgpt_reference``) and its binning functions."""
     spec = importlib.util.find_spec("scgpt")  # finds the wheel without running scgpt/__init__.py
     if spec is None or not spec.submodule_search_locations:
         pytest.skip("scgpt is not installed (bin/setup installs it with --no-deps)")
@@ -97,8 +98,9 @@ def _cells(n_cells: int) -> list[tuple[np.ndarray, list[str]]]:
 
 
 def _reference_inputs(cells, vocab, scgpt) -> list[tuple[np.ndarray, np.ndarray]]:
-    """scGPT's embedding path (tasks/cell_emb.py + DataCollator): genes in vocabulary, non-zero,
-    <cls> first with pad_value, the rest binned by ``binning``."""
+    """ScGPT's embedding path (tasks/cell_emb.py + DataCollator): genes in vocabulary, non-zero,
+    <cls> first with pad_value, the rest binned by ``binning``.
+    """
     out = []
     for values, names in cells:
         known = np.array([name in vocab for name in names])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from kiban.encoders import create_encoder
 from kiban.encoders.image_objectives import patchify
 from kiban.encoders.pretraining import create_objective, list_objectives
@@ -110,8 +111,9 @@ def test_backbones_without_patch_tokens_are_refused():
 def test_a_pretrained_encoder_folder_loads_through_weights_path(crops, tmp_path):
     import json
 
-    from kiban.encoders import config_to_dict
     from safetensors.torch import save_model
+
+    from kiban.encoders import config_to_dict
 
     objective = _objective()
     with torch.no_grad():

@@ -13,9 +13,10 @@ import numpy as np
 import pytest
 import timm
 import torch
-from kiban.encoders import create_encoder
 from safetensors.torch import save_file
 from timm.models import adapt_input_conv
+
+from kiban.encoders import create_encoder
 
 CROPS = Path(__file__).resolve().parents[3] / "shared" / "data" / "microscopy" / "bccd_blood_cells" / "crops"
 VIT = ("vit_tiny_patch16_224", (("patch_size", 8), ("depth", 2), ("embed_dim", 32), ("num_heads", 2)), "patch_embed.proj")

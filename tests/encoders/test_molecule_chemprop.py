@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from kiban.encoders import create_encoder
 from kiban.encoders.molecule import MoleculeEncoderConfig
 

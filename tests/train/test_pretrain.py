@@ -286,3 +286,19 @@ def test_h5ad_files_with_different_gene_sets_are_each_matched_once_and_counted(t
     assert reject["id"] == "cell3" and reject["reason"] == "no expressed genes" and reject["detail"]
     record = source.read_many([45])[0]  # a cell of the second file, read from disk by row
     assert record.location.startswith(str(tmp_path / "b.h5ad")) and len(record.item["genes"]) > 0
+
+
+def test_a_cell_encoder_without_a_vocabulary_learns_the_genes_of_its_h5ad_files(tmp_path):
+    from kiban.encoders.cell import make_adata
+
+    make_adata(24, 40, seed=0).write_h5ad(tmp_path / "a.h5ad")
+    other = make_adata(16, 60, seed=1)
+    other.var_names = [f"OTHER{i}" for i in range(60)]  # none of these are in a.h5ad
+    other.write_h5ad(tmp_path / "b.h5ad")
+    out = tmp_path / "out"
+    data = [str(tmp_path / "a.h5ad"), str(tmp_path / "b.h5ad")]
+    assert main(["pretrain", "cell", "--data", *data, "--out", str(out), "--steps", "2", "--preset", "tiny"]) == 0
+    encoder = create_encoder("cell", weights_path=str(out / "encoder"))
+    assert encoder.featurizer.vocab == tuple(f"GENE{i}" for i in range(40)) + tuple(f"OTHER{i}" for i in range(60))
+    counts = json.loads((out / "counts.json").read_text())
+    assert counts["accepted"] == 40 and counts["rejected"] == 0
