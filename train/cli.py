@@ -130,6 +130,7 @@ def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", help="the encoder preset (default: the config's, else the encoder's default)")
     parser.add_argument("--objective", help="the objective (default: the modality's first registered one)")
     parser.add_argument("--val", nargs="+", metavar="PATH", help="held-out files, evaluated at the end of each epoch")
+    parser.add_argument("--use-raw", action="store_true", help="h5ad files: read adata.raw instead of X")
     parser.add_argument(
         "--set",
         action="append",
@@ -140,7 +141,7 @@ def _pretrain_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 # What a run of ``kiban pretrain`` is, for telling a resumable run from another one in --out.
-_SAME_RUN_KEYS = ("modality", "encoder", "objective", "options", "train", "kind", "crop", "max_records")
+_SAME_RUN_KEYS = ("modality", "encoder", "objective", "options", "train", "kind", "crop", "max_records", "use_raw")
 
 
 @command("pretrain", help="pretrain one encoder on its self-supervised objective (resumes when run again)")
@@ -171,6 +172,8 @@ def pretrain_command(args: argparse.Namespace) -> int:
         overrides.append(f"pretrain.encoder.preset={args.preset}")
     if args.objective is not None:
         overrides.append(f"pretrain.objective={args.objective}")
+    if args.use_raw:
+        overrides.append("pretrain.use_raw=true")
     overrides += args.set
     if args.config:
         config = load_config(args.config, overrides)
@@ -230,7 +233,7 @@ def _default_gene_vocab(config: Any) -> None:
         return
     from kiban.train.pretrain_data import gene_vocab_of
 
-    vocab = gene_vocab_of(config.pretrain.train)
+    vocab = gene_vocab_of(config.pretrain.train, use_raw=config.pretrain.use_raw)
     if vocab:
         spec["gene_vocab"] = list(vocab)
         logging.getLogger("kiban.train").info("kiban pretrain cell: the encoder's vocabulary is the %d genes of the training files", len(vocab))

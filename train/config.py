@@ -193,6 +193,7 @@ class PretrainSection:
     crop: sequences longer than this many residues/bases are cut to a random window of it (drawn
         under the record's seed), as ESM-2 crops to 1024; None keeps them whole.
     max_records: read at most this many accepted records per file (quick trials); None: all.
+    use_raw: h5ad files: read ``adata.raw`` (counts kept beside a scaled X, as in scanpy's datasets).
     The data module's ``data.batch_size``, ``num_workers``, ``shuffle`` and ``bucket_pool`` apply.
     """
 
@@ -205,6 +206,7 @@ class PretrainSection:
     kind: str | None = None
     crop: int | None = None
     max_records: int | None = None
+    use_raw: bool = False
 
 
 @dataclass

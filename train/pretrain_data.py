@@ -141,6 +141,7 @@ def read_pretrain_source(
     kind: str | None = None,
     crop: int | None = None,
     max_records: int | None = None,
+    use_raw: bool = False,
 ) -> Any:
     """The accepted records of ``paths`` as one random-access source (``len``, ``read_many``, ``lengths``).
 
@@ -153,7 +154,7 @@ def read_pretrain_source(
         file_kind = kind or detect_kind(path)
         file_rejects = Rejects(sink=rejects.sink, keep=0)  # shares the sink; counted into ``rejects``
         if file_kind == "h5ad":
-            part = _h5ad_rows(path, featurizer, file_rejects, max_records)
+            part = _h5ad_rows(path, featurizer, file_rejects, max_records, use_raw=use_raw)
         else:
             options = {"modality": modality} if file_kind in _SEQUENCE_KINDS else {}
             accepted = []
@@ -180,7 +181,7 @@ def read_pretrain_source(
     return _Concat(parts)
 
 
-def gene_vocab_of(paths: Sequence[str]) -> tuple[str, ...]:
+def gene_vocab_of(paths: Sequence[str], *, use_raw: bool = False) -> tuple[str, ...]:
     """The gene names of the h5ad files among ``paths`` (files, or folders holding them), in first-seen order.
 
     ``kiban pretrain cell`` uses them as the encoder's vocabulary when its config names none, so
@@ -197,7 +198,7 @@ def gene_vocab_of(paths: Sequence[str]) -> tuple[str, ...]:
     for file in files:
         adata = anndata.read_h5ad(file, backed="r")
         try:
-            names.update(dict.fromkeys(vocab_from_adata(adata)))
+            names.update(dict.fromkeys(vocab_from_adata(adata.raw if use_raw else adata)))
         finally:
             adata.file.close()
     return tuple(names)
@@ -216,12 +217,14 @@ class _CroppedLengths(RecordList):
         return lengths if self.crop is None else np.minimum(lengths, self.crop)
 
 
-def _h5ad_rows(path: str, featurizer: Any, rejects: Rejects, max_records: int | None) -> _Rows:
+def _h5ad_rows(
+    path: str, featurizer: Any, rejects: Rejects, max_records: int | None, *, use_raw: bool = False
+) -> _Rows:
     """The usable cells of one h5ad file, its genes matched to the encoder's vocabulary once."""
     from kiban.data.cells import H5adReader
 
     vocab = getattr(featurizer, "vocab", None)  # the cell featurizer's gene vocabulary
-    reader = H5adReader(path, vocab=list(vocab) if vocab is not None else None)
+    reader = H5adReader(path, vocab=list(vocab) if vocab is not None else None, use_raw=use_raw)
     for key, value in reader.notes.items():
         rejects.note(key, value)
     rows: list[int] = []
@@ -326,6 +329,7 @@ class PretrainSource:
                 kind=s.kind,
                 crop=s.crop,
                 max_records=s.max_records,
+                use_raw=s.use_raw,
             )
         finally:
             rejects.close()
