@@ -25,7 +25,7 @@ from kiban.train.config import TrainConfig, config_from_dict
 from kiban.train.objectives import fused_losses
 from kiban.train.optim import build_optimizer, build_scheduler
 
-__all__ = ["KibanLightningModule", "StepStats"]
+__all__ = ["KibanLightningModule", "StageModule", "StepStats"]
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,46 @@ def _peft_name(name: str, names: set[str]) -> str:
     return layered if layered in names else name
 
 
-class KibanLightningModule(pl.LightningModule):
+class StageModule(pl.LightningModule):
+    """What every stage's LightningModule shares: the config's optimizer, schedule and clipping.
+
+    Subclasses hold ``config`` (a ``TrainConfig``) and name what trains in ``trained_parameters``.
+    """
+
+    config: TrainConfig
+
+    def trained_parameters(self) -> Any:  # pragma: no cover - abstract
+        """(name, parameter) pairs the optimizer sees; ``requires_grad`` decides which are updated."""
+        raise NotImplementedError
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """The optimizer and its per-step learning-rate schedule from the config."""
+        strategy = self.config.trainer.strategy
+        optimizer = build_optimizer(
+            self.trained_parameters(),
+            self.config.optim,
+            cpu_adam=strategy.startswith("deepspeed") and strategy.endswith("_offload"),
+        )
+        scheduler = build_scheduler(optimizer, self.config.schedule, max_steps=self.config.trainer.max_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip gradients by Lightning's means, or by FSDP's own ``clip_grad_norm_`` under FSDP."""
+        if gradient_clip_val and self.config.trainer.strategy == "fsdp":
+            # Lightning's FSDP precision plugin refuses norm clipping; FSDP's own method knows the shards
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        self.clip_gradients(
+            optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
+        )
+
+
+class KibanLightningModule(StageModule):
     """Trains a KibanModel at one stage. ``config``: the whole run's TrainConfig (or its dict)."""
 
     def __init__(self, *, config: TrainConfig | dict[str, Any]) -> None:
@@ -160,28 +199,6 @@ class KibanLightningModule(pl.LightningModule):
 
     # -- optimization ----------------------------------------------------------------------------
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        """The optimizer and its per-step learning-rate schedule from the config."""
-        strategy = self.config.trainer.strategy
-        optimizer = build_optimizer(
-            self.model.named_parameters(),
-            self.config.optim,
-            cpu_adam=strategy.startswith("deepspeed") and strategy.endswith("_offload"),
-        )
-        scheduler = build_scheduler(optimizer, self.config.schedule, max_steps=self.config.trainer.max_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        """Clip gradients by Lightning's means, or by FSDP's own ``clip_grad_norm_`` under FSDP."""
-        if gradient_clip_val and self.config.trainer.strategy == "fsdp":
-            # Lightning's FSDP precision plugin refuses norm clipping; FSDP's own method knows the shards
-            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
-            return
-        self.clip_gradients(
-            optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
-        )
+    def trained_parameters(self) -> Any:
+        """(name, parameter) pairs the optimizer sees: the fused model's (the freeze policy decides)."""
+        return self.model.named_parameters()

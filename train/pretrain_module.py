@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 
 from kiban.data.resumable import TrainBatch
@@ -21,8 +20,7 @@ from kiban.encoders.base import create_encoder
 from kiban.encoders.pretraining import PretrainObjective, create_objective
 from kiban.train.config import TrainConfig, config_from_dict
 from kiban.train.flops import ModelFlops
-from kiban.train.module import StepStats
-from kiban.train.optim import build_optimizer, build_scheduler
+from kiban.train.module import StageModule, StepStats
 from kiban.train.pretrain_data import PretrainProcessor
 
 __all__ = ["PretrainLightningModule", "build_pretrain_encoder"]
@@ -46,7 +44,7 @@ def _loads_weights(spec: dict[str, Any]) -> bool:
     return any(values.get(key) for key in ("weights_path", "hf_path", "path"))
 
 
-class PretrainLightningModule(pl.LightningModule):
+class PretrainLightningModule(StageModule):
     """Pretrains one encoder on its objective. ``config``: the run's TrainConfig (or its dict)."""
 
     def __init__(self, *, config: TrainConfig | dict[str, Any]) -> None:
@@ -131,27 +129,6 @@ class PretrainLightningModule(pl.LightningModule):
 
     # -- optimization ----------------------------------------------------------------------------
 
-    def configure_optimizers(self) -> dict[str, Any]:
-        """AdamW/SGD and the per-step schedule over the objective's trainable parameters."""
-        strategy = self.config.trainer.strategy
-        optimizer = build_optimizer(
-            self.objective.named_parameters(),
-            self.config.optim,
-            cpu_adam=strategy.startswith("deepspeed") and strategy.endswith("_offload"),
-        )
-        scheduler = build_scheduler(optimizer, self.config.schedule, max_steps=self.config.trainer.max_steps)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def configure_gradient_clipping(
-        self,
-        optimizer: torch.optim.Optimizer,
-        gradient_clip_val: float | None = None,
-        gradient_clip_algorithm: str | None = None,
-    ) -> None:
-        """Clip by norm; FSDP's own method where Lightning's cannot."""
-        if gradient_clip_val and self.config.trainer.strategy == "fsdp":
-            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
-            return
-        self.clip_gradients(
-            optimizer, gradient_clip_val=gradient_clip_val, gradient_clip_algorithm=gradient_clip_algorithm
-        )
+    def trained_parameters(self) -> Any:
+        """(name, parameter) pairs the optimizer sees: the objective's, the encoder's included."""
+        return self.objective.named_parameters()
