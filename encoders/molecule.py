@@ -16,18 +16,15 @@ Hugging Face RoBERTa/BERT folder (ChemBERTa-style; see ``molecule_lm.py``) behin
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 from rdkit import Chem, rdBase
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from kiban.encoders.base import (
@@ -526,19 +523,15 @@ class _KibanWeights:
 
 def read_kiban_encoder_dir(path: str) -> _KibanWeights:
     """The config values and weights of a molecule encoder folder written by ``kiban pretrain``."""
-    directory = Path(path)
-    config_file, weights_file = directory / "config.json", directory / "model.safetensors"
-    if not config_file.is_file() or not weights_file.is_file():
-        raise FileNotFoundError(
-            f"molecule weights_path {path!r} is not a kiban encoder folder (needs config.json and "
-            "model.safetensors, as kiban pretrain writes them); a chemprop file goes in chemprop_checkpoint"
-        )
-    meta = json.loads(config_file.read_text())
-    if meta.get("modality") != MODALITY or not isinstance(meta.get("config"), dict):
-        raise ValueError(f"{path!r} holds a {meta.get('modality')!r} encoder, not a molecule encoder")
-    if meta["config"].get("kind", "dmpnn") != "dmpnn":
-        raise ValueError(f"{path!r} holds a {meta['config']['kind']!r} molecule encoder, not the D-MPNN")
-    return _KibanWeights(meta["config"], load_file(str(weights_file)))
+    from kiban.encoders.pretraining import read_encoder_dir
+
+    try:
+        values, state = read_encoder_dir(path, modality=MODALITY)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"molecule weights_path: {error}; a chemprop file goes in chemprop_checkpoint") from None
+    if values.get("kind", "dmpnn") != "dmpnn":
+        raise ValueError(f"{path!r} holds a {values['kind']!r} molecule encoder, not the D-MPNN")
+    return _KibanWeights(values, state)
 
 
 # MoleculeEncoderConfig.kind -> the encoder class built from the config. The graph network is

@@ -148,5 +148,5 @@ def test_a_pretrained_encoder_folder_loads_through_weights_path(smiles, tmp_path
     assert loaded.portable_config().weights_path is None
     with torch.no_grad():
         assert torch.equal(loaded.encode(smiles[:5]).embeddings, objective.encoder.eval().encode(smiles[:5]).embeddings)
-    with pytest.raises(FileNotFoundError, match="is not a kiban encoder folder"):
+    with pytest.raises(FileNotFoundError, match="is not a kiban encoder directory.*chemprop_checkpoint"):
         create_encoder("molecule", weights_path=str(tmp_path))
