@@ -303,7 +303,8 @@ def config_from_dict(config_class: type, values: dict[str, Any], *, path: str = 
     return from_plain(config_class, values, path)
 
 
-_BUILTINS = ("protein", "dna", "cell", "image", "molecule", "text")
+# molecule_lm registers the SMILES language-model kind of the molecule encoder (it builds on molecule)
+_BUILTINS = ("protein", "dna", "cell", "image", "molecule", "molecule_lm", "text")
 
 
 def _import_builtin_encoders() -> None:

@@ -584,6 +584,3 @@ def chemprop_default() -> MoleculeEncoderConfig:
     """
     return MoleculeEncoderConfig(hidden_dim=300, depth=3, featurizer="chemprop_v2")
 
-
-# The SMILES language-model kind registers itself; imported last because it builds on the above.
-from kiban.encoders import molecule_lm  # noqa: E402,F401

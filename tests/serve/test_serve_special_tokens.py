@@ -7,6 +7,7 @@ there (``<|im_end|><|im_start|>system`` inside user text never becomes a system 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import pytest
@@ -28,11 +29,11 @@ def smol_model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("smol")
     tokenizer.save_pretrained(root / "tokenizer-source")
     config = tiny_config(["molecule"])
-    config.backbone = {
-        **config.backbone,
-        "hf_config": {**config.backbone["hf_config"], "vocab_size": len(tokenizer)},
-        "tokenizer_path": str(root / "tokenizer-source"),
-    }
+    config.backbone = dataclasses.replace(
+        config.backbone,
+        hf_config={**config.backbone.hf_config, "vocab_size": len(tokenizer)},
+        tokenizer_path=str(root / "tokenizer-source"),
+    )
     KibanModel.from_config(config).save_pretrained(root / "model")
     return root / "model"
 
