@@ -234,7 +234,8 @@ def test_the_engine_says_it_is_saturated_while_its_queue_outlasts_the_timeout(mo
         for protein in PROTEINS[:3]:
             await engine.generate(_record(protein), settings)
         idle = engine.saturated
-        jobs = [engine.generate(_record(p), settings) for p in PROTEINS * 3]
+        # many more jobs than a fast machine answers within the 1 s deadline, so the queue outlasts it
+        jobs = [engine.generate(_record(p), settings) for p in PROTEINS * 12]
         flooded = asyncio.gather(*jobs, return_exceptions=True)
         busy = None
         while not flooded.done() and busy is None:  # read it as a probe would, while the flood lasts
@@ -245,7 +246,7 @@ def test_the_engine_says_it_is_saturated_while_its_queue_outlasts_the_timeout(mo
             await asyncio.sleep(0.05)
         return idle, busy, engine.saturated, results
 
-    (idle, busy, after, results), _ = _run(flood, model, max_batch=1, max_wait_ms=0, max_queue=32, timeout_s=4.0)
+    (idle, busy, after, results), _ = _run(flood, model, max_batch=1, max_wait_ms=0, max_queue=64, timeout_s=1.0)
     assert idle is None and after is None
-    assert busy is not None and "timeout_s=4" in busy
+    assert busy is not None and "timeout_s=1" in busy
     assert any(isinstance(r, RequestTimeout) for r in results)  # the flood did outlast the deadline
