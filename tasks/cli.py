@@ -13,6 +13,10 @@ from kiban.cli import arguments, command
 
 __all__ = ["embed_command", "finetune_command", "predict_command"]
 
+# the registered task types (kiban.tasks.types), listed here so that `kiban --help` imports no torch;
+# tests/tasks/test_tasks_types.py checks the two lists agree
+TYPES = ("auto", "contacts", "cells", "dti", "secondary", "molecules", "dna", "image", "protein", "text")
+
 
 def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("task", help="the task's name (the head's folder and its /v1/predict/TASK route)")
@@ -21,14 +25,16 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         type=Path,
         help="a SMILES CSV/TSV, an .h5ad, a folder of PDB/mmCIF files (or its manifest.csv), a per-residue "
-        "state table (sequence + ss3) or a drug-target pairs table",
+        "state table (sequence + ss3), a drug-target pairs table, a protein / DNA FASTA or sequence table, a "
+        "table of image files, or a table of passages",
     )
     parser.add_argument(
         "--type",
         default="auto",
-        choices=("auto", "molecules", "cells", "contacts", "secondary", "dti"),
-        help="what --data holds; auto: a folder or manifest.csv -> contacts, .h5ad -> cells, --drugs/--targets "
-        "or SMILES + sequence columns -> dti, sequence + ss3/ss8 columns -> secondary, else a SMILES table",
+        choices=TYPES,
+        help="what --data holds (kiban.tasks.types); auto: a folder or manifest.csv -> contacts, .h5ad -> cells, "
+        "--drugs/--targets or SMILES + sequence columns -> dti, sequence + ss3/ss8 columns -> secondary, else a "
+        "SMILES table; protein, dna, image and text are named",
     )
     parser.add_argument(
         "--labels",
@@ -50,7 +56,8 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
         default="probe",
         choices=("probe", "head", "lora"),
         help="probe: linear head on frozen states; head: one hidden layer; lora: LoRA adapters on the backbone "
-        "trained with a linear head (molecules, cells). Per-residue and contact heads have their own architecture",
+        "trained with a linear head (pooled types: molecules, cells, protein, dna, image, text). Per-residue, "
+        "contact and pair heads have their own architecture",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="output folder (default runs/finetune/TASK); must not exist"
@@ -61,7 +68,8 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--groups",
         default=None,
-        help="a column of groups held out whole: h5ad obs donors / batches; dti drug_id or target_id (cold split)",
+        help="a column of groups held out whole: h5ad obs donors / batches; dti drug_id or target_id (cold split); "
+        "image: the source image (default source_image); protein / dna: instead of k-mer similarity clusters",
     )
     parser.add_argument("--use-raw", action="store_true", help="h5ad: read adata.raw.X instead of X")
     parser.add_argument("--drugs", type=Path, default=None, help="dti: a table of drug_id, smiles")
@@ -73,7 +81,8 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-length",
         type=int,
         default=None,
-        help="drop proteins longer than this (default 400 residues for secondary and contacts, 1000 for dti)",
+        help="drop proteins longer than this (default 400 residues for secondary and contacts, 1000 for dti and "
+        "protein); dna: drop longer sequences",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -181,8 +190,9 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         required=True,
         type=Path,
-        help="inputs of the head's modality: a SMILES CSV/.smi, a FASTA or sequence table (protein heads, "
-        "per-residue and contact heads too), an .h5ad, or a pairs table (pair heads)",
+        help="inputs of the head's modality: a SMILES CSV/.smi, a FASTA or sequence table (protein and DNA "
+        "heads, per-residue and contact heads too), an .h5ad, a pairs table (pair heads), an image, a folder "
+        "of images or a table of image files (image heads), or a table with a text column (text heads)",
     )
     parser.add_argument(
         "--model", default=None, help="the model the head was trained on (default: the one in head.json)"

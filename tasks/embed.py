@@ -40,8 +40,7 @@ def embed_file(
 ) -> Path:
     """Embed every input of ``data``; returns the path written (see the module docstring)."""
     from kiban.data import Rejects, read, read_h5ad
-    from kiban.tasks.finetune import build_model
-    from kiban.tasks.training import embed_items
+    from kiban.tasks.models import build_model, embed_items
 
     data = Path(data)
     if not data.is_file():

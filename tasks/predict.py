@@ -9,7 +9,7 @@ beside ``heads/`` in the run folder, so a smoke-test run is self-contained; to s
 
 Heads and what ``kiban predict`` reads and writes (CSV, to ``--out`` or stdout):
 
-    classification      SMILES table / FASTA / h5ad -> id, label, p:LABEL...
+    classification      SMILES table / FASTA / h5ad / images / text table -> id, label, p:LABEL...
     regression          the same inputs               -> id, TARGET...
     multilabel          the same inputs               -> id, p:LABEL...
     residue_classification   FASTA / sequence table -> id, position, residue, label, p:STATE...
@@ -104,11 +104,16 @@ def read_inputs(
     read as that modality, or h5ad matched to the vocabulary; ``use_raw`` reads ``raw.X``, as the
     head was trained when its extra says so).
     """
-    from kiban.data import detect_kind, read, read_h5ad
+    from kiban.data import Rejects, detect_kind, read, read_h5ad
 
     if modality == "cell":
         vocab = model.encoders["cell"].featurizer.vocab
         return list(read_h5ad(path, vocab=vocab, use_raw=use_raw, rejects=rejects))
+    if modality == "image" and path.suffix in (".csv", ".tsv"):
+        # the table ``kiban finetune --type image`` trains on: a file column, paths relative to it
+        from kiban.tasks.types.image import read_image_table
+
+        return read_image_table(path, rejects if rejects is not None else Rejects())[0]
     if modality in ("protein", "dna") and detect_kind(path) in _SEQUENCE_READERS:
         # a FASTA of short peptides could pass for DNA: the head says what the sequences are
         return list(read(path, rejects=rejects, modality=modality))
