@@ -16,15 +16,23 @@ Writes into OUT (never into the repository; the data stay where they are):
                         CPR:4 down, CPR:5 agonist, CPR:6 antagonist, CPR:9 substrate; the others
                         dropped): abstract, text (chemical | protein | the sentence naming both,
                         else the chemical's), label
+    bc5cdr_tags.csv     BC5CDR abstracts with entity spans ``[[start, end, "Chemical" | "Disease"], ...]``:
+                        the file holds the gold (chemical, disease) pair names, not mention offsets,
+                        so every case-insensitive whole-word occurrence of a gold name in its
+                        abstract is tagged (longest first, no overlaps). Mentions of entities in no
+                        gold pair stay untagged: the labels are partial, the same for head and
+                        baseline.
 The microscopy crops are read in place (crops_labels.csv). ``--rows N`` keeps a seeded N rows of each.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -88,6 +96,27 @@ def chemprot(shared: Path, rows: int | None = None) -> pd.DataFrame:
     return _rows(pd.DataFrame(out), rows)
 
 
+def bc5cdr_tags(shared: Path, rows: int | None = None) -> pd.DataFrame:
+    """BC5CDR abstracts with the spans of their gold chemical and disease names."""
+    table = pd.read_csv(shared / "text/bc5cdr_chemical_disease_500.csv")
+    out = []
+    for k, (text, pairs) in enumerate(zip(table["text"].astype(str), table["pairs_json"])):
+        names = {}
+        for chemical, disease in json.loads(pairs):
+            names.setdefault(chemical.strip().lower(), "Chemical")
+            names.setdefault(disease.strip().lower(), "Disease")
+        taken = np.zeros(len(text), dtype=bool)
+        spans = []
+        for name in sorted((n for n in names if n), key=len, reverse=True):
+            for match in re.finditer(r"(?<!\w)" + re.escape(name) + r"(?!\w)", text.lower()):
+                start, end = match.span()
+                if not taken[start:end].any():
+                    taken[start:end] = True
+                    spans.append([start, end, names[name]])
+        out.append({"id": f"bc5cdr-{k}", "text": text, "entities": json.dumps(sorted(spans))})
+    return _rows(pd.DataFrame(out), rows)
+
+
 def promoters(shared: Path, rows: int | None = None) -> pd.DataFrame:
     """The promoter benchmark's id, label and sequence."""
     table = pd.read_csv(shared / "dna/ecoli_promoters_iPromoter2L_benchmark.csv")
@@ -104,6 +133,7 @@ def write_all(out: Path, *, shared: Path = SHARED, rows: int | None = None) -> d
         ("promoters", promoters),
         ("pubmedqa", pubmedqa),
         ("chemprot", chemprot),
+        ("bc5cdr_tags", bc5cdr_tags),
     ):
         paths[name] = out / f"{name}.csv"
         build(shared, rows).to_csv(paths[name], index=False)

@@ -25,6 +25,7 @@ __all__ = [
     "ChatCompletionChunk",
     "ChatCompletionRequest",
     "ContactPair",
+    "EntitySpan",
     "ContentPart",
     "DnaPart",
     "EmbeddingRequest",
@@ -377,8 +378,9 @@ class PredictRequest(_Request):
     inputs: list[InputItem | PairItem] = Field(
         min_length=1,
         description="raw inputs of the head's modality: strings (sequence, SMILES, text) or typed inputs; "
-        "for a pair head (two 'inputs' in GET /v1/models), two-item arrays [protein, molecule]; "
-        "at most max_inputs items",
+        "a protein / dna head takes {type: protein|dna, ...} parts, an image head image_url parts (a base64 "
+        "data URL), a text head plain strings; for a pair head (two 'inputs' in GET /v1/models), two-item "
+        "arrays [protein, molecule]; at most max_inputs items",
     )
     model: Text | None = None
     top_k: int | None = Field(
@@ -413,6 +415,16 @@ class ContactPair(_Model):
     probability: float = Field(description="probability that the two residues are in contact (Cβ–Cβ < 8 Å)")
 
 
+class EntitySpan(_Model):
+    """One entity a token head found in a text: character offsets into the input, end exclusive."""
+
+    start: int = Field(description="offset of the entity's first character in the input text")
+    end: int = Field(description="offset just past its last character (text[start:end] is the entity)")
+    label: str = Field(description="the entity type (e.g. Chemical, Disease)")
+    text: str = Field(description="the entity's text, text[start:end]")
+    score: float = Field(description="mean probability of the entity's word tags")
+
+
 class Prediction(_Model):
     """One input's answer; which fields are present depends on the head's kind (GET /v1/models)."""
 
@@ -432,6 +444,9 @@ class Prediction(_Model):
     length: int | None = Field(default=None, description="contact: the protein's length L")
     contacts: list[ContactPair] | None = Field(
         default=None, description="contact: the top_k most probable pairs, most probable first"
+    )
+    entities: list[EntitySpan] | None = Field(
+        default=None, description="token_classification: the entities found in the text, in order"
     )
 
 
@@ -454,9 +469,12 @@ class HeadInfo(_Model):
         default_factory=list,
         description="the modalities of one input: one, or two for a pair head (send [protein, molecule])",
     )
-    kind: Literal["classification", "regression", "multilabel", "residue_classification", "contact"] = Field(
+    kind: Literal[
+        "classification", "regression", "multilabel", "residue_classification", "contact", "token_classification"
+    ] = Field(
         description="classification: label + probabilities; regression: values; multilabel: a probability "
-        "per label; residue_classification: residues; contact: length + contacts"
+        "per label; residue_classification: residues; contact: length + contacts; token_classification: "
+        "entities (character offsets into the text)"
     )
     labels: list[str]
     version: str

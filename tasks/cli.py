@@ -15,7 +15,7 @@ __all__ = ["embed_command", "finetune_command", "predict_command"]
 
 # the registered task types (kiban.tasks.types), listed here so that `kiban --help` imports no torch;
 # tests/tasks/test_tasks_types.py checks the two lists agree
-TYPES = ("auto", "contacts", "cells", "dti", "secondary", "molecules", "dna", "image", "protein", "text")
+TYPES = ("auto", "contacts", "cells", "dti", "secondary", "molecules", "dna", "image", "protein", "text", "text-tags")
 
 
 def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,7 +34,7 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
         choices=TYPES,
         help="what --data holds (kiban.tasks.types); auto: a folder or manifest.csv -> contacts, .h5ad -> cells, "
         "--drugs/--targets or SMILES + sequence columns -> dti, sequence + ss3/ss8 columns -> secondary, else a "
-        "SMILES table; protein, dna, image and text are named",
+        "SMILES table; protein, dna, image, text and text-tags are named",
     )
     parser.add_argument(
         "--labels",
@@ -174,6 +174,12 @@ def _contacts(metrics: dict) -> str:
     return " ".join(f"{r} P@L {_number(metrics[f'{r}_P@L'])}" for r in ("short", "medium", "long"))
 
 
+def _entities(metrics: dict) -> str:
+    return (
+        f"entity F1 {metrics['f1']:.3f} (precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f})"
+    )
+
+
 # metrics.json "kind" -> the one-line summary of a test result
 _HEADLINES = {
     "multilabel": _multilabel,
@@ -181,6 +187,7 @@ _HEADLINES = {
     "regression": _regression,
     "residue_classification": _residues,
     "contact": _contacts,
+    "token_classification": _entities,
 }
 
 

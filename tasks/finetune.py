@@ -30,6 +30,7 @@ driver is ``kiban.tasks.pipeline``, the pooled-head pipeline ``kiban.tasks.poole
     dna         FASTA or a sequence table; k-mer count baseline
     image       a table of image files and labels; split by source image
     text        a table of passages and labels (TF-IDF + LR baseline)
+    text-tags   a table of passages and entity spans: entity tagging scored by entity-level F1
 
 ``auto`` tells apart contacts, cells, dti, secondary and molecules (in that order); the others
 are named with ``--type``. Labels: one column of classes or 0/1 -> classification; several 0/1

@@ -14,10 +14,11 @@ Heads and what ``kiban predict`` reads and writes (CSV, to ``--out`` or stdout):
     multilabel          the same inputs               -> id, p:LABEL...
     residue_classification   FASTA / sequence table -> id, position, residue, label, p:STATE...
     contact             FASTA / sequence table        -> id, i, j, separation, probability (top-k per protein)
+    token_classification   text table                -> id, start, end, label, text, score (one row per entity)
     pair head (protein+molecule)   pairs table         -> id, drug_id, target_id, TARGET...
 
-Importing this module registers the "residue", "contact" and "pair" architectures (they live in
-``kiban.tasks.secondary``, ``.structure`` and ``.dti``), so ``load_head`` finds every kind.
+Importing this module registers the "residue", "contact", "pair" and "token" architectures (they
+live in ``kiban.tasks.secondary``, ``.structure``, ``.dti`` and ``.tagging``), so ``load_head`` finds every kind.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kiban.tasks import dti, secondary, structure  # noqa: F401 - registers the pair / residue / contact heads
+from kiban.tasks import dti, secondary, structure, tagging  # noqa: F401 - registers the pair / residue / contact / token heads
 from kiban.tasks.heads import PooledHead, load_head, load_heads, resolve_model_reference
 
 __all__ = [
@@ -268,6 +269,13 @@ def _write_contacts(writer, labels, ids, rows, extra) -> None:
             writer.writerow([ident, i, j, j - i, _number(contact["probability"])])
 
 
+def _write_entities(writer, labels, ids, rows, extra) -> None:
+    writer.writerow(["id", "start", "end", "label", "text", "score"])
+    for ident, row in zip(ids, rows):
+        for entity in row["entities"]:
+            writer.writerow([ident, entity["start"], entity["end"], entity["label"], entity["text"], _number(entity["score"])])
+
+
 # head kind -> CSV writer(writer, labels, ids, rows, extra columns per row)
 _WRITERS: dict[str, Callable[..., None]] = {
     "classification": _write_classification,
@@ -275,4 +283,5 @@ _WRITERS: dict[str, Callable[..., None]] = {
     "regression": _write_regression,
     "residue_classification": _write_residues,
     "contact": _write_contacts,
+    "token_classification": _write_entities,
 }

@@ -203,6 +203,9 @@ def test_saved_heads_predict_through_a_running_server(served, runs, shared_data)
             assert abs(sum(row["probabilities"].values()) - 1) < 1e-4
     response = served.post("/v1/predict/fitness", json={"inputs": [{"type": "protein", "protein": {"sequence": "MSIQHFRVALIPFFAAFCLPVFA"}}]})
     assert response.status_code == 200 and "fitness" in response.json()["data"][0]["values"]
+    schema = served.get("/openapi.json").json()["components"]["schemas"]
+    assert "image_url parts" in schema["PredictRequest"]["properties"]["inputs"]["description"]
+    assert "label -> probability" in schema["Prediction"]["properties"]["probabilities"]["description"]
     listed = {h["task"]: h for h in served.get("/v1/models").json()["data"][0]["heads"]}
     assert {listed[t]["modality"] for t in ("ec", "promoter", "cells", "pubmedqa")} == {"protein", "dna", "image", "text"}
 
@@ -224,9 +227,11 @@ def _fails(capsys, tmp_path, *args: str, message: str) -> None:
         ("protein", "id,sequence,ec_class", "p{k},MKTAYIAKQRQISFVKSHFSRQLEERLGLIEV{k},EC {c}"),
         ("dna", "id,sequence,label", "d{k},ACGTACGTTTGACAATTAATCATCGG{k},{c}"),
         ("text", "id,text,label", "t{k},passage number {k} about topic {c},{c}"),
+        ("text-tags", "id,text,entities", 't{k},aspirin number {k},"[[0, 7, ""Chemical""]]"'),
     ],
 )
 def test_every_type_refuses_bad_files_in_one_line(kind, header, row, tmp_path, capsys):
+    """An empty file, a missing label column, a file of unreadable records: one line each, no folder."""
     empty = tmp_path / "empty.csv"
     empty.write_text("")
     _fails(capsys, tmp_path, "--type", kind, "--data", str(empty), "--labels", "label", message="the file is empty")
@@ -235,7 +240,7 @@ def test_every_type_refuses_bad_files_in_one_line(kind, header, row, tmp_path, c
     table.write_text("\n".join([header, *good]) + "\n")
     _fails(capsys, tmp_path, "--type", kind, "--data", str(table), "--labels", "nope", message="no label column 'nope'")
     broken = tmp_path / "broken.csv"
-    bad = {"protein": "b1,MKT*1234,EC 1", "dna": "b1,ACGZZZ12,1", "text": "b1,,1"}[kind]
+    bad = {"protein": "b1,MKT*1234,EC 1", "dna": "b1,ACGZZZ12,1", "text": "b1,,1", "text-tags": "b1,short,[[0]]"}[kind]
     broken.write_text("\n".join([header, bad, bad.replace("b1", "b2")]) + "\n")
     label = header.split(",")[-1]
     _fails(capsys, tmp_path, "--type", kind, "--data", str(broken), "--labels", label, message="0 usable")
@@ -270,3 +275,74 @@ def test_an_image_table_with_an_unreadable_file(tmp_path, shared_data, model_dir
     assert main(["finetune", "x", "--type", "image", "--data", str(table), "--labels", "label", "--model", str(model_dir), "--epochs", "2", "--out", str(out)]) == 0  # fmt: skip
     rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert [r["reason"] for r in rejects] == ["unreadable image"]
+
+
+# -- entity tagging ------------------------------------------------------------------------------
+
+
+def test_entity_scores_follow_seqeval():
+    """Hand-checked against seqeval's classification_report (default mode, CoNLL rules)."""
+    from kiban.tasks.tagging import entities, entity_scores
+
+    # an I- after O opens an entity; a type change inside a run closes one and opens another
+    assert entities(["O", "I-Chemical", "I-Chemical", "I-Disease", "O", "B-Disease"]) == {
+        ("Chemical", 1, 2),
+        ("Disease", 3, 3),
+        ("Disease", 5, 5),
+    }
+    true = [["B-Chemical", "I-Chemical", "O", "B-Disease"], ["O", "B-Disease", "I-Disease"]]
+    predicted = [["B-Chemical", "I-Chemical", "O", "O"], ["O", "B-Disease", "O"]]
+    scores = entity_scores(true, predicted)
+    # 2 predicted, 1 right (the chemical; the cut disease span is wrong); 3 true
+    assert scores["precision"] == 0.5 and scores["recall"] == pytest.approx(1 / 3)
+    assert scores["f1"] == pytest.approx(0.4) and scores["per_type"]["Chemical"]["f1"] == 1.0
+
+
+def test_the_dictionary_baseline_matches_longest_first():
+    from kiban.tasks.tagging import dictionary_tagger, words
+
+    tag = dictionary_tagger(["Aspirin and acetylsalicylic acid."], [[(0, 7, "Chemical"), (12, 32, "Chemical")]])
+    text = "acetylsalicylic acid, not acid alone; aspirinate is no match."
+    assert tag(text, words(text))[:3] == ["B-Chemical", "I-Chemical", "O"] and "B-Chemical" not in tag(text, words(text))[3:]
+
+
+@pytest.fixture(scope="module")
+def tags_run(tables, model_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("tags") / "run"
+    args = ["finetune", "cdr", "--type", "text-tags", "--data", str(tables["bc5cdr_tags"]), "--labels", "entities"]
+    assert main([*args, "--model", str(model_dir), "--epochs", "5", "--max-rows", "120", "--out", str(out)]) == 0
+    return out
+
+
+def test_tagging_end_to_end(tags_run, tables, tmp_path):
+    """BC5CDR chemicals and diseases: entity F1 for head, dictionary and the no-entity tagger; the
+    saved head writes entity spans with offsets through kiban predict.
+    """
+    metrics = json.loads((tags_run / "metrics.json").read_text())
+    counts = json.loads((tags_run / "counts.json").read_text())
+    assert counts["read"] == counts["accepted"] + counts["rejected"] == 500
+    assert metrics["entity_types"] == ["Chemical", "Disease"] and metrics["n"] == 120
+    tested = {r["model"]: r["metrics"] for r in metrics["results"] if r["split"] == "test"}
+    assert tested["trivial (no entity)"]["f1"] == 0.0
+    assert tested["dictionary longest-match (training entities)"]["f1"] > 0.2
+    assert 0 <= tested[next(n for n in tested if n.startswith("token head"))]["f1"] <= 1
+    small = tmp_path / "abstracts.csv"
+    pd.read_csv(tables["bc5cdr_tags"]).head(3)[["id", "text"]].to_csv(small, index=False)
+    written = tmp_path / "entities.csv"
+    assert main(["predict", str(tags_run / "heads" / "cdr"), "--data", str(small), "--out", str(written)]) == 0
+    found = pd.read_csv(written)
+    assert list(found.columns) == ["id", "start", "end", "label", "text", "score"]
+    texts = pd.read_csv(small).set_index("id")["text"]
+    for row in found.itertuples():
+        assert texts[row.id][row.start : row.end] == row.text
+
+
+def test_a_tagged_table_with_unreadable_spans(tmp_path, model_dir):
+    rows = [{"id": f"t{k}", "text": f"Aspirin causes ulcers in case {k}.", "entities": json.dumps([[0, 7, "Chemical"], [15, 21, "Disease"]])} for k in range(12)]  # fmt: skip
+    rows += [{"id": "bad1", "text": "short", "entities": "[[0, 99, 'x']"}, {"id": "bad2", "text": "short", "entities": "[[0, 99, \"Chemical\"]]"}]  # fmt: skip
+    table = tmp_path / "tags.csv"
+    pd.DataFrame(rows).to_csv(table, index=False)
+    out = tmp_path / "run"
+    assert main(["finetune", "x", "--type", "text-tags", "--data", str(table), "--labels", "entities", "--model", str(model_dir), "--epochs", "2", "--out", str(out)]) == 0  # fmt: skip
+    rejects = {json.loads(line)["id"]: json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()}
+    assert set(rejects) == {"bad1", "bad2"} and "outside the text" in rejects["bad2"]["detail"]
