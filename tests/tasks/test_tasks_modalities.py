@@ -51,7 +51,7 @@ def _crops(shared: Path) -> Path:
 def _runs(tables: dict[str, Path], shared: Path) -> dict[str, tuple[str, Path, list[str]]]:
     """Task -> (type, data, extra flags)."""
     return {
-        "ec": ("protein", tables["enzyme_class"], ["--labels", "ec_class"]),
+        "ec": ("protein", tables["enzyme_class"], ["--labels", "ec_class", "--max-length", "400"]),
         "fitness": ("protein", tables["blactamase"], ["--labels", "fitness", "--groups", "position"]),
         "promoter": ("dna", tables["promoters"], ["--labels", "label"]),
         "cells": ("image", _crops(shared), ["--labels", "label", "--max-rows", str(ROWS)]),
