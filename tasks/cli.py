@@ -14,8 +14,8 @@ from kiban.cli import arguments, command
 __all__ = ["embed_command", "finetune_command", "predict_command"]
 
 # the registered task types (kiban.tasks.types), listed here so that `kiban --help` imports no torch;
-# tests/tasks/test_tasks_types.py checks the two lists agree
-TYPES = ("auto", "contacts", "cells", "dti", "secondary", "molecules", "dna", "image", "protein", "text", "text-tags")
+# tests/tasks/test_tasks_modalities.py checks the two lists agree
+TYPES = ("auto", "contacts", "cells", "dti", "secondary", "molecules", "protein", "dna", "image", "text-tags", "text")
 
 
 def _finetune_arguments(parser: argparse.ArgumentParser) -> None:

@@ -346,3 +346,12 @@ def test_a_tagged_table_with_unreadable_spans(tmp_path, model_dir):
     assert main(["finetune", "x", "--type", "text-tags", "--data", str(table), "--labels", "entities", "--model", str(model_dir), "--epochs", "2", "--out", str(out)]) == 0  # fmt: skip
     rejects = {json.loads(line)["id"]: json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()}
     assert set(rejects) == {"bad1", "bad2"} and "outside the text" in rejects["bad2"]["detail"]
+
+
+def test_the_cli_lists_every_registered_type():
+    """``kiban finetune --type`` offers exactly the registered types, in auto-detection order."""
+    from kiban.tasks.cli import TYPES
+    from kiban.tasks.finetune import task_types
+
+    assert TYPES == ("auto", *task_types())
+    assert {"protein", "dna", "image", "text", "text-tags"} <= set(task_types())
