@@ -7,7 +7,7 @@ Writes into OUT (never into the repository; the data stay where they are):
 
     enzyme_class.csv    CLEAN split10 Swiss-Prot enzymes: Entry, sequence, ec_class (the first EC
                         digit; entries whose ECs disagree on it are left out)
-    blactamase.csv      TEM-1 β-lactamase DMS: mutation, sequence, fitness, position (the mutated
+    blactamase.csv      TEM-1 β-lactamase DMS: id, mutation, sequence, fitness, position (the mutated
                         residue, for a split that holds positions out whole)
     promoters.csv       the iPromoter-2L benchmark as it is (id, label, sequence): no copy, a path
     pubmedqa.csv        pmid, text (question + abstract without its conclusion), final_decision
@@ -66,7 +66,7 @@ def blactamase(shared: Path, rows: int | None = None) -> pd.DataFrame:
     """TEM-1 DMS fitness with the mutated position."""
     table = pd.read_csv(shared / "protein/sequences/beta_lactamase_P62593_dms.csv")
     table["position"] = table["mutation"].str.extract(r"(\d+)")[0].astype(int)
-    return _rows(table[["mutation", "sequence", "fitness", "position"]], rows)
+    return _rows(table[["id", "mutation", "sequence", "fitness", "position"]], rows)
 
 
 def pubmedqa(shared: Path, rows: int | None = None) -> pd.DataFrame:
