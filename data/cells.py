@@ -42,7 +42,7 @@ import scipy.sparse
 from kiban.data.readers import collector, register_reader
 from kiban.data.rejects import Record, Reject, Rejects
 
-__all__ = ["CellPreprocessing", "H5adReader", "read_h5ad", "seurat_hvg"]
+__all__ = ["CellPreprocessing", "CellRows", "H5adReader", "read_h5ad", "seurat_hvg"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,43 @@ def seurat_hvg(mean: np.ndarray, var: np.ndarray, *, n_top: int, n_bins: int = 2
     return np.nan_to_num(norm, nan=-np.inf) >= cutoff
 
 
+@dataclass(frozen=True)
+class CellRows:
+    """A batch of cells of one file as one CSR matrix: what ``H5adReader.read_batch`` returns.
+
+    reader: the file's reader (gene names, ids, rejects). rows: the file row of each batch row.
+    matrix: [len(rows), len(reader.columns)] float32 CSR, preprocessed, zeros not stored, each row's
+        entries in column order. code: 0 for a usable cell, else the reason the reader rejects it
+        (``H5adReader.problem_reject``).
+    """
+
+    reader: H5adReader
+    rows: np.ndarray
+    matrix: scipy.sparse.csr_matrix
+    code: np.ndarray
+
+    @property
+    def gene_names(self) -> np.ndarray:
+        """The name of each matrix column."""
+        return self.reader.gene_names[self.reader.columns]
+
+    def ids(self, offsets: np.ndarray) -> list[str]:
+        """The obs names of the batch rows at ``offsets``."""
+        return [str(name) for name in self.reader.obs_names[self.rows[offsets]]]
+
+    def rejects(self) -> list[Reject]:
+        """The reader's rejects among these rows, in batch order."""
+        bad = np.flatnonzero(self.code)
+        return [self.reader.problem_reject(int(self.rows[i]), int(self.code[i])) for i in bad]
+
+    def record(self, offset: int) -> Record:
+        """Batch row ``offset`` as the record ``read_many`` gives (for a per-record fallback)."""
+        lo, hi = self.matrix.indptr[offset], self.matrix.indptr[offset + 1]
+        row = int(self.rows[offset])
+        item = {"genes": self.gene_names[self.matrix.indices[lo:hi]], "values": self.matrix.data[lo:hi]}
+        return Record(str(self.reader.obs_names[row]), "cell", item, f"{self.reader.path}:row {row}")
+
+
 class H5adReader:
     """Streams the cells of one ``.h5ad`` file; also a random-access source for the datasets.
 
@@ -179,11 +216,8 @@ class H5adReader:
 
             featurizer = CellFeaturizer(list(vocab))
             report = featurizer.match_genes(list(self.gene_names))
-            # Which columns match, by the featurizer's own rule (exact, then unambiguous case-insensitive),
-            # asked one name at a time: the cell encoder has no public per-gene match index.
-            self.matched = np.array(
-                [featurizer.match_genes([name]).n_matched == 1 for name in self.gene_names], dtype=bool
-            )
+            # which columns match, by the featurizer's own rule (exact, then unambiguous case-insensitive)
+            self.matched = featurizer.lookup(list(self.gene_names)) >= 0
             self.notes["gene_match"] = {
                 "matched": report.n_matched,
                 "unmatched": report.n_unmatched,
@@ -344,11 +378,14 @@ class H5adReader:
         """Records (or rejects) of rows [start, stop), preprocessed, one per row in order."""
         return self._records(np.arange(start, stop))
 
-    def _records(self, rows: np.ndarray) -> list[Record | Reject]:
-        """Records of sorted, distinct ``rows``, read as the one span they lie in."""
+    def _chunk(self, rows: np.ndarray) -> tuple[scipy.sparse.csr_matrix, np.ndarray]:
+        """Sorted, distinct ``rows`` read as the one span they lie in: (CSR, problem code per row).
+
+        The CSR is preprocessed and cut to ``columns``; code 0 ok, 1 non-finite, 2 negative (those rows
+        are emptied), 3 no expressed gene (in the vocabulary, when the reader has one); ``read_batch``
+        adds 4, no gene names (the whole file).
+        """
         self.prepare()
-        if self.problem:
-            return [self._reject(int(row), "no gene names", self.problem) for row in rows]
         start, stop = int(rows[0]), int(rows[-1]) + 1
         chunk = self.read_rows(start, stop)
         if len(rows) < stop - start:
@@ -356,42 +393,54 @@ class H5adReader:
         chunk, code = self._valid(chunk)
         useful = self.columns[self.matched[self.columns]]
         expressed = (chunk if len(useful) == self.n_vars else chunk[:, useful]).getnnz(axis=1)
+        code[(code == 0) & (expressed == 0)] = 3
         chunk = self._transform(chunk)
         if len(self.columns) < self.n_vars:
             chunk = chunk[:, self.columns]
+        return chunk, code
+
+    def problem_reject(self, row: int, code: int) -> Reject:
+        """The reject of file row ``row`` for a non-zero problem code of ``_chunk``."""
+        if code == 1:
+            return self._reject(row, "invalid values", "the cell has NaN or infinite values")
+        if code == 2:
+            return self._reject(
+                row,
+                "negative values",
+                "the cell has negative values: X holds scaled data, not counts; "
+                "read raw (use_raw) or a counts layer",
+            )
+        if code == 4:
+            return self._reject(row, "no gene names", self.problem)
+        scope = " in the vocabulary" if "gene_match" in self.notes else ""
+        return self._reject(row, "no expressed genes", f"the cell has no expressed gene{scope}")
+
+    def _records(self, rows: np.ndarray) -> list[Record | Reject]:
+        """Records of sorted, distinct ``rows``, read as the one span they lie in."""
+        if self.problem:
+            self.prepare()
+            return [self._reject(int(row), "no gene names", self.problem) for row in rows]
+        chunk, code = self._chunk(rows)
         genes = self.gene_names[self.columns][chunk.indices]  # one gather per chunk; rows take views of it
         where = f"{self.path}:row "
         out: list[Record | Reject] = []
         for offset, row in enumerate(rows.tolist()):
-            if code[offset] == 1:
-                out.append(self._reject(row, "invalid values", "the cell has NaN or infinite values"))
-            elif code[offset] == 2:
-                out.append(
-                    self._reject(
-                        row,
-                        "negative values",
-                        "the cell has negative values: X holds scaled data, not counts; "
-                        "read raw (use_raw) or a counts layer",
-                    )
-                )
-            elif expressed[offset] == 0:
-                scope = " in the vocabulary" if "gene_match" in self.notes else ""
-                out.append(self._reject(row, "no expressed genes", f"the cell has no expressed gene{scope}"))
+            if code[offset]:
+                out.append(self.problem_reject(row, int(code[offset])))
             else:
                 lo, hi = chunk.indptr[offset], chunk.indptr[offset + 1]
                 item = {"genes": genes[lo:hi], "values": chunk.data[lo:hi]}
                 out.append(Record(str(self.obs_names[row]), "cell", item, f"{where}{row}"))
         return out
 
-    def read_many(self, indices: Sequence[int]) -> list[Record | Reject]:
-        """Records of arbitrary rows, in the order given.
+    def _spans(self, indices: Sequence[int]) -> Iterator[np.ndarray]:
+        """The distinct rows of ``indices``, sorted, in spans read at once.
 
-        The distinct rows are read in spans: rows closer than ``chunk_size`` to the previous one join
-        its span (the rows between are read and dropped), so a shuffled minibatch drawn from a few
-        chunks of the file costs a few reads, not one per row.
+        Rows closer than ``chunk_size`` to the previous one join its span (the rows between are read
+        and dropped), so a shuffled minibatch drawn from a few chunks of the file costs a few reads,
+        not one per row.
         """
         wanted = np.unique(np.asarray(indices, dtype=np.int64))
-        found: dict[int, Record | Reject] = {}
         first = 0
         for i in range(1, len(wanted) + 1):
             if (
@@ -399,9 +448,35 @@ class H5adReader:
                 or wanted[i] - wanted[i - 1] > self.chunk_size
                 or wanted[i] - wanted[first] >= 4 * self.chunk_size
             ):
-                rows = wanted[first:i]
-                found.update(zip(rows.tolist(), self._records(rows), strict=True))
+                yield wanted[first:i]
                 first = i
+
+    def read_batch(self, indices: Sequence[int]) -> CellRows:
+        """Rows at ``indices``, in that order, as one CSR batch (``CellRows``): no record per cell.
+
+        The same cells, values and rejects as ``read_many``, for featurizers that work on a whole
+        batch (``kiban.data.cell_batches``).
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.problem or not len(indices):
+            self.prepare()
+            empty = scipy.sparse.csr_matrix((len(indices), len(self.columns)), dtype=np.float32)
+            code = np.full(len(indices), 4 if self.problem else 0, dtype=np.int8)
+            return CellRows(self, indices, empty, code)
+        parts = [(rows, *self._chunk(rows)) for rows in self._spans(indices)]
+        rows = np.concatenate([p[0] for p in parts])
+        matrix = parts[0][1] if len(parts) == 1 else scipy.sparse.vstack([p[1] for p in parts], format="csr")
+        code = np.concatenate([p[2] for p in parts])
+        where = np.searchsorted(rows, indices)  # rows is sorted and holds every index
+        if len(rows) != len(indices) or (where != np.arange(len(indices))).any():
+            matrix, code = matrix[where], code[where]
+        return CellRows(self, indices, matrix, code)
+
+    def read_many(self, indices: Sequence[int]) -> list[Record | Reject]:
+        """Records of arbitrary rows, in the order given (read in spans, see ``_spans``)."""
+        found: dict[int, Record | Reject] = {}
+        for rows in self._spans(indices):
+            found.update(zip(rows.tolist(), self._records(rows), strict=True))
         return [found[int(i)] for i in indices]
 
     def _reject(self, row: int, reason: str, detail: str) -> Reject:
