@@ -143,6 +143,10 @@ class CellRows:
         bad = np.flatnonzero(self.code)
         return [self.reader.problem_reject(int(self.rows[i]), int(self.code[i])) for i in bad]
 
+    def take(self, start: int, stop: int) -> CellRows:
+        """Batch rows [start, stop) as their own ``CellRows``."""
+        return CellRows(self.reader, self.rows[start:stop], self.matrix[start:stop], self.code[start:stop])
+
     def record(self, offset: int) -> Record:
         """Batch row ``offset`` as the record ``read_many`` gives (for a per-record fallback)."""
         lo, hi = self.matrix.indptr[offset], self.matrix.indptr[offset + 1]
@@ -185,6 +189,7 @@ class H5adReader:
         self.layer, self.use_raw, self.chunk_size = layer, use_raw, chunk_size
         self.preprocessing = preprocessing or CellPreprocessing()
         self._adata: Any = None
+        self._csr: tuple[int, Any, Any, np.ndarray] | None = None
         self._warned_csc = False
         self._pid = os.getpid()
         adata = self._open()
@@ -262,13 +267,14 @@ class H5adReader:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_adata"] = None
+        state["_csr"] = None
         return state
 
     def close(self) -> None:
         """Close the file (only in the process that opened it)."""
         if self._adata is not None and self._pid == os.getpid():
             self._adata.file.close()
-        self._adata = None
+        self._adata = self._csr = None
 
     def row_lengths(self) -> np.ndarray:
         """Stored entries per cell (for length bucketing), from the CSR index pointer alone."""
@@ -278,20 +284,37 @@ class H5adReader:
             return np.full(len(self), self.n_vars)
         return np.diff(np.asarray(indptr[:]))
 
+    def _csr_datasets(self) -> tuple[Any, Any, np.ndarray] | None:
+        """(data, indices) HDF5 datasets and the whole index pointer of a CSR matrix; None for others.
+
+        Kept per process: looking the datasets up through anndata costs ~1 ms of attribute reads,
+        which every shuffled minibatch would pay, and the index pointer (8 bytes a cell) is read once.
+        """
+        if self._csr is None or self._csr[0] != os.getpid():
+            matrix = self._matrix()
+            group = getattr(matrix, "group", None)
+            if group is None or getattr(matrix, "format", None) != "csr":
+                return None
+            indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+            self._csr = (os.getpid(), group["data"], group["indices"], indptr)
+        return self._csr[1:]
+
     def read_rows(self, start: int, stop: int) -> scipy.sparse.csr_matrix:
         """Rows [start, stop) as float32 CSR, raw (no preprocessing).
 
         A CSR matrix is read straight from its HDF5 datasets (three slice reads); anndata's own
         slicing costs milliseconds of checks per call, which shuffled minibatches would pay often.
         """
+        csr = self._csr_datasets()
+        if csr is not None:
+            data_set, indices_set, row_starts = csr
+            indptr = row_starts[start : stop + 1]
+            lo, hi = int(indptr[0]), int(indptr[-1])
+            data = np.asarray(data_set[lo:hi], dtype=np.float32)
+            indices = np.asarray(indices_set[lo:hi])
+            return scipy.sparse.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.n_vars))
         matrix = self._matrix()
         group = getattr(matrix, "group", None)
-        if group is not None and getattr(matrix, "format", None) == "csr":
-            indptr = np.asarray(group["indptr"][start : stop + 1], dtype=np.int64)
-            lo, hi = int(indptr[0]), int(indptr[-1])
-            data = np.asarray(group["data"][lo:hi], dtype=np.float32)
-            indices = np.asarray(group["indices"][lo:hi])
-            return scipy.sparse.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.n_vars))
         if group is not None and not self._warned_csc:
             self._warned_csc = True
             logger.warning(

@@ -130,12 +130,26 @@ class FeaturizerTransform:
         factory = BATCH_FEATURIZERS.get(getattr(featurizer, "modality", "")) if vectorised else None
         self.batched = factory(featurizer) if factory is not None else None
 
-    def batch_reader(self, source: Any) -> Callable[[Sequence[int]], tuple[list[str], Any, list[Reject]]] | None:
-        """``indices -> (ids, collated batch or None, rejects)`` over ``source``; None: no batch path for it."""
+    def batch_reader(
+        self, source: Any
+    ) -> Callable[[Sequence[Sequence[int]]], Iterator[tuple[list[str], Any, list[Reject]]]] | None:
+        """``pool -> (ids, collated batch or None, rejects) per batch`` over ``source``; None: no batch path.
+
+        The pool's rows are read at once (a shuffled pool lies in a few chunks of the file), then
+        each batch is featurized whole.
+        """
         if self.batched is None or not hasattr(source, "read_batch"):
             return None
         batched = self.batched
-        return lambda indices: batched(source.read_batch(indices))
+
+        def read(pool: Sequence[Sequence[int]]) -> Iterator[tuple[list[str], Any, list[Reject]]]:
+            rows = source.read_batch([i for batch in pool for i in batch])
+            start = 0
+            for batch in pool:
+                yield batched(rows.take(start, start + len(batch)))
+                start += len(batch)
+
+        return read
 
     def __call__(self, record: Record) -> Any:
         """The item's feature dict."""
@@ -358,8 +372,7 @@ class ShardedStream(IterableDataset):
         batch_reader = getattr(self.transform, "batch_reader", None)
         read_batch = batch_reader(self.source) if batch_reader is not None else None
         if read_batch is not None:
-            for batch in pool:
-                ids, collated, refused = read_batch(batch)
+            for batch, (ids, collated, refused) in zip(pool, read_batch(pool), strict=True):
                 for reject in refused:
                     rejects.reject(id=reject.id, location=reject.location, reason=reject.reason, detail=reject.detail)
                 rejects.accept(len(ids))
