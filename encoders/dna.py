@@ -306,11 +306,14 @@ class DnaFeaturizer:
             return self._base_ids[raw]
         codes = self._codes[raw]
         n = len(codes)
-        numbers = np.lib.stride_tricks.sliding_window_view(np.maximum(codes, 0), k) @ (4 ** np.arange(k - 1, -1, -1))
-        kmers = self._first_kmer + numbers
+        weights = 4 ** np.arange(k - 1, -1, -1)
         if self.overlapping:
-            has_n = np.lib.stride_tricks.sliding_window_view(codes < 0, k).any(axis=1)
-            return np.where(has_n, self.unk_id, kmers)
+            windows = np.lib.stride_tricks.sliding_window_view(codes, k)
+            kmers = self._first_kmer + np.maximum(windows, 0) @ weights
+            return np.where((windows < 0).any(axis=1), self.unk_id, kmers)
+        if "N" not in sequence:  # the common case: k-mers from the start, the last n % k bases alone
+            whole = n // k * k
+            return np.concatenate([self._first_kmer + codes[:whole].reshape(-1, k) @ weights, self._base_ids[raw[whole:]]])
         is_n = codes < 0
         position = np.arange(n)
         run_start = np.maximum.accumulate(np.where(is_n, position, -1)) + 1
@@ -322,7 +325,8 @@ class DnaFeaturizer:
         starts = np.flatnonzero(kmer_start | single)
         at_kmer = kmer_start[starts]
         ids = self._base_ids[raw[starts]]
-        ids[at_kmer] = kmers[starts[at_kmer]]
+        first = starts[at_kmer]
+        ids[at_kmer] = self._first_kmer + codes[first[:, None] + np.arange(k)] @ weights
         return ids
 
 

@@ -168,18 +168,21 @@ def _column_table(choices: Sequence[Any], size: int) -> np.ndarray:
     return table
 
 
-# Each categorical atom property as (the one-hot's first column, value shift, lookup table): the
-# column of value v is first + table[clip(v + shift, 0, len(table) - 1)]; the table's last entry
-# is "other", so out-of-range values (degree 7, charge +5, an unlisted element) land there.
-_ATOM_TABLES = tuple(
-    (offset, shift, _column_table([int(c) + shift for c in choices], size))
-    for offset, choices, shift, size in zip(
-        _ATOM_OFFSETS, _ATOM_ONE_HOTS, (0, 0, 8, 0, 0, 0), (130, 16, 17, 16, 16, 32), strict=True
-    )
+# The one-hot column of every categorical atom property value, all six tables end to end: property k's
+# value v (shifted by _ATOM_SHIFTS[k], clipped to its table) is at _ATOM_COLUMNS[_ATOM_STARTS[k] + v].
+# Each table's last entry is "other", so out-of-range values (degree 7, charge -9, an unlisted
+# element) land there.
+_ATOM_SHIFTS = np.array([0, 0, 8, 0, 0, 0])
+_ATOM_SIZES = np.array([130, 16, 17, 16, 16, 32])
+_ATOM_STARTS = np.concatenate([[0], np.cumsum(_ATOM_SIZES)[:-1]])
+_ATOM_COLUMNS = np.concatenate(
+    [
+        offset + _column_table([int(c) + shift for c in choices], size)
+        for offset, choices, shift, size in zip(_ATOM_OFFSETS, _ATOM_ONE_HOTS, _ATOM_SHIFTS, _ATOM_SIZES, strict=True)
+    ]
 )
-_BOND_TABLES = tuple(
-    (offset, _column_table(choices, 64)) for offset, choices in zip(_BOND_OFFSETS, _BOND_ONE_HOTS, strict=True)
-)
+_BOND_SIZE = 64
+_BOND_COLUMNS = np.concatenate([offset + _column_table(choices, _BOND_SIZE) for offset, choices in zip(_BOND_OFFSETS, _BOND_ONE_HOTS, strict=True)])
 
 
 def graph_matrices(mol: Chem.Mol) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -190,6 +193,7 @@ def graph_matrices(mol: Chem.Mol) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     documents. One pass of RDKit getters per atom and bond into an array, then every one-hot is
     set by table lookups (the per-atom functions build 133-float lists and convert them one by one).
     """
+    atom = mol.GetAtomWithIdx  # by index: iterating mol.GetAtoms() goes through a Python wrapper
     props = np.array(
         [
             (
@@ -203,30 +207,28 @@ def graph_matrices(mol: Chem.Mol) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
                 a.IsInRing(),
                 a.GetMass(),
             )
-            for a in mol.GetAtoms()
+            for a in map(atom, range(mol.GetNumAtoms()))
         ],
         dtype=np.float64,
     ).reshape(-1, 9)
     n = len(props)
     atoms = np.zeros((n, ATOM_FEATURE_DIM), dtype=np.float32)
-    rows = np.arange(n)
-    for k, (offset, shift, table) in enumerate(_ATOM_TABLES):
-        value = np.clip(props[:, k].astype(np.int64) + shift, 0, len(table) - 1)
-        atoms[rows, offset + table[value]] = 1.0
+    values = np.minimum(np.maximum(props[:, :6].astype(np.int64) + _ATOM_SHIFTS, 0), _ATOM_SIZES - 1)
+    atoms[np.arange(n)[:, None], _ATOM_COLUMNS[_ATOM_STARTS + values]] = 1.0
     atoms[:, _ATOM_FLAGS] = props[:, 6]
     atoms[:, _ATOM_FLAGS + 1] = props[:, 7]
     atoms[:, _ATOM_FLAGS + 2] = props[:, 8] * 0.01  # in float64, then float32: as the per-atom rows
+    bond = mol.GetBondWithIdx
     links = np.array(
         [
             (b.GetBeginAtomIdx(), b.GetEndAtomIdx(), b.GetBondType(), b.GetStereo(), b.GetIsConjugated(), b.IsInRing())
-            for b in mol.GetBonds()
+            for b in map(bond, range(mol.GetNumBonds()))
         ],
         dtype=np.int64,
     ).reshape(-1, 6)
     bonds = np.zeros((len(links), BOND_FEATURE_DIM), dtype=np.float32)
-    rows = np.arange(len(links))
-    for k, (offset, table) in enumerate(_BOND_TABLES):
-        bonds[rows, offset + table[np.clip(links[:, 2 + k], 0, len(table) - 1)]] = 1.0
+    kinds = np.minimum(np.maximum(links[:, 2:4], 0), _BOND_SIZE - 1) + [0, _BOND_SIZE]
+    bonds[np.arange(len(links))[:, None], _BOND_COLUMNS[kinds]] = 1.0
     bonds[:, _BOND_FLAGS] = links[:, 4]
     bonds[:, _BOND_FLAGS + 1] = links[:, 5]
     # bond k -> edges 2k (begin -> end) and 2k + 1 (end -> begin)
