@@ -25,7 +25,7 @@ from contextlib import contextmanager
 import numpy as np
 
 from kiban.index.documents import Chunk, Document
-from kiban.index.store import DocumentInfo, StoredChunk, query_terms, register_store
+from kiban.index.store import DocumentInfo, StoredChunk, query_terms
 
 __all__ = ["PostgresStore", "READER_ROLE"]
 
@@ -66,7 +66,6 @@ _POLICIES = {
 }
 
 
-@register_store("postgresql")
 class PostgresStore:
     """The store in the PostgreSQL database at ``location`` (a ``postgresql://`` URL); see the module docstring."""
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from kiban.index.documents import Chunk, Document
-from kiban.index.store import DocumentInfo, StoredChunk, query_terms, register_store
+from kiban.index.store import DocumentInfo, StoredChunk, query_terms
 
 __all__ = ["SqliteStore"]
 
@@ -51,7 +51,6 @@ _READABLE = (
 )
 
 
-@register_store("")
 class SqliteStore:
     """The embedded store in folder ``location`` (file ``index.sqlite``); see the module docstring."""
 

@@ -11,8 +11,9 @@ regroup, remove) are transactions: a reader sees a document whole or not at all.
 
 from __future__ import annotations
 
+import importlib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -27,7 +28,6 @@ __all__ = [
     "list_stores",
     "open_store",
     "query_terms",
-    "register_store",
 ]
 
 
@@ -99,28 +99,16 @@ class Store(Protocol):
         ...
 
 
-_STORES: dict[str, Callable[..., Store]] = {}
-
-
-def register_store(scheme: str) -> Callable:
-    """Register a store class for locations starting with ``scheme://`` ("" for a local folder)."""
-
-    def wrap(cls: Callable[..., Store]) -> Callable[..., Store]:
-        _STORES[scheme] = cls
-        return cls
-
-    return wrap
+# location scheme -> (module, class), imported on first use ("" is a local folder)
+_STORES: dict[str, tuple[str, str]] = {
+    "": ("kiban.index.sqlite", "SqliteStore"),
+    "postgresql": ("kiban.index.postgres", "PostgresStore"),
+}
 
 
 def list_stores() -> list[str]:
-    """The registered location schemes ("" is the embedded store's folder)."""
-    _load_builtin()
+    """The location schemes a store exists for ("" is the embedded store's folder)."""
     return sorted(_STORES)
-
-
-def _load_builtin() -> None:
-    import kiban.index.postgres  # noqa: F401 - registers postgresql://
-    import kiban.index.sqlite  # noqa: F401 - registers folders
 
 
 def open_store(location: str, *, dim: int = 384, embedder: str = "all-MiniLM-L6-v2", create: bool = True) -> Store:
@@ -129,13 +117,14 @@ def open_store(location: str, *, dim: int = 384, embedder: str = "all-MiniLM-L6-
     ``dim`` and ``embedder`` are recorded when the store is created and checked when it is opened,
     so vectors of another model never mix with the stored ones. ``create=False`` refuses a missing store.
     """
-    _load_builtin()
     scheme = location.split("://", 1)[0].lower() if "://" in location else ""
     if scheme == "postgres":
         scheme = "postgresql"
     if scheme not in _STORES:
         raise ValueError(f"index location {location!r}: unknown scheme {scheme!r} (a folder, or postgresql://...)")
-    return _STORES[scheme](location, dim=dim, embedder=embedder, create=create)
+    module, name = _STORES[scheme]
+    cls = getattr(importlib.import_module(module), name)
+    return cls(location, dim=dim, embedder=embedder, create=create)
 
 
 # Words too common to help a lexical match; dropping them keeps an OR-query from touching every row.
