@@ -219,7 +219,9 @@ class SqliteStore:
         rows = self._connection().execute(
             "SELECT d.doc_id || ':' || c.seq, -bm25(chunk_text, 2.0, 1.0) AS score FROM chunk_text "
             "JOIN chunks c ON c.chunk_pk = chunk_text.rowid JOIN documents d ON d.doc_pk = c.doc_pk "
-            f"WHERE chunk_text MATCH ? AND chunk_text.rowid IN ({_READABLE}) "
+            # EXISTS, not "rowid IN (...)": FTS5 would take that as one MATCH lookup per listed rowid
+            "WHERE chunk_text MATCH ? AND EXISTS (SELECT 1 FROM doc_groups g WHERE g.doc_pk = c.doc_pk "
+            "AND g.grp IN (SELECT value FROM json_each(?))) "
             "ORDER BY bm25(chunk_text, 2.0, 1.0), c.chunk_pk LIMIT ?",
             (match, json.dumps(list(groups)), int(k)),
         ).fetchall()
@@ -238,7 +240,8 @@ class SqliteStore:
             "SELECT d.doc_id || ':' || c.seq, d.doc_id, d.title, d.source, c.section, c.start_char, c.end_char, c.text "
             "FROM json_each(?) w JOIN documents d ON d.doc_id = json_extract(w.value, '$[0]') "
             "JOIN chunks c ON c.doc_pk = d.doc_pk AND c.seq = json_extract(w.value, '$[1]') "
-            f"WHERE c.chunk_pk IN ({_READABLE})",
+            "WHERE EXISTS (SELECT 1 FROM doc_groups g WHERE g.doc_pk = d.doc_pk "
+            "AND g.grp IN (SELECT value FROM json_each(?)))",
             (json.dumps(wanted), json.dumps(list(groups))),
         ).fetchall()
         return {row[0]: StoredChunk(*row) for row in rows}
