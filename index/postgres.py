@@ -254,7 +254,8 @@ class PostgresStore:
 
 
 def _vector_text(vector: np.ndarray) -> str:
-    return "[" + ",".join(repr(float(x)) for x in vector) + "]"
+    """The text form pgvector reads, '[0.1, -0.2, ...]': a list's str is exactly that, formatted in C."""
+    return str(np.asarray(vector, dtype=np.float32).astype(float).tolist())
 
 
 def _safe(dsn: str) -> str:
