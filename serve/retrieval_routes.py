@@ -45,7 +45,9 @@ log = logging.getLogger(__name__)
 _ERRORS = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
+        400: "malformed JSON body",
         401: "missing or invalid API key",
+        413: "request body over max_body_bytes",
         422: "invalid request; the message names the field",
         429: "rate limit exceeded (see Retry-After)",
     }.items()
@@ -101,11 +103,12 @@ def _service(request: Request, *, param: str) -> RetrievalService:
 
 
 def add_retrieval_routes(app: FastAPI, settings: ServeSettings) -> None:
-    """Mount ``/v1/search`` and ``/v1/documents``; open the index when ``settings.index`` is set."""
+    """With ``settings.index``: open the index and mount ``/v1/search`` and ``/v1/documents``."""
     app.state.retrieval = None
-    if settings.index:
-        # the models load on the first search (a few seconds), not beside the engine's own loading
-        app.state.retrieval = RetrievalService(settings.index, reranker=settings.reranker)
+    if not settings.index:  # no index: no routes (404), and chat 'retrieval' is a 422 that says why
+        return
+    # the models load on the first search (a few seconds), not beside the engine's own loading
+    app.state.retrieval = RetrievalService(settings.index, reranker=settings.reranker)
 
     @app.post("/v1/search", response_model=SearchResponse, responses=_ERRORS, tags=["retrieval"])
     async def search(body: SearchRequest, request: Request) -> SearchResponse:
