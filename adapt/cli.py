@@ -10,6 +10,7 @@ the merged model when the recipe names a labelled file for it (``evaluate.heads`
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -84,17 +85,32 @@ def run_merge(recipe, out: Path) -> dict:
         "before": before,
         "after": after,
     }
-    if recipe.quantize:
-        quantize_model(model, recipe.quantize)
     with staged_folder(out, replace=False) as stage:
         if recipe.quantize:
-            save_quantized(model, stage)
+            save_quantized(model, stage, recipe.quantize)  # float weights + quantization.json
         else:
             model.save_pretrained(stage)
         copy_heads(heads, stage)
+        if recipe.quantize:
+            # what serving it costs: the same figures from the model as kiban serve will load it
+            quantize_model(model, recipe.quantize)
+            quantized = language_figures(model, texts=texts, instructions=records)
+            quantized["heads"] = {task: head_metrics(model, loaded[task], file) for task, file in evaluate.heads.items()}
+            metrics[f"after_{recipe.quantize}"] = quantized
         write_json(stage / "merge.json", {"recipe": to_plain(recipe), "heads": sorted(heads)})
-        write_json(stage / "metrics.json", metrics)
+        write_json(stage / "metrics.json", _finite(metrics))
     return metrics
+
+
+def _finite(value):
+    """``value`` with every NaN / infinity as None (an undefined metric), for strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -140,7 +156,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     )
     report["model"] = str(args.model)
     report["quantize"] = getattr(model, "quantization", None)
+    report = _finite(report)
     if args.out:
         write_json(args.out, report)
-    print(dumps_json(report))
+    print(dumps_json(report), end="")
     return 0

@@ -114,6 +114,7 @@ class FinetuneOptions:
     layer: int | None = None
     loaded_model: Any = None
     save_features: bool = False
+    lm_data: Path | None = None  # --mode lora: general text for the before/after perplexity (kiban.adapt)
 
     def epochs_for(self, data_type: str) -> int:
         """The number of epochs for ``data_type`` (``epochs``, else the type's default)."""
@@ -328,6 +329,10 @@ def _run(options: FinetuneOptions, work: Path) -> dict[str, Any]:
             settings=LoraFitSettings(epochs=epochs, seed=options.seed, progress=options.progress),
         )
         features = embed_items(model, data.modality, data.items, progress=options.progress, layer=options.layer)
+        # issue #16, forgetting: perplexity on general text with the adapters off (before) and on (after)
+        from kiban.adapt.forgetting import lora_forgetting
+
+        forgetting = lora_forgetting(model, lm_data=options.lm_data)
     else:
         fit_head(
             head,
@@ -372,6 +377,8 @@ def _run(options: FinetuneOptions, work: Path) -> dict[str, Any]:
         "split": split.describe(),
         "results": results,
     }
+    if lora:
+        metrics["forgetting"] = forgetting  # kiban.adapt.forgetting.lora_forgetting
     _write_json(work / "metrics.json", metrics)
     _write_predictions(work / "predictions.csv", data, split.test, outputs["test"])
     if options.save_features:
