@@ -188,3 +188,16 @@ def test_saved_quantized_model_loads_quantized(merged, tmp_path):
     assert torch.equal(again.embed(items), reference.embed(items))
     with pytest.raises(ValueError, match="quantised already"):
         quantize_model(again, "int8")
+
+
+def test_kiban_evaluate_reports_perplexity_and_each_head(merged, runs, tmp_path, capsys):
+    root, data = runs
+    out = tmp_path / "report.json"
+    code = main(["evaluate", str(merged), "--head-data", f"ring={data}", "--quantize", "int8", "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert report == json.loads(capsys.readouterr().out)
+    assert report["quantize"] == "int8" and report["general_text"]["perplexity"] > 1
+    assert report["heads"]["ring"]["used"] == len(SMILES) and "accuracy" in report["heads"]["ring"]["metrics"]
+    assert report["heads"]["size"] == {"scored": False, "why": "no labelled file given (--head-data TASK=FILE)"}
+    assert main(["evaluate", str(merged), "--head-data", "nope=x.csv"]) == 2
