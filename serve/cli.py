@@ -48,6 +48,12 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model-name", default=server.model_name, help="model id in /v1/models (default: %(default)s)"
     )
+    parser.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        default=None,
+        help="weight-only quantised backbone (torchao); default: as the model was saved, else float32",
+    )
     group = parser.add_argument_group("batching")
     group.add_argument(
         "--max-batch",
@@ -194,7 +200,7 @@ async def _run(args: argparse.Namespace, settings, options) -> int:
     from kiban.serve.app import create_app
     from kiban.serve.engine import InferenceEngine, NotReady
 
-    engine = InferenceEngine(model_dir=args.model_dir, options=options)
+    engine = InferenceEngine(model_dir=args.model_dir, options=options, quantize=args.quantize)
     app = create_app(engine, settings)
     config = uvicorn.Config(
         app,

@@ -130,6 +130,7 @@ class InferenceEngine:
         model_dir: str | Path | None = None,
         heads: Mapping[str, Any] | None = None,
         options: BatchingOptions | None = None,
+        quantize: str | None = None,
     ) -> None:
         """Hold the model (or the folder to load it from), its heads and the batching options."""
         if (model is None) == (model_dir is None):
@@ -138,6 +139,7 @@ class InferenceEngine:
         self.model = model.eval() if model is not None else None
         self.heads: dict[str, Any] = dict(heads or {})
         self.model_dir = Path(model_dir) if model_dir is not None else None
+        self.quantize = quantize  # model_dir: "int8" / "int4" (kiban.adapt.quantize), None: as saved
         self.stats = _Stats()
         self.load_error: str | None = None
         self._queue: asyncio.Queue[_Job] | None = None
@@ -241,7 +243,7 @@ class InferenceEngine:
 
     def _load(self) -> None:
         try:
-            model, heads = _load_model_dir(self.model_dir)
+            model, heads = _load_model_dir(self.model_dir, quantize=self.quantize)
         except Exception as error:  # noqa: BLE001 - any load failure is reported by /readyz and the CLI
             self.load_error = f"{type(error).__name__}: {error}"
             log.error("loading %s failed: %s", self.model_dir, self.load_error)
@@ -583,7 +585,7 @@ class InferenceEngine:
             settle()
 
 
-def _load_model_dir(model_dir: Path) -> tuple[Any, dict[str, Any]]:
+def _load_model_dir(model_dir: Path, *, quantize: str | None = None) -> tuple[Any, dict[str, Any]]:
     """Load the model and its heads from a saved model folder.
 
     (model, heads) of a saved model folder: ``kiban.serve.loading.check_model_dir`` (nothing
@@ -591,12 +593,12 @@ def _load_model_dir(model_dir: Path) -> tuple[Any, dict[str, Any]]:
     each checked against the model by its own rule (a pooled head: the model's width; a
     per-residue or contact head: the protein encoder's width; a pair head: both encoders).
     """
-    from kiban.fusion.model import KibanModel
+    from kiban.adapt.quantize import load_model
     from kiban.serve.loading import check_model_dir
     from kiban.tasks.predict import load_model_heads
 
     root = check_model_dir(model_dir)
-    model = KibanModel.from_pretrained(root).eval()
+    model = load_model(root, quantize=quantize)  # float32 unless asked or saved quantised
     return model, load_model_heads(root, model)
 
 

@@ -98,6 +98,13 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="passes over the training data (default 200; lora: 10; secondary: 10; contacts: 30)",
     )
+    parser.add_argument(
+        "--lm-data",
+        type=Path,
+        default=None,
+        help="lora: held-out general text for the before/after perplexity in metrics.json (default: a "
+        "short general-English sample shipped with kiban); see kiban evaluate",
+    )
 
 
 @command(
@@ -133,6 +140,7 @@ def finetune_command(args: argparse.Namespace) -> int:
         max_rows=args.max_rows,
         max_length=args.max_length,
         layer=args.layer,
+        lm_data=args.lm_data,
     )
     metrics = finetune(options)
     for result in metrics["results"]:
@@ -212,6 +220,9 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--targets", type=Path, default=None, help="pair heads: a table of target_id, sequence"
     )
+    parser.add_argument(
+        "--quantize", choices=("int8", "int4"), default=None, help="weight-only quantised backbone (torchao)"
+    )
 
 
 @command("predict", help="predict with a saved head on a file of inputs")
@@ -230,6 +241,7 @@ def predict_command(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         drugs=args.drugs,
         targets=args.targets,
+        quantize=args.quantize,
     )
     return 0
 
@@ -248,6 +260,9 @@ def _embed_arguments(parser: argparse.ArgumentParser) -> None:
         help="output file (default NAME.kiban.h5ad / NAME.kiban.npz beside the input)",
     )
     parser.add_argument("--use-raw", action="store_true", help="h5ad: read adata.raw.X instead of X")
+    parser.add_argument(
+        "--quantize", choices=("int8", "int4"), default=None, help="weight-only quantised backbone (torchao)"
+    )
 
 
 @command("embed", help="write the model's pooled embeddings of a file (h5ad: obsm['X_kiban'] + uns['kiban'])")
@@ -257,7 +272,12 @@ def embed_command(args: argparse.Namespace) -> int:
     from kiban.tasks.embed import embed_file
 
     out = embed_file(
-        args.data, model=args.model, out=args.out, use_raw=args.use_raw, progress=sys.stderr.isatty()
+        args.data,
+        model=args.model,
+        out=args.out,
+        use_raw=args.use_raw,
+        progress=sys.stderr.isatty(),
+        quantize=args.quantize,
     )
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -37,8 +37,10 @@ def embed_file(
     out: str | Path | None = None,
     use_raw: bool = False,
     progress: bool = False,
+    quantize: str | None = None,
 ) -> Path:
     """Embed every input of ``data``; returns the path written (see the module docstring)."""
+    from kiban.adapt.quantize import quantize_model, saved_quantization
     from kiban.data import Rejects, read, read_h5ad
     from kiban.tasks.models import build_model, embed_items
 
@@ -51,6 +53,8 @@ def embed_file(
     if out.resolve() == data.resolve():
         raise ValueError("the output must be a new file; the input is never overwritten")
     fused = build_model(model, data, use_raw=use_raw)
+    saved = saved_quantization(model) if model != "tiny" else None
+    fused = quantize_model(fused, quantize or saved)  # kiban.adapt.quantize: None leaves it float
     rejects = Rejects()
     if data.suffix == ".h5ad":
         records = list(
@@ -79,6 +83,7 @@ def embed_file(
         "n_embedded": len(records),
         "n_rejected": rejects.rejected,
         "rejected_by_reason": dict(rejects.by_reason),
+        "quantize": getattr(fused, "quantization", None),
     }
     if modality == "cell":
         with staged_file(out) as staged:

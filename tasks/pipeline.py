@@ -78,6 +78,7 @@ class FinetuneOptions:
     layer: int | None = None
     loaded_model: Any = None
     save_features: bool = False
+    lm_data: Path | None = None  # --mode lora: general text for the before/after perplexity (kiban.adapt)
 
     def epochs_for(self, data_type: str) -> int:
         """The number of epochs for ``data_type`` (``epochs``, else the type's default)."""

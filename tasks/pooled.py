@@ -151,6 +151,10 @@ def run_pooled(
             settings=LoraFitSettings(epochs=epochs, seed=options.seed, progress=options.progress),
         )
         features = embed_items(model, data.modality, data.items, progress=options.progress, layer=options.layer)
+        # forgetting: perplexity on general text with the adapters off (before) and on (after)
+        from kiban.adapt.forgetting import lora_forgetting
+
+        forgetting = lora_forgetting(model, lm_data=options.lm_data)
     else:
         fit_head(
             head,
@@ -196,6 +200,8 @@ def run_pooled(
         "split": chosen.describe(),
         "results": results,
     }
+    if lora:
+        metrics["forgetting"] = forgetting  # kiban.adapt.forgetting.lora_forgetting
     write_metrics(work / "metrics.json", metrics)
     write_predictions(work / "predictions.csv", data, chosen.test, outputs["test"])
     write_split(work / "split.csv", data.ids, chosen)

@@ -83,16 +83,20 @@ def load_model_heads(model_dir: str | Path, model: Any) -> dict[str, Any]:
     return heads
 
 
-def model_for_head(head_dir: Path, head: PooledHead, model: str | None = None) -> Any:
-    """The model a head predicts with: ``model`` if given, else the one its head.json names."""
-    from kiban.fusion import KibanModel
+def model_for_head(
+    head_dir: Path, head: PooledHead, model: str | None = None, *, quantize: str | None = None
+) -> Any:
+    """The model a head predicts with: ``model`` if given, else the one its head.json names;
+    ``quantize`` as ``kiban.adapt.quantize.load_model`` (None: as the model was saved).
+    """
+    from kiban.adapt.quantize import load_model
 
     spec = model or head.config.extra.get("model")
     if not spec:
         raise ValueError(f"{head_dir}/head.json names no model; pass --model")
     if not model:
         spec = str(resolve_model_reference(spec, head_dir))
-    return KibanModel.from_pretrained(spec).eval()
+    return load_model(spec, quantize=quantize)
 
 
 _SEQUENCE_READERS = ("fasta", "genbank", "sequence-table")
@@ -130,6 +134,7 @@ def predict_file(
     top_k: int | None = None,
     drugs: str | Path | None = None,
     targets: str | Path | None = None,
+    quantize: str | None = None,
 ) -> int:
     """Write prediction rows as CSV (to ``out`` or stdout; columns by head kind, see the module
     docstring); returns the number of inputs predicted. ``top_k``: contact heads, pairs per protein
@@ -140,7 +145,7 @@ def predict_file(
 
     head_dir = Path(head_dir)
     head = load_head(head_dir)
-    fused = model_for_head(head_dir, head, model)
+    fused = model_for_head(head_dir, head, model, quantize=quantize)
     check_head_fits(head, fused)
     rejects = Rejects()
     limit = _protein_limit(fused)
