@@ -139,3 +139,42 @@ def test_drug_classifier_on_bbbp_beats_majority(shared_data, tmp_path):
     assert test["logistic regression on Morgan fingerprints"]["roc_auc"] > 0.7
     assert (out / "plots" / "roc.png").is_file() and (out / "plots" / "confusion.png").is_file()
     assert not math.isnan(head["macro_f1"])
+
+
+def test_linear_probe_is_fitted_as_scikit_learn_fits_logistic_regression():
+    """The probe is a convex problem solved to convergence: with one L2 strength and no validation
+    rows, its probabilities equal scikit-learn's LogisticRegression(C=1) on standardised features.
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 12, generator=generator) * torch.linspace(0.1, 40.0, 12)  # one huge dimension
+    y = (x[:, :3] / torch.tensor([0.1, 3.6, 7.2]) @ torch.tensor([1.0, -1.0, 0.5]) + torch.randn(300, generator=generator)).gt(0).long()
+    y[::7] = 2  # a third class
+    head = create_head(
+        HeadConfig(task="t", modality="molecule", kind="classification", labels=["a", "b", "c"], input_dim=12)
+    )
+    fit_head(head, x[:200], y[:200], settings=FitSettings(progress=False))
+    scaler = StandardScaler().fit(x[:200].numpy())
+    # ours: mean loss + 1/(2n) ||W||^2; scikit-learn: summed loss + 1/(2C) ||W||^2, the same at C=1
+    reference = LogisticRegression(C=1.0, max_iter=10_000, tol=1e-10).fit(scaler.transform(x[:200].numpy()), y[:200].numpy())
+    expected = reference.predict_proba(scaler.transform(x[200:].numpy()))
+    with torch.no_grad():
+        got = head(x[200:]).softmax(-1).numpy()
+    np.testing.assert_allclose(got, expected, atol=2e-3)
+
+
+def test_linear_probe_picks_its_l2_strength_on_the_validation_rows():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(120, 40, generator=generator)
+    y = (x[:, 0] + 0.5 * torch.randn(120, generator=generator)).gt(0).long()  # 39 noise features, 60 training rows
+    head = create_head(HeadConfig(task="t", modality="molecule", kind="classification", labels=["n", "y"], input_dim=40))
+    history = fit_head(head, x[:60], y[:60], valid=(x[60:], y[60:]), settings=FitSettings(progress=False))
+    assert history["l2"] == list(FitSettings().l2_grid) and len(history["valid"]) == len(history["l2"])
+    # the kept head is the one with the lowest validation loss, and it is not the weakest penalty
+    chosen = int(np.argmin(history["valid"]))
+    assert chosen > 0
+    with torch.no_grad():
+        kept = float(head.loss(head(x[60:]), y[60:]))
+    assert kept == pytest.approx(history["valid"][chosen], rel=1e-3)
