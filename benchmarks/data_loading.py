@@ -145,8 +145,11 @@ def child_annbatch(path: str, batch_size: int, max_seconds: float, variant: str)
         from annbatch import write_sharded
 
         started = time.perf_counter()
-        if not store.exists():
-            write_sharded(zarr.open_group(store, mode="w"), anndata.read_h5ad(path))
+        if not store.exists():  # written beside, then renamed: a failed conversion leaves no store behind
+            partial = store.with_suffix(".partial")
+            shutil.rmtree(partial, ignore_errors=True)
+            write_sharded(zarr.open_group(partial, mode="w"), anndata.read_h5ad(path))
+            partial.rename(store)
         return {"setup_s": round(time.perf_counter() - started, 1)}
     from annbatch import Loader
 
@@ -261,7 +264,9 @@ def _peers(peers_dir: Path) -> dict[str, Path | str]:
         if made is None or made.returncode:
             found["annbatch"] = "needs Python >= 3.12, and no working python3.12 was found"
     if "annbatch" not in found:
-        found["annbatch"] = _install(py312 / "bin" / "python", "annbatch", "annbatch")
+        # the [zarrs] extra: the child selects zarrs' codec pipeline (annbatch's advice for local disks),
+        # which zarr only finds once the zarrs package is installed
+        found["annbatch"] = _install(py312 / "bin" / "python", "annbatch[zarrs]", "annbatch, zarrs")
     return found
 
 

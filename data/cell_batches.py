@@ -9,10 +9,14 @@ Python loop over cells:
 
 * the file's gene names are looked up in the vocabulary once per file (an index per column);
   a vocabulary gene named by several columns counts for the first one the cell expresses, as the
-  per-cell matcher does (the later ones are repeats);
-* binning takes each cell's quantile edges with numpy's own "linear" interpolation formula over
-  the cell's sorted values, then counts the edges at or below each value (``np.digitize``);
-* the top ``max_genes`` and the rank order come from one sort of an integer key (cell, score rank, gene).
+  per-cell matcher does (the later ones are repeats); files without such columns skip that step;
+* the kept entries are laid out one row per cell ([cells, longest], padded), so every sort is a
+  sort of each short row on its own (``axis=1``), never of a key spanning the batch;
+* binning sorts each row's values once, takes the quantile edges with numpy's own "linear"
+  interpolation formula, and reads each value's bin (``np.digitize``: edges at or below it) off the
+  sorted row by counting, without searching;
+* the top ``max_genes`` and the gene or rank order come from stable row sorts (genes as 16-bit keys,
+  numpy's radix sort, where the vocabulary allows).
 
 A cell the per-cell featurizer would refuse (no gene in the vocabulary) is handed to it, so the
 reject names the cell and the problem in the same words. The featurizer is picklable and keeps
@@ -77,18 +81,26 @@ class CellBatchFeaturizer:
     def __init__(self, featurizer: CellFeaturizer) -> None:
         """Vectorise ``featurizer`` (its vocabulary, tokenization and token ids)."""
         self.featurizer = featurizer
-        self._index: tuple[Any, np.ndarray] | None = None  # (file key, vocabulary index per column)
+        # (file key, vocabulary index per column, columns whose vocabulary gene another column names too)
+        self._index: tuple[Any, np.ndarray, np.ndarray] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"featurizer": self.featurizer, "_index": None}
 
     def column_index(self, rows: CellRows) -> np.ndarray:
         """Vocabulary index of each column of the batch's file (-1: no match), looked up once per file."""
+        return self._columns(rows)[0]
+
+    def _columns(self, rows: CellRows) -> tuple[np.ndarray, np.ndarray]:
+        """(vocabulary index per column, whether another column names the same vocabulary gene)."""
         reader = rows.reader
         key = (str(reader.path), reader.gene_key, len(reader.columns), hash(reader.columns.tobytes()))
         if self._index is None or self._index[0] != key:
-            self._index = (key, self.featurizer.lookup(list(rows.gene_names)))
-        return self._index[1]
+            index = self.featurizer.lookup(list(rows.gene_names))
+            named = index[index >= 0]
+            repeated = np.bincount(named, minlength=self.featurizer.vocab_size) > 1
+            self._index = (key, index, (index >= 0) & repeated[np.maximum(index, 0)])
+        return self._index[1], self._index[2]
 
     def __call__(self, rows: CellRows) -> tuple[list[str], dict[str, torch.Tensor] | None, list[Reject]]:
         """(ids, padded batch or None, rejects in batch order) of one batch of cells."""
@@ -98,14 +110,17 @@ class CellBatchFeaturizer:
         lengths = np.diff(matrix.indptr).astype(np.int64)
         row_of = np.repeat(np.arange(n), lengths)
         values = matrix.data.astype(np.float64)
-        hit = self.column_index(rows)[matrix.indices] if matrix.nnz else np.zeros(0, dtype=np.int64)
+        index, repeated = self._columns(rows)
+        hit = index[matrix.indices] if matrix.nnz else np.zeros(0, dtype=np.int64)
 
         # a vocabulary gene named by several columns: the cell's first entry for it counts, the others
         # are repeats (as the per-cell matcher, which sees only the cell's own genes, counts them)
-        named = np.flatnonzero(hit >= 0)
-        _, first = np.unique(row_of[named] * f.vocab_size + hit[named], return_index=True)
-        gene = np.full(len(hit), -1, dtype=np.int64)
-        gene[named[first]] = hit[named[first]]
+        gene = hit.copy()
+        if repeated.any() and matrix.nnz:  # only entries of genes named by several columns can be repeats
+            shared = np.flatnonzero(repeated[matrix.indices])
+            _, first = np.unique(row_of[shared] * f.vocab_size + hit[shared], return_index=True)
+            gene[shared] = -1
+            gene[shared[first]] = hit[shared[first]]
         n_matched = np.bincount(row_of[gene >= 0], minlength=n)
         n_unmatched = np.bincount(row_of[hit < 0], minlength=n)
         totals = row_sums(values, matrix.indptr)
@@ -147,91 +162,113 @@ class CellBatchFeaturizer:
     def _tokens(
         self, r: np.ndarray, g: np.ndarray, v: np.ndarray, scale: np.ndarray, n: int
     ) -> dict[str, torch.Tensor]:
-        """gene_ids, value_ids, mask [n, N] from the kept entries (cell r, vocabulary gene g, value v)."""
+        """gene_ids, value_ids, mask [n, N] from the kept entries (cell r ascending, vocabulary gene g, value v).
+
+        The entries are laid out as one row per cell ([n, longest], padded), so that every sort is a
+        sort of each row on its own (``axis=1``): short, cache-resident, no key spanning the batch.
+        """
         f = self.featurizer
+        counts = np.bincount(r, minlength=n)
+        width = int(counts.max())
+        column = np.arange(len(r)) - np.concatenate([[0], np.cumsum(counts)[:-1]])[r]
+        real = np.arange(width)[None, :] < counts[:, None]
+        values = np.zeros((n, width))
+        values[r, column] = v
+        # genes sort as unsigned 16-bit keys where the vocabulary allows (numpy's radix sort), padding last
+        genes = np.full((n, width), f.vocab_size, dtype=np.uint16 if f.vocab_size < 2**16 else np.int64)
+        genes[r, column] = g
+        keep = min(width, f.max_genes)
         if f.tokenization == "binning":
-            bins = self._bins(r, v, n)
-            score = v
+            bins = self._bins(values, n_bins=f.n_bins)
+            # the top max_genes by value (ties to the earlier gene) where a cell has more, then gene order
+            if width > f.max_genes:
+                chosen = _top(np.where(real, values, -np.inf), genes, keep)
+                chosen = np.take_along_axis(
+                    chosen, np.argsort(np.take_along_axis(genes, chosen, 1), axis=1, kind="stable"), 1
+                )
+            else:
+                chosen = np.argsort(genes, axis=1, kind="stable")
+            body_values = np.take_along_axis(bins, chosen, 1)
         else:
-            bins = None
-            score = v * scale[r]
+            score = values * scale[:, None]
             if f.gene_medians is not None:
-                score = score / f.gene_medians[g]
-        # the top max_genes of each cell, highest first, ties to the earlier vocabulary gene: one sort of
-        # an integer key (cell, descending score rank, gene); np.lexsort is several times slower
-        levels, dense = _dense_rank(score)
-        order = np.argsort((r * levels + (levels - 1 - dense)) * f.vocab_size + g)  # keys are distinct
-        starts = np.concatenate([[0], np.cumsum(np.bincount(r, minlength=n))])
-        rank = np.arange(len(order)) - starts[r[order]]
-        chosen = order[rank < f.max_genes]
-        if bins is not None:
-            chosen = chosen[np.argsort(r[chosen] * f.vocab_size + g[chosen])]  # gene order within the cell
-        rc = r[chosen]
-        head = [f.cls_id] if f.cls_id is not None else []
-        tail = [f.eos_id] if (f.eos_id is not None and bins is None) else []
-        counts = np.bincount(rc, minlength=n)
-        width = len(head) + len(tail) + (int(counts.max()) if n else 0)
-        lengths = counts + len(head) + len(tail)
-        gene_ids = np.full((n, width), f.pad_id, dtype=np.int64)
-        value_ids = np.zeros((n, width), dtype=np.int64)
-        column = np.arange(len(rc)) - np.concatenate([[0], np.cumsum(counts)])[rc] + len(head)
-        gene_ids[rc, column] = f.token_ids[g[chosen]]
+                score = score / f.gene_medians[np.where(real, genes, 0)]
+            chosen = _top(np.where(real, score, -np.inf), genes, keep)
+            body_values = None
+        body_genes = np.take_along_axis(genes, chosen, 1).astype(np.int64)
+        taken = np.minimum(counts, f.max_genes)
+        body = np.arange(keep)[None, :] < taken[:, None]
+        head = 1 if f.cls_id is not None else 0
+        tail = 1 if (f.eos_id is not None and body_values is None) else 0
+        lengths = taken + head + tail
+        size = head + tail + keep
+        gene_ids = np.full((n, size), f.pad_id, dtype=np.int64)
+        gene_ids[:, head : head + keep] = np.where(body, f.token_ids[np.where(body, body_genes, 0)], f.pad_id)
         if head:
-            gene_ids[:, 0] = head[0]
+            gene_ids[:, 0] = f.cls_id
         if tail:
-            gene_ids[np.arange(n), lengths - 1] = tail[0]
-        if bins is not None:
-            value_ids[rc, column] = bins[chosen]
+            gene_ids[np.arange(n), lengths - 1] = f.eos_id
+        mask = np.arange(size)[None, :] < lengths[:, None]
+        if body_values is not None:
+            value_ids = np.zeros((n, size), dtype=np.int64)
+            value_ids[:, head : head + keep] = np.where(body, body_values, 0)
             if head:
                 value_ids[:, 0] = f.n_bins  # n_bins = "no value" (CLS)
         else:
-            value_ids[:] = np.arange(width)  # rank position; CLS is position 0
-        mask = np.arange(width)[None, :] < lengths[:, None]
-        value_ids[~mask] = 0
+            value_ids = np.where(mask, np.arange(size)[None, :], 0)  # rank position; CLS is position 0
         return {
             "gene_ids": torch.from_numpy(gene_ids),
             "value_ids": torch.from_numpy(value_ids),
             "mask": torch.from_numpy(mask),
         }
 
-    def _bins(self, r: np.ndarray, v: np.ndarray, n: int) -> np.ndarray:
-        """ScGPT's value bins of every entry (``bin_values`` per cell): edges at each cell's quantiles."""
-        f = self.featurizer
-        bins = np.zeros(len(v), dtype=np.int64)
-        expressed = np.flatnonzero(v > 0)
-        if not len(expressed):
-            return bins
-        er, ev = r[expressed], v[expressed]
-        levels, dense = _dense_rank(ev)
-        order = np.argsort(er * levels + dense)  # by cell, then value (equal values: either order)
-        ordered = ev[order]
-        count = np.bincount(er, minlength=n)
-        start = np.concatenate([[0], np.cumsum(count)])[:-1]
-        cells = np.flatnonzero(count)
+    @staticmethod
+    def _bins(values: np.ndarray, *, n_bins: int) -> np.ndarray:
+        """ScGPT's value bins (``bin_values`` per cell) of [cells, longest] values (0: padding or not expressed).
+
+        Edges at each cell's quantiles of its expressed values, by numpy's own "linear" formula over the
+        cell's sorted values; a value's bin is the number of edges at or below it (``np.digitize``),
+        read off the sorted row: edge j sits between sorted positions lo_j and lo_j + 1, so the values
+        below it are the first lo_j + 1 (or, where the edge equals the value at lo_j, the values before
+        that value's run of ties).
+        """
+        n, width = values.shape
+        expressed = values > 0
+        size = expressed.sum(axis=1)
+        order = np.argsort(np.where(expressed, values, np.inf), axis=1)  # expressed first, ascending
+        ordered = np.take_along_axis(values, order, 1)
         # np.quantile(values, linspace(0, 1, n_bins - 1)), method "linear", numpy's own arithmetic:
         # virtual index (n - 1) * q, neighbours floor and floor + 1 (the last value at or past the end),
         # then _lerp: a + (b - a) * t, or b - (b - a) * (1 - t) where t >= 0.5
-        q = np.linspace(0.0, 1.0, f.n_bins - 1)
-        size = count[cells][:, None]
-        virtual = (size - 1) * q[None, :]
+        q = np.linspace(0.0, 1.0, n_bins - 1)
+        last = np.maximum(size - 1, 0)[:, None]
+        virtual = last * q[None, :]
         below = np.floor(virtual)
-        past = virtual >= size - 1
-        lo = np.where(past, size - 1, below).astype(np.int64)
-        hi = np.where(past, size - 1, below + 1).astype(np.int64)
+        past = virtual >= last
+        lo = np.where(past, last, below).astype(np.int64)
+        hi = np.where(past, last, below + 1).astype(np.int64)
         gamma = np.where(past, virtual + 1, virtual - below)
-        a = ordered[start[cells][:, None] + lo]
-        b = ordered[start[cells][:, None] + hi]
+        a = np.take_along_axis(ordered, lo, 1)
+        b = np.take_along_axis(ordered, hi, 1)
         diff = b - a
         edges = np.where(gamma >= 0.5, b - diff * (1 - gamma), a + diff * gamma)
-        # np.digitize(x, edges) for increasing edges is the number of edges at or below x: one
-        # searchsorted over (cell, exact rank) keys of the edges and values together
-        levels, dense = _dense_rank(np.concatenate([edges.ravel(), ev]))
-        width = f.n_bins - 1
-        edge_keys = np.repeat(cells, width) * levels + dense[: edges.size]
-        value_keys = er * levels + dense[edges.size :]
-        position = np.zeros(n, dtype=np.int64)
-        position[cells] = np.arange(len(cells)) * width
-        bins[expressed] = np.searchsorted(edge_keys, value_keys, side="right") - position[er]
+        # how many of the cell's values lie below each edge
+        position = np.arange(width)[None, :]
+        run_start = np.zeros((n, width), dtype=np.int64)
+        run_start[:, 1:] = np.where(ordered[:, 1:] != ordered[:, :-1], position[:, 1:], 0)
+        run_start = np.maximum.accumulate(run_start, axis=1)
+        below_edge = np.where(edges > a, lo + 1, np.take_along_axis(run_start, lo, 1))
+        between = (edges == a) | ((edges > a) & (edges <= b))  # numpy's lerp stays between its ends
+        odd = np.flatnonzero(~between.all(axis=1) & (size > 0))
+        for row in odd.tolist():  # never seen; counted directly so that the result stays exact
+            below_edge[row] = (ordered[row, : size[row], None] < edges[row][None, :]).sum(axis=0)
+        # bin of sorted position k = number of edges with below_edge <= k
+        slots = (np.arange(n)[:, None] * (width + 1) + below_edge).ravel()
+        tally = np.bincount(slots, minlength=n * (width + 1)).reshape(n, width + 1)
+        ranked = np.cumsum(tally[:, :width], axis=1)
+        ranked[position >= size[:, None]] = 0  # not expressed (or padding): bin 0
+        bins = np.empty_like(ranked)
+        np.put_along_axis(bins, order, ranked, 1)
         return bins
 
     # -- bookkeeping ------------------------------------------------------------------------------
@@ -245,10 +282,15 @@ class CellBatchFeaturizer:
         raise AssertionError(f"the cell featurizer accepted {record.id}, which the batch featurizer refused")
 
 
-def _dense_rank(values: np.ndarray) -> tuple[int, np.ndarray]:
-    """(number of distinct values, each value's rank among them): equal values share a rank."""
-    distinct, rank = np.unique(values, return_inverse=True)
-    return max(len(distinct), 1), rank.astype(np.int64)
+def _top(score: np.ndarray, genes: np.ndarray, k: int) -> np.ndarray:
+    """[cells, k] positions of each row's k highest scores, highest first, ties to the earlier gene.
+
+    Each row is ordered by its genes first, then stably by descending score: the per-cell featurizer's
+    ``lexsort((gene, -score))``, row by row. Padding scores -inf and comes last.
+    """
+    by_gene = np.argsort(genes, axis=1, kind="stable")
+    by_score = np.argsort(-np.take_along_axis(score, by_gene, 1), axis=1, kind="stable")
+    return np.take_along_axis(by_gene, by_score[:, :k], 1)
 
 
 def _pad(

@@ -203,3 +203,23 @@ def test_row_sums_are_numpys_sums_bit_for_bit():
     for values in parts:
         want = np.array([values[lo:hi].sum() for lo, hi in zip(indptr[:-1], indptr[1:], strict=True)])
         assert np.array_equal(row_sums(values, indptr), want)
+
+
+@pytest.mark.parametrize("name", FILES)
+def test_a_file_without_repeated_genes_gives_the_same_output(name, shared_data):
+    """The real files as they are (no gene named twice): the batch path skips its repeat check."""
+    source = shared_data / "single_cell" / name
+    if not source.is_file():
+        pytest.skip(f"{source} is absent")
+    reader = H5adReader(source, chunk_size=256)
+    names = list(map(str, reader.gene_names[reader.columns]))
+    assert len(set(names)) == len(names)
+    vocab = _vocab(names, seed=4)
+    rows = np.random.default_rng(2).permutation(len(reader))[:256]
+    for preset in ("scgpt", "geneformer", "binning-zeros"):
+        featurizer = _presets(vocab)[preset]
+        for indices in (rows[:128], rows[128:]):
+            want_ids, want, _ = _per_record(reader, featurizer, indices)
+            ids, got, _ = CellBatchFeaturizer(featurizer)(reader.read_batch(indices))
+            assert ids == want_ids
+            assert all(torch.equal(got[key], want[key]) for key in want), preset
