@@ -44,6 +44,7 @@ CELL_TASK = "cell-type"
 # The heads read the fused states after this decoder layer: as accurate as the final states for
 # probes and a fraction of the cost (benchmarks/README.md, heads_vs_generation.py)
 HEAD_LAYER = 2
+CELL_PROJECTOR_GAIN = 256.0
 MOLECULE_TASK = "logp"
 MODELS = ("default", "tiny")
 
@@ -316,7 +317,10 @@ def model_config(out: Path, model: str) -> dict[str, Any]:
     if model == "tiny":
         config["projectors"]["cell"] = {"kind": "resampler", "num_tokens": 16, "depth": 1}
     else:
-        config["projectors"]["cell"] = {"kind": "linear"}
+        # An orthogonal start keeps every direction of the cell's profile token; the gain puts the
+        # token at a norm the backbone's first layers add little to, so the states a head reads at
+        # layer 2 still hold the cell (benchmarks/cell_fusion_variants.py, docs/results.md)
+        config["projectors"]["cell"] = {"kind": "linear", "init": "orthogonal", "gain": CELL_PROJECTOR_GAIN}
     config.pop("kiban_version", None)
     return config
 
