@@ -28,6 +28,7 @@ __all__ = ["Int4Linear", "Int8Linear"]
 
 
 COMPUTE_DTYPE = torch.bfloat16  # the kernels' vectorised path (see the module docstring)
+_ROWS = 4096  # output rows quantised at a time
 
 
 class Int8Linear(nn.Module):
@@ -46,12 +47,15 @@ class Int8Linear(nn.Module):
         """Quantise ``linear``'s weight: per output row, ``scale = max|w| / 127`` (rounded to bfloat16),
         ``q = round(w / scale)`` clamped to -127..127.
         """
-        weight = linear.weight.detach().float()
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
-        # an all-zero row keeps scale > 0; q is chosen against the rounded scale the kernel will use
-        scale = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).to(COMPUTE_DTYPE)
-        layer.weight.copy_(torch.round(weight / scale.float()[:, None]).clamp(-127, 127).to(torch.int8))
-        layer.scale.copy_(scale)
+        # a block of rows at a time: the float temporaries of the LM head (49152 rows) would
+        # otherwise add hundreds of MB to the process's peak memory
+        for rows in torch.arange(linear.out_features).split(_ROWS):
+            weight = linear.weight.detach()[rows].float()
+            # an all-zero row keeps scale > 0; q is chosen against the rounded scale the kernel uses
+            scale = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).to(COMPUTE_DTYPE)
+            layer.weight[rows] = torch.round(weight / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
+            layer.scale[rows] = scale
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach())
         return layer.to(linear.weight.device)
@@ -108,13 +112,17 @@ class Int4Linear(nn.Module):
         """
         out_features, in_features = linear.weight.shape
         layer = cls(in_features, out_features, group_size=group_size, bias=linear.bias is not None)
-        groups = linear.weight.detach().float().reshape(out_features, -1, group_size)
-        low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
-        scale = ((high - low) / 15).clamp(min=1e-6).to(COMPUTE_DTYPE).float()
-        zero = (low + 8 * scale).to(COMPUTE_DTYPE).float()
-        q = torch.round((groups - zero) / scale + 8).clamp(0, 15).to(torch.int32).reshape(out_features, in_features)
+        q = torch.empty(out_features, in_features, dtype=torch.int32)
+        scale_and_zero = torch.empty(out_features, in_features // group_size, 2, dtype=COMPUTE_DTYPE)
+        for rows in torch.arange(out_features).split(_ROWS):  # as Int8Linear: bounded temporaries
+            groups = linear.weight.detach()[rows].float().reshape(len(rows), -1, group_size)
+            low, high = groups.amin(dim=-1, keepdim=True), groups.amax(dim=-1, keepdim=True)
+            scale = ((high - low) / 15).clamp(min=1e-6).to(COMPUTE_DTYPE).float()
+            zero = (low + 8 * scale).to(COMPUTE_DTYPE).float()
+            q[rows] = torch.round((groups - zero) / scale + 8).clamp(0, 15).to(torch.int32).reshape(len(rows), -1)
+            scale_and_zero[rows] = torch.cat([scale, zero], dim=-1).to(COMPUTE_DTYPE)
         layer.weight = _pack_int4(q)
-        layer.scale_and_zero = torch.cat([scale, zero], dim=-1).transpose(0, 1).contiguous().to(COMPUTE_DTYPE)
+        layer.scale_and_zero = scale_and_zero.transpose(0, 1).contiguous()
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach())
         return layer

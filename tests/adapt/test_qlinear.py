@@ -33,7 +33,8 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
-def test_int8_linear_multiplies_by_the_per_row_symmetric_weight():
+def test_int8_linear_multiplies_by_the_per_row_symmetric_weight(monkeypatch):
+    monkeypatch.setattr("kiban.adapt.qlinear._ROWS", 16)  # quantised in blocks of rows, as the LM head is
     linear = _linear(96, 48, bias=True)
     layer = Int8Linear.from_linear(linear)
     w = linear.weight.detach()
@@ -49,7 +50,8 @@ def test_int8_linear_multiplies_by_the_per_row_symmetric_weight():
         assert _relative(y, linear(x)) < 0.01
 
 
-def test_int4_linear_multiplies_by_the_group_wise_asymmetric_weight():
+def test_int4_linear_multiplies_by_the_group_wise_asymmetric_weight(monkeypatch):
+    monkeypatch.setattr("kiban.adapt.qlinear._ROWS", 16)
     linear = _linear(128, 32)
     layer = Int4Linear.from_linear(linear, group_size=64)
     groups = linear.weight.detach().reshape(32, 2, 64)
