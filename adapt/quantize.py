@@ -1,25 +1,30 @@
-"""Weight-only quantisation of the backbone with torchao: ``--quantize int8|int4``.
+"""Weight-only quantisation of the backbone: ``--quantize int8|int4``.
 
 Every ``nn.Linear`` of the LLM backbone (attention and MLP projections and the LM head) gets
 quantised weights; activations stay float, and the encoders, projectors, embeddings and norms are
 untouched (they are a small part of the compute). LoRA adapters are merged into the weights first
 (quantising the tiny adapter matrices would cost accuracy and buy nothing).
 
-    int8   symmetric, one scale per output row (torchao ``Int8WeightOnlyConfig``), CPU and CUDA
+    int8   symmetric, one scale per output row
     int4   asymmetric, one scale and zero point per group of 128/64/32 input weights (the largest
-           that divides the layer's width), tinygemm kernels: on the CPU torchao's
-           ``Int4OpaqueTensor`` (``_weight_int4pack_mm_for_cpu``, float32 activations), on CUDA
-           ``Int4WeightOnlyConfig`` with the tile-packed layout (bfloat16 activations, so the
-           backbone is cast to bfloat16 there)
+           that divides the layer's width), tinygemm's convention
+
+On the CPU the layers are kiban's own (``kiban.adapt.qlinear``), calling PyTorch's packed-weight
+kernels (``aten._weight_int8pack_mm``, ``aten._weight_int4pack_mm_for_cpu``, float32 activations):
+torchao 0.18's eager int8 layer de-quantises the whole weight on every call there and is slower
+than float32. On CUDA torchao does it (``Int8WeightOnlyConfig``; ``Int4WeightOnlyConfig`` with the
+tile-packed layout and bfloat16 activations, so the backbone is cast to bfloat16 there).
 
 A model is saved quantised with ``save_quantized``: ``quantization.json`` beside ``config.json``
 records the scheme and the weights stay the float originals (plain safetensors); ``load_model``
 (what ``kiban serve``, ``predict`` and ``embed`` use) quantises them on load, so the served model is
-exactly the one quantised in memory. Disk size is therefore not reduced; memory in use is.
+exactly the one quantised in memory. Disk size is therefore not reduced; memory in use is, after
+load (the float weights are loaded first, then replaced and handed back to the system).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import json
 import logging
@@ -29,6 +34,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from kiban.adapt.qlinear import Int4Linear, Int8Linear
 
 __all__ = [
     "QUANTIZATION_FILE",
@@ -45,46 +52,62 @@ QUANTIZATION_FILE = "quantization.json"
 TORCHAO_VERSION = "0.18.0"  # pinned in pyproject.toml; recorded with every saved quantised model
 
 
-def _int8(device: torch.device) -> Callable[[int], Any]:
-    from torchao.quantization import Int8WeightOnlyConfig
-
-    return lambda width: Int8WeightOnlyConfig()
+def _cpu_int8(linear: nn.Linear) -> nn.Module:
+    return Int8Linear.from_linear(linear)
 
 
-def _int4(device: torch.device) -> Callable[[int], Any]:
-    if device.type == "cuda":
-        from torchao.quantization import Int4WeightOnlyConfig
+def _cpu_int4(linear: nn.Linear) -> nn.Module:
+    return Int4Linear.from_linear(linear, group_size=_group_size(linear.in_features))
 
-        return lambda width: Int4WeightOnlyConfig(
-            group_size=_group_size(width), int4_packing_format="tile_packed_to_4d"
-        )
-    from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
 
-    return lambda width: PrototypeInt4WeightOnlyConfig(group_size=_group_size(width))
+def _cuda_int8(linear: nn.Linear) -> nn.Module:
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(linear, Int8WeightOnlyConfig(), filter_fn=lambda module, fqn: module is linear)
+    return linear
+
+
+def _cuda_int4(linear: nn.Linear) -> nn.Module:
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+    config = Int4WeightOnlyConfig(group_size=_group_size(linear.in_features), int4_packing_format="tile_packed_to_4d")
+    quantize_(linear, config, filter_fn=lambda module, fqn: module is linear)
+    return linear
 
 
 def _group_size(width: int) -> int:
     return next(g for g in (128, 64, 32) if width % g == 0)
 
 
-# mode -> (device -> (layer input width -> torchao config)); a layer no group size fits stays float
-QUANTIZE_MODES: dict[str, Callable[[torch.device], Callable[[int], Any]]] = {"int8": _int8, "int4": _int4}
-# which nn.Linear a mode can quantise: int4's CPU packing needs out_features % 16, groups of >= 32 inputs
+# (mode, device type) -> the layer that replaces an nn.Linear (the same one, quantised in place, for
+# torchao). On the CPU kiban's own layers (kiban.adapt.qlinear): torchao's eager int8 there
+# de-quantises the whole weight on every call and is slower than float32 (benchmarks/README.md).
+_QUANTIZERS: dict[tuple[str, str], Callable[[nn.Linear], nn.Module]] = {
+    ("int8", "cpu"): _cpu_int8,
+    ("int4", "cpu"): _cpu_int4,
+    ("int8", "cuda"): _cuda_int8,
+    ("int4", "cuda"): _cuda_int4,
+}
+QUANTIZE_MODES = ("int8", "int4")
+# which nn.Linear a mode can quantise: int4's packing needs out_features % 16, groups of >= 32 inputs
 _FITS: dict[str, Callable[[nn.Linear], bool]] = {
     "int8": lambda layer: True,
     "int4": lambda layer: layer.in_features % 32 == 0 and layer.out_features % 16 == 0,
 }
 _DESCRIPTIONS = {
-    "int8": "torchao Int8WeightOnlyConfig: int8 weights, one symmetric scale per output row",
-    "int4": "torchao int4 weight-only (tinygemm): int4 weights, scale and zero point per group of 128/64/32",
+    "int8": "int8 weights, one symmetric scale per output row (CPU: aten._weight_int8pack_mm; "
+    "CUDA: torchao Int8WeightOnlyConfig)",
+    "int4": "int4 weights, scale and zero point per group of 128/64/32 (tinygemm; CPU: "
+    "aten._weight_int4pack_mm_for_cpu; CUDA: torchao Int4WeightOnlyConfig)",
 }
 
 
 def quantize_model(model: Any, mode: str | None) -> Any:
     """Quantise ``model``'s backbone in place (``mode`` "int8" / "int4"; None: leave it float).
 
-    Sets ``model.quantization`` to the mode. Raises ValueError for an unknown mode or a model that
-    is quantised already.
+    Every ``nn.Linear`` of ``model.llm`` whose shape the mode's kernel takes is replaced by its
+    quantised counterpart on the model's device. Sets ``model.quantization`` to the mode. Raises
+    ValueError for an unknown mode, a device with no kernels, or a model that is quantised already.
     """
     if mode is None:
         return model
@@ -92,34 +115,50 @@ def quantize_model(model: Any, mode: str | None) -> Any:
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
     if getattr(model, "quantization", None):
         raise ValueError(f"the model is quantised already ({model.quantization})")
-    from torchao.quantization import quantize_
-
+    device = model.device
+    quantizer = _QUANTIZERS.get((mode, device.type))
+    if quantizer is None:
+        raise ValueError(f"--quantize {mode} runs on the CPU or CUDA, not on {device.type}")
     if model.has_lora:
         model.llm = model.llm.merge_and_unload()
         model.config.backbone = dataclasses.replace(model.config.backbone, lora=None)
-    device = model.device
     if mode == "int4" and device.type == "cuda":
-        model.llm.to(torch.bfloat16)
-    configs = QUANTIZE_MODES[mode](device)
-    linears = [m for m in model.llm.modules() if isinstance(m, nn.Linear)]
-    skipped = [m for m in linears if not _FITS[mode](m)]
-    for module in linears:
-        if module in skipped:
+        model.llm.to(torch.bfloat16)  # torchao's CUDA tinygemm takes bfloat16 activations
+    skipped = 0
+    # list first: the walk must not see the layers it is replacing
+    for name, module in list(model.llm.named_modules()):
+        if not isinstance(module, nn.Linear):
             continue
-        # one module at a time: each gets the config its width allows (int4 group size)
-        quantize_(module, configs(module.in_features), filter_fn=lambda m, fqn, target=module: m is target)
+        if not _FITS[mode](module):
+            skipped += 1
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.llm.get_submodule(parent_name)
+        with torch.no_grad():
+            setattr(parent, child, quantizer(module))
     if skipped:
-        log.warning("%d linear layer(s) kept float: their shape fits no %s kernel", len(skipped), mode)
+        log.warning("%d linear layer(s) kept float: their shape fits no %s kernel", skipped, mode)
+    _return_freed_memory()
     model.quantization = mode
     return model
+
+
+def _return_freed_memory() -> None:
+    """Hand the freed float weights back to the system (glibc keeps freed heap for reuse otherwise,
+    so the process's resident memory would not show what quantisation saved).
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): the memory is reused, just not returned
+        pass
 
 
 def save_quantized(model: Any, directory: str | Path, mode: str) -> Path:
     """Save a float model to be served ``mode``-quantised: ``save_pretrained`` plus ``quantization.json``.
 
-    The weights stay the float originals: torchao's symmetric int8 scale is ``max|w| / 127.5``, so
-    quantising de-quantised weights again would not give back the same integers, while quantising
-    the originals on every load always gives the same quantised model.
+    The weights stay the float originals: quantising them on every load gives the same quantised
+    model each time, on whichever device it is loaded (the CPU and CUDA kernels pack differently,
+    so no one packed form would serve both).
     """
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
@@ -135,7 +174,7 @@ def save_quantized(model: Any, directory: str | Path, mode: str) -> Path:
             "method": mode,
             "scheme": _DESCRIPTIONS[mode],
             "scope": "every nn.Linear of the LLM backbone whose shape the kernels take (weights only)",
-            "library": f"torchao=={TORCHAO_VERSION}",
+            "library": f"torchao=={TORCHAO_VERSION} on CUDA; torch=={torch.__version__.split('+')[0]} kernels on the CPU",
             "weights_on_disk": "float32 originals; quantised when the model is loaded",
         },
     )

@@ -1,35 +1,40 @@
-"""float32 vs int8 vs int4 (torchao weight-only, ``kiban.adapt.quantize``) on the default backbone,
-side by side in one run: decode tokens/s, memory, and a head's metric.
+"""float32 vs int8 vs int4 (weight-only, ``kiban.adapt.quantize``) on the default backbone, side
+by side in one run: decode tokens/s, memory, and a head's metric.
 
 Model: SmolLM2-135M-Instruct (the GGUF default, de-quantised to float32 on load) with the default
-molecule encoder and an untrained projector (seeded, the same in every process). Each precision
-runs in its own process, so its peak memory is its own:
+molecule encoder and an untrained projector (seeded, the same in every process). On the CPU int8
+and int4 are kiban's layers over ``aten._weight_int8pack_mm`` / ``aten._weight_int4pack_mm_for_cpu``.
 
-    tokens/s       greedy decoding of ``--new-tokens`` tokens (exactly: no early stop) after each of
-                   ``--prompts`` short prompts, batch 1, through the backbone's ``generate``; the
-                   fastest of ``--repeats`` rounds per prompt counts (bursts from other jobs on a
-                   shared machine stay out of the figure)
-    peak RSS       the process's peak resident memory (load included: the float weights exist
-                   before they are quantised) and its resident memory after quantisation
+    tokens/s       greedy decoding of exactly ``--new-tokens`` tokens (no early stop) after each of
+                   ``--prompts`` short prompts, batch 1, through the backbone's ``generate``. The
+                   three models live in one process and take turns (every precision on prompt 1,
+                   then prompt 2, ..., ``--repeats`` times round), and each (precision, prompt)'s
+                   fastest round counts, so a burst of load from other jobs on a shared machine
+                   neither falls on one precision alone nor stays in the figures
+    memory         each precision in a process of its own: resident memory after load and
+                   quantisation, and the process's peak (load included: the float32 weights exist
+                   before they are quantised)
     head           a linear probe for BBBP (../shared/data/molecules/bbbp.csv; RDKit's NCI set with
                    a size label when absent) fitted once on float32 states of ``--train`` molecules,
                    then scored on ``--test`` others with each precision's states: accuracy, ROC-AUC,
-                   and agreement of its predicted labels with float32's
+                   the share of predicted labels equal to float32's, the largest difference of a
+                   class probability from float32's, and (head-independent) the median of
+                   ``|h_q - h_float| / |h_float|`` over the test molecules' pooled states
 
-    .venv/bin/python benchmarks/quantized_inference.py [--new-tokens 32] [--prompts 4] [--repeats 2]
-        [--train 300] [--test 200] [--threads 2]
+    .venv/bin/python benchmarks/quantized_inference.py [--new-tokens 32] [--prompts 4] [--repeats 3]
+        [--train 300] [--test 300] [--threads 2]
 
-Prints a Markdown table.
+Prints a Markdown table, with the load average before and after.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+PRECISIONS = ("float32", "int8", "int4")
 PROMPTS = [
     "What does the enzyme lactase do?",
     "Name three amino acids.",
@@ -65,101 +71,125 @@ def states(model, smiles: list[str]) -> torch.Tensor:
         return torch.cat([model.embed([("molecule", s) for s in smiles[i : i + 32]]).float() for i in range(0, len(smiles), 32)])
 
 
-def tokens_per_second(model, *, prompts: int, new_tokens: int, repeats: int) -> float:
-    tokenizer, llm = model.tokenizer, model.llm
-    total_tokens, total_time = 0, 0.0
-    for text in PROMPTS[:prompts]:
-        ids = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )["input_ids"]
-        best = float("inf")
-        for _ in range(repeats):
-            started = time.perf_counter()
-            with torch.no_grad():
-                out = llm.generate(
-                    ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            best = min(best, time.perf_counter() - started)
-        total_tokens += out.shape[1] - ids.shape[1]
-        total_time += best
-    return total_tokens / total_time
+def tokens_per_second(models: dict, *, tokenizer, prompts: int, new_tokens: int, repeats: int) -> dict[str, float]:
+    """Greedy decode tokens/s of each model, the models taking turns prompt by prompt."""
+    best = {(name, text): float("inf") for name in models for text in PROMPTS[:prompts]}
+    for _ in range(repeats):
+        for text in PROMPTS[:prompts]:
+            ids = tokenizer.apply_chat_template(
+                [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )["input_ids"]
+            for name, model in models.items():
+                started = time.perf_counter()
+                with torch.no_grad():
+                    out = model.llm.generate(
+                        ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                        pad_token_id=tokenizer.pad_token_id,
+                    )
+                assert out.shape[1] - ids.shape[1] == new_tokens
+                best[name, text] = min(best[name, text], time.perf_counter() - started)
+    return {name: prompts * new_tokens / sum(best[name, t] for t in PROMPTS[:prompts]) for name in models}
 
 
-def run_one(args: argparse.Namespace) -> dict:
-    """One precision, in this process: the figures as a dict."""
+def memory(args: argparse.Namespace) -> dict:
+    """One precision, in this process: resident memory after load and quantisation, and the peak."""
     import resource
 
     import psutil
-    from heads_vs_generation import fit_probe, load_molecules
 
     from kiban.adapt.quantize import quantize_model
-    from kiban.tasks.heads import load_head
 
     torch.set_num_threads(args.threads)
-    smiles, labels = load_molecules(args.train + args.test)
-    model = build_model()
-    mode = None if args.precision == "float32" else args.precision
-    quantize_model(model, mode)
+    model = quantize_model(build_model(), None if args.precision == "float32" else args.precision)
     rss = psutil.Process().memory_info().rss
-    work = Path(args.work)
-    if mode is None:
-        head = fit_probe("bbbp", states(model, smiles[: args.train]), labels[: args.train], layer=None)
-        head.save(work / "head")
-    head = load_head(work / "head")
-    test = states(model, smiles[args.train :])
-    with torch.no_grad():
-        outputs = head(test).numpy()
-    metrics = head.metrics(outputs, labels[args.train :])
-    np.save(work / f"{args.precision}.npy", outputs.argmax(1))
-    speed = tokens_per_second(model, prompts=args.prompts, new_tokens=args.new_tokens, repeats=args.repeats)
+    tokens_per_second({"one": model}, tokenizer=model.tokenizer, prompts=1, new_tokens=4, repeats=1)
     return {
-        "precision": args.precision,
-        "tokens_per_s": speed,
         "rss_gib": rss / 2**30,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "accuracy": metrics["accuracy"],
-        "roc_auc": metrics.get("roc_auc"),
     }
+
+
+def head_figures(models: dict, *, train: int, test: int) -> dict[str, dict]:
+    """The BBBP probe fitted on float32 states, scored with each model's states."""
+    from heads_vs_generation import fit_probe, load_molecules
+
+    smiles, labels = load_molecules(train + test)
+    head = fit_probe("bbbp", states(models["float32"], smiles[:train]), labels[:train], layer=None)
+    figures, reference, reference_states = {}, None, None
+    for name, model in models.items():
+        started = time.perf_counter()
+        test = states(model, smiles[train:])
+        with torch.no_grad():
+            probabilities = head(test).softmax(-1).numpy()
+        metrics = head.metrics(probabilities, labels[train:])
+        if reference is None:
+            reference, reference_states = probabilities, test
+        figures[name] = {
+            "accuracy": metrics["accuracy"],
+            "roc_auc": metrics.get("roc_auc"),
+            "agreement": float((probabilities.argmax(1) == reference.argmax(1)).mean()),
+            "max_dp": float(np.abs(probabilities - reference).max()),
+            # head-independent: how far the pooled states moved, relative to their length (median)
+            "state_error": float(((test - reference_states).norm(dim=1) / reference_states.norm(dim=1)).median()),
+            "embed_s": time.perf_counter() - started,
+            "n": len(smiles) - train,
+        }
+    return figures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompts", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train", type=int, default=300)
-    parser.add_argument("--test", type=int, default=200)
+    parser.add_argument("--test", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precision", default=None, help=argparse.SUPPRESS)  # internal: one child run
-    parser.add_argument("--work", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default=None, help=argparse.SUPPRESS)  # internal: one memory child
     args = parser.parse_args()
     if args.precision:
-        print(json.dumps(run_one(args)))
+        print(json.dumps(memory(args)))
         return
-    rows = []
-    with tempfile.TemporaryDirectory() as work:
-        for precision in ("float32", "int8", "int4"):
-            command = [sys.executable, __file__, *sys.argv[1:], "--precision", precision, "--work", work]
-            done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            if done.returncode != 0:
-                sys.exit(f"{precision} run failed:\n{done.stderr[-3000:]}")
-            rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # a partial run still says something
-        reference = np.load(Path(work) / "float32.npy")
-        for row in rows:
-            row["agreement"] = float((np.load(Path(work) / f"{row['precision']}.npy") == reference).mean())
-    base = rows[0]["tokens_per_s"]
-    print("| precision | decode tokens/s | × float32 | RSS after load | peak RSS | BBBP accuracy | ROC-AUC | labels as float32 |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for row in rows:
-        auc = "n/a" if row["roc_auc"] is None else f"{row['roc_auc']:.3f}"
-        print(
-            f"| {row['precision']} | {row['tokens_per_s']:.1f} | ×{row['tokens_per_s'] / base:.2f} | "
-            f"{row['rss_gib']:.2f} GiB | {row['peak_rss_gib']:.2f} GiB | {row['accuracy']:.3f} | {auc} | "
-            f"{row['agreement']:.3f} |"
-        )
+    from kiban.adapt.quantize import quantize_model
 
+    torch.set_num_threads(args.threads)
+    load_before, started = os.getloadavg(), time.time()
+    rows = {}
+    for precision in PRECISIONS:
+        command = [sys.executable, __file__, "--threads", str(args.threads), "--precision", precision]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        if done.returncode != 0:
+            sys.exit(f"{precision} memory run failed:\n{done.stderr[-3000:]}")
+        rows[precision] = json.loads(done.stdout.strip().splitlines()[-1])
+        print(precision, rows[precision], file=sys.stderr, flush=True)  # a partial run still says something
+    reference = build_model()
+    models = {"float32": reference}
+    for precision in PRECISIONS[1:]:
+        models[precision] = quantize_model(copy.deepcopy(reference), precision)
+    for precision, figures in head_figures(models, train=args.train, test=args.test).items():
+        rows[precision].update(figures)
+        print(precision, figures, file=sys.stderr, flush=True)
+    speeds = tokens_per_second(
+        models, tokenizer=reference.tokenizer, prompts=args.prompts, new_tokens=args.new_tokens, repeats=args.repeats
+    )
+    for precision, speed in speeds.items():
+        rows[precision]["tokens_per_s"] = speed
+    base = rows["float32"]
+    print(f"load average (1/5/15 min) before: {' '.join(f'{v:.1f}' for v in load_before)}; "
+          f"after: {' '.join(f'{v:.1f}' for v in os.getloadavg())}; {time.time() - started:.0f} s; "
+          f"{args.threads} threads, {os.cpu_count()} CPUs, torch {torch.__version__}")
+    print(f"head: BBBP probe, {base['n']} test molecules (one molecule = {100 / base['n']:.2f}% accuracy)")
+    print("| precision | decode tokens/s | × float32 | RSS after load | peak RSS | BBBP accuracy | ROC-AUC "
+          "| labels as float32 | max \\|Δp\\| | state error |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for precision, row in rows.items():
+        auc = "n/a" if row["roc_auc"] is None else f"{row['roc_auc']:.4f}"
+        print(
+            f"| {precision} | {row['tokens_per_s']:.2f} | ×{row['tokens_per_s'] / base['tokens_per_s']:.2f} | "
+            f"{row['rss_gib']:.2f} GiB (×{row['rss_gib'] / base['rss_gib']:.2f}) | "
+            f"{row['peak_rss_gib']:.2f} GiB | {row['accuracy']:.4f} | {auc} | {row['agreement']:.4f} | "
+            f"{row['max_dp']:.4f} | {row['state_error']:.3f} |"
+        )
 
 if __name__ == "__main__":
     main()

@@ -221,7 +221,7 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
         "--targets", type=Path, default=None, help="pair heads: a table of target_id, sequence"
     )
     parser.add_argument(
-        "--quantize", choices=("int8", "int4"), default=None, help="weight-only quantised backbone (torchao)"
+        "--quantize", choices=("int8", "int4"), default=None, help="weight-only quantised backbone (kiban.adapt.quantize)"
     )
 
 
@@ -261,7 +261,7 @@ def _embed_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--use-raw", action="store_true", help="h5ad: read adata.raw.X instead of X")
     parser.add_argument(
-        "--quantize", choices=("int8", "int4"), default=None, help="weight-only quantised backbone (torchao)"
+        "--quantize", choices=("int8", "int4"), default=None, help="weight-only quantised backbone (kiban.adapt.quantize)"
     )
 
 

@@ -1,0 +1,105 @@
+"""kiban's CPU weight-only layers (``kiban.adapt.qlinear``) against the formulas, and the quantised
+tiny backbone against float32.
+
+Each layer must multiply by the weight its scheme defines (computed here by hand from the float
+weight: int8 ``round(w / s) * s`` with ``s = max|w| / 127`` per row; int4 ``zero + (q - 8) * s`` with
+``s = (max - min) / 15`` and ``zero = min + 8 s`` per group; scales in bfloat16, the kernels'
+compute type), which checks the kernels' packing and conventions; and be close to the float layer.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from kiban.adapt.qlinear import Int4Linear, Int8Linear
+from kiban.adapt.quantize import quantize_model
+from kiban.tiny import tiny_model
+
+
+def _linear(width: int, out: int, *, bias: bool = False, seed: int = 0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(width, out, bias=bias).eval()
+
+
+def _bf16(t: torch.Tensor) -> torch.Tensor:
+    return t.bfloat16().float()
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def test_int8_linear_multiplies_by_the_per_row_symmetric_weight(monkeypatch):
+    monkeypatch.setattr("kiban.adapt.qlinear._ROWS", 16)  # quantised in blocks of rows, as the LM head is
+    linear = _linear(96, 48, bias=True)
+    layer = Int8Linear.from_linear(linear)
+    w = linear.weight.detach()
+    scale = _bf16(w.abs().amax(dim=1) / 127)
+    by_hand = torch.round(w / scale[:, None]).clamp(-127, 127) * scale[:, None]
+    assert layer.weight.dtype == torch.int8 and layer.weight.abs().amax(dim=1).ge(126).all()
+    x = torch.randn(2, 5, 96)
+    with torch.no_grad():
+        y = layer(x)
+        assert y.shape == (2, 5, 48) and y.dtype == torch.float32
+        # the kernel's output is rounded to bfloat16 (relative 2**-8)
+        assert _relative(y, _bf16(x) @ by_hand.T + linear.bias) < 4e-3
+        assert _relative(y, linear(x)) < 0.01
+
+
+def test_int4_linear_multiplies_by_the_group_wise_asymmetric_weight(monkeypatch):
+    monkeypatch.setattr("kiban.adapt.qlinear._ROWS", 16)
+    linear = _linear(128, 32)
+    layer = Int4Linear.from_linear(linear, group_size=64)
+    groups = linear.weight.detach().reshape(32, 2, 64)
+    low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+    step = _bf16((high - low) / 15)
+    zero = _bf16(low + 8 * step)
+    by_hand = (zero + (torch.round((groups - zero) / step + 8).clamp(0, 15) - 8) * step).reshape(32, 128)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        y = layer(x)
+        assert _relative(y, _bf16(x) @ by_hand.T) < 4e-3
+        assert _relative(y, linear(x)) < 0.1
+
+
+@pytest.mark.parametrize("build", [Int8Linear.from_linear, lambda lin: Int4Linear.from_linear(lin, group_size=32)])
+def test_quantised_layers_take_bfloat16_activations(build):
+    linear = _linear(64, 32)
+    layer = build(linear)
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        y = layer(x.bfloat16())
+        assert y.dtype == torch.bfloat16
+        assert _relative(y.float(), layer(x)) < 0.02
+
+
+def test_int4_linear_refuses_shapes_its_kernel_cannot_pack():
+    with pytest.raises(ValueError, match="divisible by 16"):
+        Int4Linear.from_linear(_linear(64, 24), group_size=32)
+    with pytest.raises(ValueError, match="group size"):
+        Int4Linear.from_linear(_linear(48, 32), group_size=32)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model(["molecule"]).eval()
+
+
+@pytest.mark.parametrize(("mode", "layer", "tolerance"), [("int8", Int8Linear, 0.01), ("int4", Int4Linear, 0.1)])
+def test_quantised_tiny_backbone_is_close_to_float(tiny, mode, layer, tolerance):
+    quantized = quantize_model(copy.deepcopy(tiny), mode)
+    linears = [m for m in tiny.llm.modules() if isinstance(m, nn.Linear)]
+    fits = [m for m in linears if mode == "int8" or Int4Linear.fits(m.in_features, m.out_features, 32)]
+    assert sum(isinstance(m, layer) for m in quantized.llm.modules()) == len(fits) > 0
+    assert quantized.quantization == mode
+    ids = tiny.tokenizer("Name a small molecule, please.", return_tensors="pt").input_ids
+    items = [("molecule", "CCO"), ("molecule", "c1ccccc1O")]
+    with torch.no_grad():
+        assert _relative(quantized.llm(input_ids=ids).logits, tiny.llm(input_ids=ids).logits) < tolerance
+        assert _relative(quantized.embed(items), tiny.embed(items)) < tolerance
+    text = quantized.generate([{"messages": [{"role": "user", "content": "Hi"}]}], max_new_tokens=4)
+    assert isinstance(text[0], str)
