@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from kiban.device import Placement, place_model
 from kiban.encoders.base import InvalidInput
 from kiban.fusion.generation import Completion, GenerationSettings, RowHooks, context_length
 from kiban.serve.settings import BatchingOptions
@@ -130,12 +131,18 @@ class InferenceEngine:
         model_dir: str | Path | None = None,
         heads: Mapping[str, Any] | None = None,
         options: BatchingOptions | None = None,
+        placement: Placement | None = None,
     ) -> None:
-        """Hold the model (or the folder to load it from), its heads and the batching options."""
+        """Hold the model (or the folder to load it from), its heads and the batching options.
+
+        placement: the device and dtype the model is moved to (``kiban.device.resolve_device``);
+        None leaves it where it is. Every batch goes to the model's device (``KibanModel.prepare``).
+        """
         if (model is None) == (model_dir is None):
             raise ValueError("give exactly one of model= and model_dir=")
         self.options = options or BatchingOptions()
-        self.model = model.eval() if model is not None else None
+        self.placement = placement
+        self.model = self._placed(model).eval() if model is not None else None
         self.heads: dict[str, Any] = dict(heads or {})
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.stats = _Stats()
@@ -246,8 +253,12 @@ class InferenceEngine:
             self.load_error = f"{type(error).__name__}: {error}"
             log.error("loading %s failed: %s", self.model_dir, self.load_error)
             return
-        self.model, self.heads = model.eval(), heads
-        log.info("model loaded from %s (%d heads)", self.model_dir, len(heads))
+        self.model, self.heads = self._placed(model).eval(), heads
+        log.info("model loaded from %s (%d heads) on %s", self.model_dir, len(heads), self.model.device)
+
+    def _placed(self, model: Any) -> Any:
+        # heads stay where they are (small, float32): they move each input to their own device
+        return place_model(model, self.placement) if self.placement is not None else model
 
     # -- the public API --------------------------------------------------------------------------
 

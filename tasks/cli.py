@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from kiban.cli import arguments, command
+from kiban.device import add_device_argument
 
 __all__ = ["embed_command", "finetune_command", "predict_command"]
 
@@ -89,6 +90,7 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="passes over the training data (default 200; lora: 10; secondary: 10; contacts: 30)",
     )
+    add_device_argument(parser)
 
 
 @command(
@@ -97,6 +99,7 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
 @arguments(_finetune_arguments)
 def finetune_command(args: argparse.Namespace) -> int:
     """``kiban finetune``: fit a head on a labelled file and save it with its metrics."""
+    from kiban.device import resolve_device
     from kiban.tasks.finetune import FinetuneOptions, finetune
 
     out = args.out or Path("runs") / "finetune" / args.task
@@ -106,7 +109,9 @@ def finetune_command(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"no such labels file: {args.labels_file}")
         # one exact column name per line: commas inside a name are part of it
         labels += [line.strip() for line in args.labels_file.read_text().splitlines() if line.strip()]
+    placement = resolve_device(args.device)  # a missing GPU fails before any data is read
     options = FinetuneOptions(
+        placement=placement,
         task=args.task,
         data=args.data,
         out=out,
@@ -195,14 +200,17 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--targets", type=Path, default=None, help="pair heads: a table of target_id, sequence"
     )
+    add_device_argument(parser)
 
 
 @command("predict", help="predict with a saved head on a file of inputs")
 @arguments(_predict_arguments)
 def predict_command(args: argparse.Namespace) -> int:
     """``kiban predict``: predict with a saved head on a file."""
+    from kiban.device import resolve_device
     from kiban.tasks.predict import predict_file
 
+    placement = resolve_device(args.device)
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     predict_file(
@@ -213,6 +221,7 @@ def predict_command(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         drugs=args.drugs,
         targets=args.targets,
+        placement=placement,
     )
     return 0
 
@@ -231,16 +240,23 @@ def _embed_arguments(parser: argparse.ArgumentParser) -> None:
         help="output file (default NAME.kiban.h5ad / NAME.kiban.npz beside the input)",
     )
     parser.add_argument("--use-raw", action="store_true", help="h5ad: read adata.raw.X instead of X")
+    add_device_argument(parser)
 
 
 @command("embed", help="write the model's pooled embeddings of a file (h5ad: obsm['X_kiban'] + uns['kiban'])")
 @arguments(_embed_arguments)
 def embed_command(args: argparse.Namespace) -> int:
     """``kiban embed``: pooled embeddings of a file's inputs."""
+    from kiban.device import resolve_device
     from kiban.tasks.embed import embed_file
 
     out = embed_file(
-        args.data, model=args.model, out=args.out, use_raw=args.use_raw, progress=sys.stderr.isatty()
+        args.data,
+        model=args.model,
+        out=args.out,
+        use_raw=args.use_raw,
+        progress=sys.stderr.isatty(),
+        placement=resolve_device(args.device),
     )
     print(f"wrote {out}", file=sys.stderr)
     return 0

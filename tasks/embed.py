@@ -37,9 +37,13 @@ def embed_file(
     out: str | Path | None = None,
     use_raw: bool = False,
     progress: bool = False,
+    placement: Any = None,
 ) -> Path:
-    """Embed every input of ``data``; returns the path written (see the module docstring)."""
+    """Embed every input of ``data``; returns the path written (see the module docstring).
+    ``placement``: where the model runs (``kiban.device.resolve_device``; None: the CPU).
+    """
     from kiban.data import Rejects, read, read_h5ad
+    from kiban.device import place_model
     from kiban.tasks.finetune import build_model
     from kiban.tasks.training import embed_items
 
@@ -52,6 +56,8 @@ def embed_file(
     if out.resolve() == data.resolve():
         raise ValueError("the output must be a new file; the input is never overwritten")
     fused = build_model(model, data, use_raw=use_raw)
+    if placement is not None:
+        fused = place_model(fused, placement)
     rejects = Rejects()
     if data.suffix == ".h5ad":
         records = list(

@@ -114,6 +114,7 @@ class FinetuneOptions:
     layer: int | None = None
     loaded_model: Any = None
     save_features: bool = False
+    placement: Any = None  # kiban.device.Placement: where the model runs (None: as loaded, the CPU)
 
     def epochs_for(self, data_type: str) -> int:
         """The number of epochs for ``data_type`` (``epochs``, else the type's default)."""
@@ -420,7 +421,9 @@ def _saved_model(options: FinetuneOptions, model: Any, work: Path) -> str:
 
 
 def _protein_model(options: FinetuneOptions, modalities: tuple[str, ...] = ("protein",)) -> Any:
-    model = build_model(options.model, Path(options.data), seed=options.seed, modalities=modalities)
+    model = _placed(
+        build_model(options.model, Path(options.data), seed=options.seed, modalities=modalities), options
+    )
     missing = [m for m in modalities if m not in model.encoders]
     if missing:
         raise ValueError(f"{options.model} has no {' or '.join(missing)} encoder")
@@ -938,13 +941,20 @@ def _is_number(text: str) -> bool:
 def _model(options: FinetuneOptions) -> Any:
     if options.loaded_model is not None:
         return options.loaded_model
-    return build_model(
+    model = build_model(
         options.model,
         Path(options.data),
         use_raw=options.use_raw,
         seed=options.seed,
         lora=options.mode == "lora",
     )
+    return _placed(model, options)
+
+
+def _placed(model: Any, options: FinetuneOptions) -> Any:
+    from kiban.device import place_model
+
+    return place_model(model, options.placement) if options.placement is not None else model
 
 
 def build_model(

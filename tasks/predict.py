@@ -124,17 +124,22 @@ def predict_file(
     top_k: int | None = None,
     drugs: str | Path | None = None,
     targets: str | Path | None = None,
+    placement: Any = None,
 ) -> int:
     """Write prediction rows as CSV (to ``out`` or stdout; columns by head kind, see the module
     docstring); returns the number of inputs predicted. ``top_k``: contact heads, pairs per protein
     (default: its length). ``drugs`` / ``targets``: pair heads, id tables for a pairs file that
-    names drugs and targets by id.
+    names drugs and targets by id. ``placement``: where the model runs (``kiban.device.resolve_device``;
+    None: the CPU, in float32).
     """
     from kiban.data import Rejects
+    from kiban.device import place_model
 
     head_dir = Path(head_dir)
     head = load_head(head_dir)
     fused = model_for_head(head_dir, head, model)
+    if placement is not None:
+        fused = place_model(fused, placement)
     check_head_fits(head, fused)
     rejects = Rejects()
     limit = _protein_limit(fused)

@@ -140,7 +140,7 @@ def embed_items(
     with torch.no_grad():
         return torch.cat(
             [
-                model.embed([(modality, item) for item in items[i : i + batch_size]], layer=layer).float()
+                model.embed([(modality, item) for item in items[i : i + batch_size]], layer=layer).float().cpu()
                 for i in batches
             ]
         )
