@@ -38,6 +38,7 @@ from kiban.train.checkpoint import (
 from kiban.train.config import TrainConfig
 from kiban.train.objectives import fused_losses
 from kiban.train.optim import build_optimizer, build_scheduler
+from kiban.train.weights import load_stage_weights
 from kiban.version import __version__
 
 __all__ = ["fit_deepspeed_cpu"]
@@ -77,6 +78,8 @@ def fit_deepspeed_cpu(config: TrainConfig, *, cluster: ClusterEnv, resume: Path 
     # parameters are sharded as soon as its __init__ returns, and fair-esm's ESM-2 then
     # initialises a child's weight from the parent (an empty shard by then). See strategies.py.
     model = KibanModel.from_config(config.model)
+    if config.run.init_from and resume is None:  # a resumed run's checkpoint brings its own weights
+        load_stage_weights(model, Path(config.run.init_from))
     apply_freeze_policy(model, config.stage)
     optimizer = build_optimizer(model.named_parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.schedule, max_steps=t.max_steps)
