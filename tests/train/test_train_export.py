@@ -175,3 +175,19 @@ def test_an_fsdp_sharded_checkpoint_exports_its_model(train_config, tmp_path, ca
     expected = model.state_dict()
     assert exported.keys() <= expected.keys()
     assert all(torch.equal(exported[k], expected[k]) for k in exported)
+
+
+def test_a_pretraining_checkpoint_exports_its_encoder(tmp_path, capsys):
+    """``kiban pretrain`` writes DIR/encoder/; export of its checkpoint gives the same encoder folder
+    (the path a sharded pretraining run takes at its end).
+    """
+    from kiban.cli import main
+
+    data = tmp_path / "proteins.fa"
+    data.write_text("".join(f">p{i}\n{'MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ'[i:] * 2}\n" for i in range(12)))
+    run = tmp_path / "pretrain"
+    assert main(["pretrain", "protein", "--data", str(data), "--out", str(run), "--steps", "2", "--preset", "tiny"]) == 0
+    out = _export(run, tmp_path / "encoder", capsys)
+    assert json.loads((out / "config.json").read_text()) == json.loads((run / "encoder" / "config.json").read_text())
+    before, after = _weights(run / "encoder"), _weights(out)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
