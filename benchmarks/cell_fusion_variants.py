@@ -54,12 +54,12 @@ def run_variant(name: str, *, out: Path, seed: int, vocab: list[str], pbmc: Path
     from kiban.tasks.finetune import FinetuneOptions, finetune
 
     encoder, projector = VARIANTS[name]
-    config = default_config().to_dict()
+    config = default_config().to_plain()
     config["encoders"] = {"cell": {**encoder, "gene_vocab": vocab}}
     config["projectors"] = {"cell": projector}
     started = time.perf_counter()
     torch.manual_seed(seed)
-    model = KibanModel.from_config(KibanConfig.from_dict(config)).eval()
+    model = KibanModel.from_config(KibanConfig.from_plain(config)).eval()
     folder = out / name.replace("/", "__")
     shutil.rmtree(folder, ignore_errors=True)
     metrics = finetune(
@@ -110,11 +110,11 @@ def trace_variant(name: str, *, seed: int, vocab: list[str], pbmc: Path) -> list
     labels = adata.obs["bulk_labels"].cat.codes.to_numpy()
     split = random_split(len(labels), seed=seed)
     encoder, projector = VARIANTS[name]
-    config = default_config().to_dict()
+    config = default_config().to_plain()
     config["encoders"] = {"cell": {**encoder, "gene_vocab": vocab}}
     config["projectors"] = {"cell": projector}
     torch.manual_seed(seed)
-    model = KibanModel.from_config(KibanConfig.from_dict(config)).eval()
+    model = KibanModel.from_config(KibanConfig.from_plain(config)).eval()
     cell_encoder = model.encoders["cell"]
     cells = [(row, vocab) for row in matrix]
 

@@ -37,7 +37,7 @@ def _model_folder(encoder_config: dict, target: Path) -> None:
     from kiban.fusion.model import KibanConfig, KibanModel
     from kiban.tiny import tiny_backbone_config
 
-    config = KibanConfig.from_dict(
+    config = KibanConfig.from_plain(
         {"encoders": {"protein": encoder_config}, "backbone": tiny_backbone_config()}
     )
     torch.manual_seed(0)

@@ -16,7 +16,8 @@ import Lightning. See docs/data.md.
 from typing import Any
 
 from kiban.data.batching import chunk_shuffled_batches, length_bucketed_batches, padding_efficiency
-from kiban.data.cells import CellPreprocessing, H5adReader, read_h5ad
+from kiban.data.cell_batches import CellBatchFeaturizer
+from kiban.data.cells import CellPreprocessing, CellRows, H5adReader, read_h5ad
 from kiban.data.datasets import (
     FeaturizerTransform,
     ProcessorTransform,
@@ -37,7 +38,9 @@ from kiban.data.sharding import Shard, current_shard, shard_batches, split_evenl
 from kiban.data.text import read_text, read_text_table
 
 __all__ = [
+    "CellBatchFeaturizer",
     "CellPreprocessing",
+    "CellRows",
     "DataError",
     "FeaturizerTransform",
     "H5adReader",

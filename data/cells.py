@@ -42,7 +42,7 @@ import scipy.sparse
 from kiban.data.readers import collector, register_reader
 from kiban.data.rejects import Record, Reject, Rejects
 
-__all__ = ["CellPreprocessing", "H5adReader", "read_h5ad", "seurat_hvg"]
+__all__ = ["CellPreprocessing", "CellRows", "H5adReader", "read_h5ad", "seurat_hvg"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +114,47 @@ def seurat_hvg(mean: np.ndarray, var: np.ndarray, *, n_top: int, n_bins: int = 2
     return np.nan_to_num(norm, nan=-np.inf) >= cutoff
 
 
+@dataclass(frozen=True)
+class CellRows:
+    """A batch of cells of one file as one CSR matrix: what ``H5adReader.read_batch`` returns.
+
+    reader: the file's reader (gene names, ids, rejects). rows: the file row of each batch row.
+    matrix: [len(rows), len(reader.columns)] float32 CSR, preprocessed, zeros not stored, each row's
+        entries in column order. code: 0 for a usable cell, else the reason the reader rejects it
+        (``H5adReader.problem_reject``).
+    """
+
+    reader: H5adReader
+    rows: np.ndarray
+    matrix: scipy.sparse.csr_matrix
+    code: np.ndarray
+
+    @property
+    def gene_names(self) -> np.ndarray:
+        """The name of each matrix column."""
+        return self.reader.gene_names[self.reader.columns]
+
+    def ids(self, offsets: np.ndarray) -> list[str]:
+        """The obs names of the batch rows at ``offsets``."""
+        return [str(name) for name in self.reader.obs_names[self.rows[offsets]]]
+
+    def rejects(self) -> list[Reject]:
+        """The reader's rejects among these rows, in batch order."""
+        bad = np.flatnonzero(self.code)
+        return [self.reader.problem_reject(int(self.rows[i]), int(self.code[i])) for i in bad]
+
+    def take(self, start: int, stop: int) -> CellRows:
+        """Batch rows [start, stop) as their own ``CellRows``."""
+        return CellRows(self.reader, self.rows[start:stop], self.matrix[start:stop], self.code[start:stop])
+
+    def record(self, offset: int) -> Record:
+        """Batch row ``offset`` as the record ``read_many`` gives (for a per-record fallback)."""
+        lo, hi = self.matrix.indptr[offset], self.matrix.indptr[offset + 1]
+        row = int(self.rows[offset])
+        item = {"genes": self.gene_names[self.matrix.indices[lo:hi]], "values": self.matrix.data[lo:hi]}
+        return Record(str(self.reader.obs_names[row]), "cell", item, f"{self.reader.path}:row {row}")
+
+
 class H5adReader:
     """Streams the cells of one ``.h5ad`` file; also a random-access source for the datasets.
 
@@ -148,6 +189,7 @@ class H5adReader:
         self.layer, self.use_raw, self.chunk_size = layer, use_raw, chunk_size
         self.preprocessing = preprocessing or CellPreprocessing()
         self._adata: Any = None
+        self._csr: tuple[int, Any, Any, np.ndarray] | None = None
         self._warned_csc = False
         self._pid = os.getpid()
         adata = self._open()
@@ -179,11 +221,8 @@ class H5adReader:
 
             featurizer = CellFeaturizer(list(vocab))
             report = featurizer.match_genes(list(self.gene_names))
-            # Which columns match, by the featurizer's own rule (exact, then unambiguous case-insensitive),
-            # asked one name at a time: the cell encoder has no public per-gene match index.
-            self.matched = np.array(
-                [featurizer.match_genes([name]).n_matched == 1 for name in self.gene_names], dtype=bool
-            )
+            # which columns match, by the featurizer's own rule (exact, then unambiguous case-insensitive)
+            self.matched = featurizer.lookup(list(self.gene_names)) >= 0
             self.notes["gene_match"] = {
                 "matched": report.n_matched,
                 "unmatched": report.n_unmatched,
@@ -228,13 +267,14 @@ class H5adReader:
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_adata"] = None
+        state["_csr"] = None
         return state
 
     def close(self) -> None:
         """Close the file (only in the process that opened it)."""
         if self._adata is not None and self._pid == os.getpid():
             self._adata.file.close()
-        self._adata = None
+        self._adata = self._csr = None
 
     def row_lengths(self) -> np.ndarray:
         """Stored entries per cell (for length bucketing), from the CSR index pointer alone."""
@@ -244,20 +284,37 @@ class H5adReader:
             return np.full(len(self), self.n_vars)
         return np.diff(np.asarray(indptr[:]))
 
+    def _csr_datasets(self) -> tuple[Any, Any, np.ndarray] | None:
+        """(data, indices) HDF5 datasets and the whole index pointer of a CSR matrix; None for others.
+
+        Kept per process: looking the datasets up through anndata costs ~1 ms of attribute reads,
+        which every shuffled minibatch would pay, and the index pointer (8 bytes a cell) is read once.
+        """
+        if self._csr is None or self._csr[0] != os.getpid():
+            matrix = self._matrix()
+            group = getattr(matrix, "group", None)
+            if group is None or getattr(matrix, "format", None) != "csr":
+                return None
+            indptr = np.asarray(group["indptr"][:], dtype=np.int64)
+            self._csr = (os.getpid(), group["data"], group["indices"], indptr)
+        return self._csr[1:]
+
     def read_rows(self, start: int, stop: int) -> scipy.sparse.csr_matrix:
         """Rows [start, stop) as float32 CSR, raw (no preprocessing).
 
         A CSR matrix is read straight from its HDF5 datasets (three slice reads); anndata's own
         slicing costs milliseconds of checks per call, which shuffled minibatches would pay often.
         """
+        csr = self._csr_datasets()
+        if csr is not None:
+            data_set, indices_set, row_starts = csr
+            indptr = row_starts[start : stop + 1]
+            lo, hi = int(indptr[0]), int(indptr[-1])
+            data = np.asarray(data_set[lo:hi], dtype=np.float32)
+            indices = np.asarray(indices_set[lo:hi])
+            return scipy.sparse.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.n_vars))
         matrix = self._matrix()
         group = getattr(matrix, "group", None)
-        if group is not None and getattr(matrix, "format", None) == "csr":
-            indptr = np.asarray(group["indptr"][start : stop + 1], dtype=np.int64)
-            lo, hi = int(indptr[0]), int(indptr[-1])
-            data = np.asarray(group["data"][lo:hi], dtype=np.float32)
-            indices = np.asarray(group["indices"][lo:hi])
-            return scipy.sparse.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.n_vars))
         if group is not None and not self._warned_csc:
             self._warned_csc = True
             logger.warning(
@@ -344,11 +401,14 @@ class H5adReader:
         """Records (or rejects) of rows [start, stop), preprocessed, one per row in order."""
         return self._records(np.arange(start, stop))
 
-    def _records(self, rows: np.ndarray) -> list[Record | Reject]:
-        """Records of sorted, distinct ``rows``, read as the one span they lie in."""
+    def _chunk(self, rows: np.ndarray) -> tuple[scipy.sparse.csr_matrix, np.ndarray]:
+        """Sorted, distinct ``rows`` read as the one span they lie in: (CSR, problem code per row).
+
+        The CSR is preprocessed and cut to ``columns``; code 0 ok, 1 non-finite, 2 negative (those rows
+        are emptied), 3 no expressed gene (in the vocabulary, when the reader has one); ``read_batch``
+        adds 4, no gene names (the whole file).
+        """
         self.prepare()
-        if self.problem:
-            return [self._reject(int(row), "no gene names", self.problem) for row in rows]
         start, stop = int(rows[0]), int(rows[-1]) + 1
         chunk = self.read_rows(start, stop)
         if len(rows) < stop - start:
@@ -356,42 +416,54 @@ class H5adReader:
         chunk, code = self._valid(chunk)
         useful = self.columns[self.matched[self.columns]]
         expressed = (chunk if len(useful) == self.n_vars else chunk[:, useful]).getnnz(axis=1)
+        code[(code == 0) & (expressed == 0)] = 3
         chunk = self._transform(chunk)
         if len(self.columns) < self.n_vars:
             chunk = chunk[:, self.columns]
+        return chunk, code
+
+    def problem_reject(self, row: int, code: int) -> Reject:
+        """The reject of file row ``row`` for a non-zero problem code of ``_chunk``."""
+        if code == 1:
+            return self._reject(row, "invalid values", "the cell has NaN or infinite values")
+        if code == 2:
+            return self._reject(
+                row,
+                "negative values",
+                "the cell has negative values: X holds scaled data, not counts; "
+                "read raw (use_raw) or a counts layer",
+            )
+        if code == 4:
+            return self._reject(row, "no gene names", self.problem)
+        scope = " in the vocabulary" if "gene_match" in self.notes else ""
+        return self._reject(row, "no expressed genes", f"the cell has no expressed gene{scope}")
+
+    def _records(self, rows: np.ndarray) -> list[Record | Reject]:
+        """Records of sorted, distinct ``rows``, read as the one span they lie in."""
+        if self.problem:
+            self.prepare()
+            return [self._reject(int(row), "no gene names", self.problem) for row in rows]
+        chunk, code = self._chunk(rows)
         genes = self.gene_names[self.columns][chunk.indices]  # one gather per chunk; rows take views of it
         where = f"{self.path}:row "
         out: list[Record | Reject] = []
         for offset, row in enumerate(rows.tolist()):
-            if code[offset] == 1:
-                out.append(self._reject(row, "invalid values", "the cell has NaN or infinite values"))
-            elif code[offset] == 2:
-                out.append(
-                    self._reject(
-                        row,
-                        "negative values",
-                        "the cell has negative values: X holds scaled data, not counts; "
-                        "read raw (use_raw) or a counts layer",
-                    )
-                )
-            elif expressed[offset] == 0:
-                scope = " in the vocabulary" if "gene_match" in self.notes else ""
-                out.append(self._reject(row, "no expressed genes", f"the cell has no expressed gene{scope}"))
+            if code[offset]:
+                out.append(self.problem_reject(row, int(code[offset])))
             else:
                 lo, hi = chunk.indptr[offset], chunk.indptr[offset + 1]
                 item = {"genes": genes[lo:hi], "values": chunk.data[lo:hi]}
                 out.append(Record(str(self.obs_names[row]), "cell", item, f"{where}{row}"))
         return out
 
-    def read_many(self, indices: Sequence[int]) -> list[Record | Reject]:
-        """Records of arbitrary rows, in the order given.
+    def _spans(self, indices: Sequence[int]) -> Iterator[np.ndarray]:
+        """The distinct rows of ``indices``, sorted, in spans read at once.
 
-        The distinct rows are read in spans: rows closer than ``chunk_size`` to the previous one join
-        its span (the rows between are read and dropped), so a shuffled minibatch drawn from a few
-        chunks of the file costs a few reads, not one per row.
+        Rows closer than ``chunk_size`` to the previous one join its span (the rows between are read
+        and dropped), so a shuffled minibatch drawn from a few chunks of the file costs a few reads,
+        not one per row.
         """
         wanted = np.unique(np.asarray(indices, dtype=np.int64))
-        found: dict[int, Record | Reject] = {}
         first = 0
         for i in range(1, len(wanted) + 1):
             if (
@@ -399,9 +471,35 @@ class H5adReader:
                 or wanted[i] - wanted[i - 1] > self.chunk_size
                 or wanted[i] - wanted[first] >= 4 * self.chunk_size
             ):
-                rows = wanted[first:i]
-                found.update(zip(rows.tolist(), self._records(rows), strict=True))
+                yield wanted[first:i]
                 first = i
+
+    def read_batch(self, indices: Sequence[int]) -> CellRows:
+        """Rows at ``indices``, in that order, as one CSR batch (``CellRows``): no record per cell.
+
+        The same cells, values and rejects as ``read_many``, for featurizers that work on a whole
+        batch (``kiban.data.cell_batches``).
+        """
+        indices = np.asarray(indices, dtype=np.int64)
+        if self.problem or not len(indices):
+            self.prepare()
+            empty = scipy.sparse.csr_matrix((len(indices), len(self.columns)), dtype=np.float32)
+            code = np.full(len(indices), 4 if self.problem else 0, dtype=np.int8)
+            return CellRows(self, indices, empty, code)
+        parts = [(rows, *self._chunk(rows)) for rows in self._spans(indices)]
+        rows = np.concatenate([p[0] for p in parts])
+        matrix = parts[0][1] if len(parts) == 1 else scipy.sparse.vstack([p[1] for p in parts], format="csr")
+        code = np.concatenate([p[2] for p in parts])
+        where = np.searchsorted(rows, indices)  # rows is sorted and holds every index
+        if len(rows) != len(indices) or (where != np.arange(len(indices))).any():
+            matrix, code = matrix[where], code[where]
+        return CellRows(self, indices, matrix, code)
+
+    def read_many(self, indices: Sequence[int]) -> list[Record | Reject]:
+        """Records of arbitrary rows, in the order given (read in spans, see ``_spans``)."""
+        found: dict[int, Record | Reject] = {}
+        for rows in self._spans(indices):
+            found.update(zip(rows.tolist(), self._records(rows), strict=True))
         return [found[int(i)] for i in indices]
 
     def _reject(self, row: int, reason: str, detail: str) -> Reject:

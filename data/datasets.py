@@ -18,7 +18,7 @@ r<rank>-w<worker>.jsonl`` + ``counts-...json``) that ``merge_rejects`` joins aft
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -39,6 +39,7 @@ __all__ = [
     "Sample",
     "ShardedStream",
     "collate_samples",
+    "register_batch_featurizer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -100,11 +101,55 @@ class ProcessorTransform:
         return self.processor.collate(values)
 
 
-class FeaturizerTransform:
-    """Single-modality records through their encoder's featurizer."""
+# modality -> a factory of a featurizer's batch form: featurizer -> (batch of the source -> (ids, batch,
+# rejects)); filled by the data modules that have one (``kiban.data.cell_batches`` for cells)
+BATCH_FEATURIZERS: dict[str, Callable[[Any], Callable[[Any], tuple[list[str], Any, list[Reject]]]]] = {}
 
-    def __init__(self, featurizer: Any) -> None:
+
+def register_batch_featurizer(modality: str) -> Callable[[Any], Any]:
+    """Decorator: ``factory(featurizer)`` featurizes a whole ``source.read_batch(indices)`` at once."""
+
+    def add(factory: Any) -> Any:
+        BATCH_FEATURIZERS[modality] = factory
+        return factory
+
+    return add
+
+
+class FeaturizerTransform:
+    """Single-modality records through their encoder's featurizer.
+
+    Where the modality has a batch featurizer (``register_batch_featurizer``) and the source reads
+    whole batches (``read_batch``, e.g. ``H5adReader``), ``ShardedStream`` takes that path: the
+    same batch, computed over the batch instead of one record at a time. ``vectorised=False``
+    keeps the per-record path.
+    """
+
+    def __init__(self, featurizer: Any, *, vectorised: bool = True) -> None:
         self.featurizer = featurizer
+        factory = BATCH_FEATURIZERS.get(getattr(featurizer, "modality", "")) if vectorised else None
+        self.batched = factory(featurizer) if factory is not None else None
+
+    def batch_reader(
+        self, source: Any
+    ) -> Callable[[Sequence[Sequence[int]]], Iterator[tuple[list[str], Any, list[Reject]]]] | None:
+        """``pool -> (ids, collated batch or None, rejects) per batch`` over ``source``; None: no batch path.
+
+        The pool's rows are read at once (a shuffled pool lies in a few chunks of the file), then
+        each batch is featurized whole.
+        """
+        if self.batched is None or not hasattr(source, "read_batch"):
+            return None
+        batched = self.batched
+
+        def read(pool: Sequence[Sequence[int]]) -> Iterator[tuple[list[str], Any, list[Reject]]]:
+            rows = source.read_batch([i for batch in pool for i in batch])
+            start = 0
+            for batch in pool:
+                yield batched(rows.take(start, start + len(batch)))
+                start += len(batch)
+
+        return read
 
     def __call__(self, record: Record) -> Any:
         """The item's feature dict."""
@@ -290,12 +335,7 @@ class ShardedStream(IterableDataset):
         try:
             for start in range(0, len(batches), self.pool_batches):
                 pool = batches[start : start + self.pool_batches]
-                results = self.source.read_many([i for batch in pool for i in batch])
-                offset = 0
-                for number, batch in enumerate(pool, start=start + 1):
-                    chunk = [_apply(r, self.transform) for r in results[offset : offset + len(batch)]]
-                    offset += len(batch)
-                    collated = collate_samples(chunk, transform=self.transform, rejects=rejects)
+                for number, (batch, chunk, collated) in enumerate(self._pool(pool, rejects), start=start + 1):
                     if counts is not None:
                         # written before the yield: a consumer may stop at any batch (max_steps, a
                         # known length) and never resume this generator
@@ -320,3 +360,27 @@ class ShardedStream(IterableDataset):
                 rejects.write_counts(counts, complete=True, **where)
         finally:
             rejects.close()
+
+    def _pool(
+        self, pool: list[list[int]], rejects: Rejects
+    ) -> Iterator[tuple[list[int], list[Sample | Reject], tuple[list[str], Any] | None]]:
+        """(batch, its rejects or results, (ids, collated) or None) of each batch of a pool, rejects counted.
+
+        A transform with a batch path (``FeaturizerTransform.batch_reader``) reads and featurizes each
+        batch whole; otherwise the pool is read in one ``read_many`` and each record transformed.
+        """
+        batch_reader = getattr(self.transform, "batch_reader", None)
+        read_batch = batch_reader(self.source) if batch_reader is not None else None
+        if read_batch is not None:
+            for batch, (ids, collated, refused) in zip(pool, read_batch(pool), strict=True):
+                for reject in refused:
+                    rejects.reject(id=reject.id, location=reject.location, reason=reject.reason, detail=reject.detail)
+                rejects.accept(len(ids))
+                yield batch, list(refused), ((ids, collated) if ids else None)
+            return
+        results = self.source.read_many([i for batch in pool for i in batch])
+        offset = 0
+        for batch in pool:
+            chunk = [_apply(r, self.transform) for r in results[offset : offset + len(batch)]]
+            offset += len(batch)
+            yield batch, chunk, collate_samples(chunk, transform=self.transform, rejects=rejects)

@@ -396,6 +396,15 @@ class CellFeaturizer:
         """Match one list of gene names (e.g. a whole AnnData's ``var_names``) and report; no state kept."""
         return self._match(gene_names)[1]
 
+    def lookup(self, gene_names: Sequence[Any]) -> np.ndarray:
+        """Vocabulary index of each name by the matching rule (-1: no match); repeats keep their index.
+
+        For matching a file's genes once (the data layer's batch featurizer resolves repeats per cell).
+        """
+        exact, lower = self._exact, self._lower
+        hits = (exact.get(name, lower.get(name.lower(), -1)) for name in map(str, gene_names))
+        return np.fromiter(hits, dtype=np.int64, count=len(gene_names))
+
     def _match(self, gene_names: Sequence[Any]) -> tuple[np.ndarray, GeneMatchReport]:
         """Vocabulary index per name (-1 where unmatched or repeated) and the report of this list."""
         index = np.full(len(gene_names), -1, dtype=np.int64)

@@ -56,6 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -63,10 +64,12 @@ from kiban.encoders.base import (
     Encoder,
     InvalidInput,
     ModalityTokens,
+    byte_table,
     pad_stack,
     read_sequence,
     register_encoder,
     register_preset,
+    sequence_bytes,
 )
 
 __all__ = [
@@ -201,6 +204,10 @@ class DnaFeaturizer:
             self.cls_id, self.sep_id = self.vocab["[CLS]"], self.vocab["[SEP]"]
             self.mask_id: int | None = self.vocab["[MASK]"]
             self.boundary_ids = (self.pad_id, self.cls_id, self.sep_id)
+            # byte -> base token id; byte -> base code 0..3 (N: -1) for k-mer numbers
+            self._base_ids = byte_table({base: self.vocab[base] for base in _BASES})
+            self._codes = byte_table({base: i for i, base in enumerate("ACGT")})
+            self._first_kmer = self.vocab["A" * k] if tokenization == "kmer" else 0
         else:
             self.vocab = dict(hf_tokenizer.get_vocab())
             self.pad_id, self.unk_id = hf_tokenizer.pad_token_id, hf_tokenizer.unk_token_id
@@ -241,7 +248,7 @@ class DnaFeaturizer:
         sequence, item_id = self._sequence(item, item_id)
         if self.rc_augment > 0 and torch.rand((), generator=generator).item() < self.rc_augment:
             sequence = reverse_complement(sequence)
-        ids = self._tokenize(sequence)
+        ids: Any = self._tokenize(sequence) if self.hf_tokenizer is not None else self._token_array(sequence)
         if len(ids) > self.max_length:
             if not self.truncate:
                 raise InvalidInput(
@@ -259,9 +266,8 @@ class DnaFeaturizer:
             ids = ids[: self.max_length]
         if self.hf_tokenizer is not None:
             ids = self.hf_tokenizer.build_inputs_with_special_tokens(ids)
-        else:
-            ids = [self.cls_id, *ids, self.sep_id]
-        return {"tokens": torch.tensor(ids, dtype=torch.long)}
+            return {"tokens": torch.tensor(ids, dtype=torch.long)}
+        return {"tokens": torch.from_numpy(np.concatenate([[self.cls_id], ids, [self.sep_id]]).astype(np.int64))}
 
     def collate(self, features: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Pad tokens into ``tokens`` and ``padding`` tensors [B, N]."""
@@ -284,21 +290,43 @@ class DnaFeaturizer:
         """Sequence tokens (no [CLS]/[SEP]) of a cleaned sequence."""
         if self.hf_tokenizer is not None:
             return self.hf_tokenizer(sequence, add_special_tokens=False)["input_ids"]
-        vocab, k = self.vocab, self.k
-        if self.tokenization == "base" or len(sequence) < k:
-            return [vocab[c] for c in sequence]
+        return self._token_array(sequence).tolist()
+
+    def _token_array(self, sequence: str) -> np.ndarray:
+        """``_tokenize`` over byte lookup tables: no Python step per base.
+
+        k-mers (``itertools.product`` order) are numbered in base 4, so a k-mer's id is the first
+        k-mer's id plus its number. Non-overlapping: in each N-free run of m bases, ``m // k`` k-mers
+        from its start, then the ``m % k`` bases left one by one, and every N alone (what reading
+        greedily from the left gives: a window holding an N or the sequence end is one base).
+        """
+        raw = sequence_bytes(sequence)
+        k = self.k
+        if self.tokenization == "base" or len(raw) < k:
+            return self._base_ids[raw]
+        codes = self._codes[raw]
+        n = len(codes)
+        weights = 4 ** np.arange(k - 1, -1, -1)
         if self.overlapping:
-            windows = (sequence[i : i + k] for i in range(len(sequence) - k + 1))
-            return [vocab.get(window, self.unk_id) for window in windows]
-        ids, i = [], 0
-        while i < len(sequence):
-            window = sequence[i : i + k]
-            if len(window) == k and "N" not in window:
-                ids.append(vocab[window])
-                i += k
-            else:
-                ids.append(vocab[sequence[i]])
-                i += 1
+            windows = np.lib.stride_tricks.sliding_window_view(codes, k)
+            kmers = self._first_kmer + np.maximum(windows, 0) @ weights
+            return np.where((windows < 0).any(axis=1), self.unk_id, kmers)
+        if "N" not in sequence:  # the common case: k-mers from the start, the last n % k bases alone
+            whole = n // k * k
+            return np.concatenate([self._first_kmer + codes[:whole].reshape(-1, k) @ weights, self._base_ids[raw[whole:]]])
+        is_n = codes < 0
+        position = np.arange(n)
+        run_start = np.maximum.accumulate(np.where(is_n, position, -1)) + 1
+        run_end = np.minimum.accumulate(np.where(is_n, position, n)[::-1])[::-1]
+        offset = position - run_start
+        whole = (run_end - run_start) // k * k  # bases of each run covered by k-mers
+        kmer_start = ~is_n & (offset < whole) & (offset % k == 0)
+        single = is_n | (offset >= whole)
+        starts = np.flatnonzero(kmer_start | single)
+        at_kmer = kmer_start[starts]
+        ids = self._base_ids[raw[starts]]
+        first = starts[at_kmer]
+        ids[at_kmer] = self._first_kmer + codes[first[:, None] + np.arange(k)] @ weights
         return ids
 
 

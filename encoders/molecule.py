@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import numpy as np
 import torch
 from rdkit import Chem, rdBase
 from torch import Tensor, nn
@@ -54,6 +55,7 @@ __all__ = [
     "chemprop_default",
     "default",
     "graph_features",
+    "graph_matrices",
     "read_kiban_encoder_dir",
     "register_molecule_kind",
     "tiny",
@@ -158,12 +160,89 @@ def bond_features(bond: Chem.Bond) -> list[float]:
     return row
 
 
+def _column_table(choices: Sequence[Any], size: int) -> np.ndarray:
+    """Position of each integer value 0..size-1 within its one-hot: its index in ``choices``, else "other"."""
+    table = np.full(size, len(choices), dtype=np.int64)
+    for position, value in enumerate(choices):
+        table[int(value)] = position
+    return table
+
+
+# The one-hot column of every categorical atom property value, all six tables end to end: property k's
+# value v (shifted by _ATOM_SHIFTS[k], clipped to its table) is at _ATOM_COLUMNS[_ATOM_STARTS[k] + v].
+# Each table's last entry is "other", so out-of-range values (degree 7, charge -9, an unlisted
+# element) land there.
+_ATOM_SHIFTS = np.array([0, 0, 8, 0, 0, 0])
+_ATOM_SIZES = np.array([130, 16, 17, 16, 16, 32])
+_ATOM_STARTS = np.concatenate([[0], np.cumsum(_ATOM_SIZES)[:-1]])
+_ATOM_COLUMNS = np.concatenate(
+    [
+        offset + _column_table([int(c) + shift for c in choices], size)
+        for offset, choices, shift, size in zip(_ATOM_OFFSETS, _ATOM_ONE_HOTS, _ATOM_SHIFTS, _ATOM_SIZES, strict=True)
+    ]
+)
+_BOND_SIZE = 64
+_BOND_COLUMNS = np.concatenate([offset + _column_table(choices, _BOND_SIZE) for offset, choices in zip(_BOND_OFFSETS, _BOND_ONE_HOTS, strict=True)])
+
+
+def graph_matrices(mol: Chem.Mol) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The "kiban" features of a whole molecule at once: ``atom_features`` / ``bond_features`` row by row.
+
+    Returns (atoms [n_atoms, ATOM_FEATURE_DIM] float32, edge_index [2, 2 * n_bonds] int64, bonds
+    [2 * n_bonds, BOND_FEATURE_DIM] float32), the directed edges paired as ``MoleculeFeaturizer``
+    documents. One pass of RDKit getters per atom and bond into an array, then every one-hot is
+    set by table lookups (the per-atom functions build 133-float lists and convert them one by one).
+    """
+    atom = mol.GetAtomWithIdx  # by index: iterating mol.GetAtoms() goes through a Python wrapper
+    props = np.array(
+        [
+            (
+                a.GetAtomicNum(),
+                a.GetTotalDegree(),
+                a.GetFormalCharge(),
+                a.GetChiralTag(),
+                a.GetTotalNumHs(),
+                a.GetHybridization(),
+                a.GetIsAromatic(),
+                a.IsInRing(),
+                a.GetMass(),
+            )
+            for a in map(atom, range(mol.GetNumAtoms()))
+        ],
+        dtype=np.float64,
+    ).reshape(-1, 9)
+    n = len(props)
+    atoms = np.zeros((n, ATOM_FEATURE_DIM), dtype=np.float32)
+    values = np.minimum(np.maximum(props[:, :6].astype(np.int64) + _ATOM_SHIFTS, 0), _ATOM_SIZES - 1)
+    atoms[np.arange(n)[:, None], _ATOM_COLUMNS[_ATOM_STARTS + values]] = 1.0
+    atoms[:, _ATOM_FLAGS] = props[:, 6]
+    atoms[:, _ATOM_FLAGS + 1] = props[:, 7]
+    atoms[:, _ATOM_FLAGS + 2] = props[:, 8] * 0.01  # in float64, then float32: as the per-atom rows
+    bond = mol.GetBondWithIdx
+    links = np.array(
+        [
+            (b.GetBeginAtomIdx(), b.GetEndAtomIdx(), b.GetBondType(), b.GetStereo(), b.GetIsConjugated(), b.IsInRing())
+            for b in map(bond, range(mol.GetNumBonds()))
+        ],
+        dtype=np.int64,
+    ).reshape(-1, 6)
+    bonds = np.zeros((len(links), BOND_FEATURE_DIM), dtype=np.float32)
+    kinds = np.minimum(np.maximum(links[:, 2:4], 0), _BOND_SIZE - 1) + [0, _BOND_SIZE]
+    bonds[np.arange(len(links))[:, None], _BOND_COLUMNS[kinds]] = 1.0
+    bonds[:, _BOND_FLAGS] = links[:, 4]
+    bonds[:, _BOND_FLAGS + 1] = links[:, 5]
+    # bond k -> edges 2k (begin -> end) and 2k + 1 (end -> begin)
+    edge_index = np.stack([links[:, :2].reshape(-1), links[:, 1::-1].reshape(-1)])
+    return atoms, edge_index, np.repeat(bonds, 2, axis=0)
+
+
 @dataclass(frozen=True)
 class GraphFeatures:
     """One way of turning atoms and bonds into vectors: two functions and their widths.
 
     ``element_columns`` and ``bond_type_columns`` are the (start, stop) columns of the element and
-    bond-type one-hots, which self-supervised objectives read back as class labels.
+    bond-type one-hots, which self-supervised objectives read back as class labels. ``matrices``,
+    where given, computes the same features for a whole molecule at once (``graph_matrices``).
     """
 
     atom: Callable[[Chem.Atom], list[float]]
@@ -172,6 +251,7 @@ class GraphFeatures:
     bond_dim: int
     element_columns: tuple[int, int]
     bond_type_columns: tuple[int, int]
+    matrices: Callable[[Chem.Mol], tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None
 
 
 # MoleculeEncoderConfig.featurizer names one of these. "kiban" is the original feature set (chemprop's
@@ -185,6 +265,7 @@ GRAPH_FEATURES: dict[str, GraphFeatures] = {
         BOND_FEATURE_DIM,
         element_columns=(0, len(ELEMENTS) + 1),
         bond_type_columns=(0, len(BOND_TYPES) + 1),
+        matrices=graph_matrices,
     ),
     **{
         name: GraphFeatures(
@@ -330,6 +411,13 @@ class MoleculeFeaturizer:
                 f"{n_atoms} atoms, more than this encoder's max_atoms={self.max_atoms}",
             )
         features = graph_features(self.features)
+        if features.matrices is not None:
+            atoms, edge_index, bonds = features.matrices(mol)
+            return {
+                "atom_features": torch.from_numpy(atoms),
+                "edge_index": torch.from_numpy(edge_index),
+                "bond_features": torch.from_numpy(bonds),
+            }
         atoms = torch.tensor([features.atom(atom) for atom in mol.GetAtoms()], dtype=torch.float32)
         edges, bonds = [], []
         for bond in mol.GetBonds():

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import esm
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -44,10 +45,12 @@ from kiban.encoders.base import (
     Encoder,
     InvalidInput,
     ModalityTokens,
+    byte_table,
     pad_stack,
     read_sequence,
     register_encoder,
     register_preset,
+    sequence_bytes,
 )
 
 __all__ = [
@@ -122,6 +125,7 @@ class ProteinFeaturizer:
         self.cls_idx = alphabet.cls_idx
         self.eos_idx = alphabet.eos_idx
         self.padding_idx = alphabet.padding_idx
+        self._table = byte_table(self.token_ids)  # residue byte -> ESM token id
 
     def __call__(self, item: Any, *, item_id: Any = None) -> dict[str, Tensor]:
         """ESM tokens of one sequence; ``InvalidInput`` names letters outside the alphabet."""
@@ -141,8 +145,10 @@ class ProteinFeaturizer:
                 self.max_length,
             )
             sequence = sequence[: self.max_length]
-        ids = [self.cls_idx, *(self.token_ids[letter] for letter in sequence), self.eos_idx]
-        return {"tokens": torch.tensor(ids, dtype=torch.long)}
+        ids = np.empty(len(sequence) + 2, dtype=np.int64)
+        ids[0], ids[-1] = self.cls_idx, self.eos_idx
+        ids[1:-1] = self._table[sequence_bytes(sequence)]  # read_sequence checked every letter
+        return {"tokens": torch.from_numpy(ids)}
 
     def collate(self, features: Sequence[dict[str, Tensor]]) -> dict[str, Tensor]:
         """Pad token sequences into ``tokens`` [B, N] with the ESM padding index."""

@@ -28,10 +28,12 @@ import kiban
 from kiban.encoders.base import InvalidInput
 from kiban.fusion.prompt import encode_text
 from kiban.serve import decode
+from kiban.serve.auth import KeyRing
 from kiban.serve.engine import Completion, InferenceEngine, NotReady, RequestTimeout, UnknownTask
 from kiban.serve.errors import ClientDisconnected, add_error_handlers
 from kiban.serve.guard import Guard, TokenBuckets
 from kiban.serve.metrics import CONTENT_TYPE_LATEST, ServeMetrics
+from kiban.serve.retrieval_routes import add_retrieval_routes, ground_chat
 from kiban.serve.schemas import (
     AssistantMessage,
     ChatCompletion,
@@ -129,7 +131,7 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
     add_error_handlers(app, metrics)
     app.add_middleware(
         Guard,
-        keys=settings.api_keys,
+        keys=KeyRing(settings.api_keys, path=settings.api_keys_file),
         buckets=TokenBuckets(rate=settings.rate_limit, burst=settings.rate_burst),
         max_body_bytes=limits.max_body_bytes,
         metrics=metrics,
@@ -151,6 +153,8 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
             )
         return settings.model_name
 
+    add_retrieval_routes(app, settings)  # /v1/search, /v1/documents; the index chat requests read
+
     # -- chat ------------------------------------------------------------------------------------
 
     @app.post(
@@ -165,6 +169,9 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
         # a request the server would refuse anyway is told why, even when the queue is full
         settings = decode.generation_settings(body, limits=limits, vocab_size=len(engine.model.tokenizer))
         engine.check_capacity()
+        grounding = await ground_chat(request, body)  # None unless the request asks for retrieval
+        if grounding is not None:
+            body = grounding.body
         record = await run_in_threadpool(decode.chat_record, body, limits=limits, modalities=known)
         await run_in_threadpool(check_prompt_length, record, settings.max_tokens)
         ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -192,12 +199,15 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
             choices=[
                 Choice(
                     index=0,
-                    message=AssistantMessage(content=answer.text),
+                    message=AssistantMessage(
+                        content=answer.text if grounding is None else grounding.cite(answer.text)
+                    ),
                     finish_reason=answer.finish_reason,
                     logprobs=logprobs,
                 )
             ],
             usage=_usage(answer),
+            citations=None if grounding is None else grounding.citations,
         )
 
     def check_prompt_length(record: dict[str, Any], max_tokens: int) -> None:

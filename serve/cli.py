@@ -35,11 +35,25 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=server.port, help="port (default: %(default)s)")
     parser.add_argument(
         "--api-keys-file",
-        help="file with one bearer API key per line ('#' comments allowed); "
-        "without it the server needs no key and binds loopback only",
+        help="file with one bearer API key per line ('#' comments allowed), optionally followed by "
+        "name=NAME groups=G1,G2 (the document groups the key reads); re-read when it changes. "
+        "Without it the server needs no key and binds loopback only",
     )
     parser.add_argument(
+        "--index",
+        metavar="DIR_OR_URL",
+        help="a document index (kiban index) to serve /v1/search and chat 'retrieval' from; "
+        "each key reads the groups its line in --api-keys-file grants",
+    )
+    parser.add_argument("--reranker", metavar="DIR", help="a local cross-encoder folder that re-ranks passages")
+    parser.add_argument(
         "--model-name", default=server.model_name, help="model id in /v1/models (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        default=None,
+        help="weight-only quantised backbone (torchao); default: as the model was saved, else float32",
     )
     group = parser.add_argument_group("batching")
     group.add_argument(
@@ -152,6 +166,9 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host,
         port=args.port,
         api_keys=read_api_keys(args.api_keys_file) if args.api_keys_file else (),
+        api_keys_file=args.api_keys_file,
+        index=args.index,
+        reranker=args.reranker,
         rate_limit=args.rate_limit,
         rate_burst=args.rate_burst,
         limits=limits,
@@ -166,6 +183,10 @@ def serve(args: argparse.Namespace) -> int:
     )
     args.placement = resolve_device(args.device)  # a GPU that is not there: one line, before anything
     check_model_dir(args.model_dir)  # so is a wrong directory
+    if args.index:  # and a wrong index location
+        from kiban.index.store import open_store
+
+        open_store(args.index, create=False).close()
     if not settings.api_keys:
         log.warning("no --api-keys-file: every route is open to anyone who can reach %s", settings.host)
     if args.threads:
@@ -183,7 +204,9 @@ async def _run(args: argparse.Namespace, settings, options) -> int:
     from kiban.serve.app import create_app
     from kiban.serve.engine import InferenceEngine, NotReady
 
-    engine = InferenceEngine(model_dir=args.model_dir, options=options, placement=args.placement)
+    engine = InferenceEngine(
+        model_dir=args.model_dir, options=options, quantize=args.quantize, placement=args.placement
+    )
     app = create_app(engine, settings)
     config = uvicorn.Config(
         app,

@@ -132,11 +132,14 @@ class InferenceEngine:
         heads: Mapping[str, Any] | None = None,
         options: BatchingOptions | None = None,
         placement: Placement | None = None,
+        quantize: str | None = None,
     ) -> None:
         """Hold the model (or the folder to load it from), its heads and the batching options.
 
         placement: the device and dtype the model is moved to (``kiban.device.resolve_device``);
         None leaves it where it is. Every batch goes to the model's device (``KibanModel.prepare``).
+        quantize (``model_dir`` only): "int8" / "int4" (``kiban.adapt.quantize``), None: as saved;
+        the model is placed first, then quantised for the device it is on.
         """
         if (model is None) == (model_dir is None):
             raise ValueError("give exactly one of model= and model_dir=")
@@ -145,6 +148,7 @@ class InferenceEngine:
         self.model = self._placed(model).eval() if model is not None else None
         self.heads: dict[str, Any] = dict(heads or {})
         self.model_dir = Path(model_dir) if model_dir is not None else None
+        self.quantize = quantize  # model_dir: "int8" / "int4" (kiban.adapt.quantize), None: as saved
         self.stats = _Stats()
         self.load_error: str | None = None
         self._queue: asyncio.Queue[_Job] | None = None
@@ -248,12 +252,12 @@ class InferenceEngine:
 
     def _load(self) -> None:
         try:
-            model, heads = _load_model_dir(self.model_dir)
+            model, heads = _load_model_dir(self.model_dir, quantize=self.quantize, placement=self.placement)
         except Exception as error:  # noqa: BLE001 - any load failure is reported by /readyz and the CLI
             self.load_error = f"{type(error).__name__}: {error}"
             log.error("loading %s failed: %s", self.model_dir, self.load_error)
             return
-        self.model, self.heads = self._placed(model).eval(), heads
+        self.model, self.heads = model.eval(), heads
         log.info("model loaded from %s (%d heads) on %s", self.model_dir, len(heads), self.model.device)
 
     def _placed(self, model: Any) -> Any:
@@ -594,7 +598,9 @@ class InferenceEngine:
             settle()
 
 
-def _load_model_dir(model_dir: Path) -> tuple[Any, dict[str, Any]]:
+def _load_model_dir(
+    model_dir: Path, *, quantize: str | None = None, placement: Placement | None = None
+) -> tuple[Any, dict[str, Any]]:
     """Load the model and its heads from a saved model folder.
 
     (model, heads) of a saved model folder: ``kiban.serve.loading.check_model_dir`` (nothing
@@ -602,12 +608,13 @@ def _load_model_dir(model_dir: Path) -> tuple[Any, dict[str, Any]]:
     each checked against the model by its own rule (a pooled head: the model's width; a
     per-residue or contact head: the protein encoder's width; a pair head: both encoders).
     """
-    from kiban.fusion.model import KibanModel
+    from kiban.adapt.quantize import load_model
     from kiban.serve.loading import check_model_dir
     from kiban.tasks.predict import load_model_heads
 
     root = check_model_dir(model_dir)
-    model = KibanModel.from_pretrained(root).eval()
+    # on the device first, then quantised for it; float32 on the CPU unless asked or saved quantised
+    model = load_model(root, quantize=quantize, placement=placement)
     return model, load_model_heads(root, model)
 
 

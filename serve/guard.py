@@ -3,9 +3,10 @@
 It runs before routing and before any body is parsed, in this order:
 
 1. ``/healthz`` passes untouched (liveness probes carry no key);
-2. a missing or wrong ``Authorization: Bearer <key>`` -> 401 (keys compared with
-   ``hmac.compare_digest`` against every key, so timing tells nothing; keys are never logged, and
-   requests are told apart by the key's position in the file);
+2. a missing or wrong ``Authorization: Bearer <key>`` -> 401 (``auth.KeyRing``: keys compared with
+   ``hmac.compare_digest`` against every key, so timing tells nothing; keys are never logged; a keys
+   file is re-read when it changes). The key's principal (name, document groups) goes into the
+   request's state as ``principal``, and its name identifies the caller to the rate limit;
 3. ``/v1/*`` requests over the key's token bucket -> 429 with ``Retry-After``;
 4. a ``Content-Length`` over ``max_body_bytes`` -> 413 without reading the body; a body sent
    without a length is counted as it arrives and the request answered 413 once it goes over.
@@ -15,7 +16,6 @@ Every request, refused or not, is counted in the metrics under its route templat
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import math
@@ -26,6 +26,7 @@ from typing import Any
 
 from starlette.routing import Match
 
+from kiban.serve.auth import KeyRing
 from kiban.serve.metrics import ServeMetrics
 from kiban.serve.schemas import error_payload
 
@@ -69,13 +70,13 @@ class _BodyTooLarge(Exception):
 
 
 class Guard:
-    """ASGI middleware; ``keys`` empty turns authentication off (the settings allow that on loopback only)."""
+    """ASGI middleware; no keys turns authentication off (the settings allow that on loopback only)."""
 
     def __init__(
         self,
         app: Any,
         *,
-        keys: tuple[str, ...],
+        keys: tuple[str, ...] | KeyRing,
         buckets: TokenBuckets,
         max_body_bytes: int,
         metrics: ServeMetrics,
@@ -83,7 +84,7 @@ class Guard:
     ) -> None:
         """Wrap ``app``; ``routes`` is read lazily because routes are added after the middleware."""
         self.app = app
-        self._keys = [key.encode() for key in keys]
+        self.keys = keys if isinstance(keys, KeyRing) else KeyRing(tuple(keys))
         self.buckets = buckets
         self.max_body_bytes = max_body_bytes
         self.metrics = metrics
@@ -195,19 +196,18 @@ class Guard:
             )
 
     def _client(self, scope: Scope) -> str | None:
-        """The caller's identity for rate limiting ("key-N"), or None when the key is missing or wrong."""
-        if not self._keys:
-            return "anonymous"
+        """The caller's name for rate limiting, or None when the key is missing or wrong.
+
+        The caller's principal is left in ``scope["state"]["principal"]`` for the routes.
+        """
         header = _header(scope, b"authorization") or ""
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token:
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        principal = self.keys.lookup(token)
+        if principal is None:
             return None
-        given = token.strip().encode()
-        found = None
-        for i, key in enumerate(self._keys):  # no early exit: every key is compared
-            if hmac.compare_digest(given, key):
-                found = i
-        return None if found is None else f"key-{found}"
+        scope.setdefault("state", {})["principal"] = principal
+        return principal.name
 
     def _route(self, scope: Scope) -> str:
         for route in self.routes():

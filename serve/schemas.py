@@ -21,10 +21,16 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 __all__ = [
     "CellPart",
+    "Citation",
+    "DocumentList",
+    "RetrievalOptions",
+    "SearchRequest",
+    "SearchResponse",
     "ChatCompletion",
     "ChatCompletionChunk",
     "ChatCompletionRequest",
     "ContactPair",
+    "EntitySpan",
     "ContentPart",
     "DnaPart",
     "EmbeddingRequest",
@@ -183,9 +189,9 @@ class ResponseFormat(_Request):
 # OpenAI chat fields that are declared only so that the server can refuse them by name (a 422 that
 # says why) instead of answering as if they had been honoured: field -> why it is refused.
 REFUSED_CHAT_FIELDS = {
-    "tools": "tool calling is not served yet (the grounded-answers work will add it)",
-    "functions": "function calling is not served yet (the grounded-answers work will add it)",
-    "function_call": "function calling is not served yet (the grounded-answers work will add it)",
+    "tools": "server-side tool calling is not served (the 135M default backbone does not call tools reliably); to ground an answer in your documents send 'retrieval': {} instead (docs/api.md)",
+    "functions": "server-side tool calling is not served (the 135M default backbone does not call tools reliably); to ground an answer in your documents send 'retrieval': {} instead (docs/api.md)",
+    "function_call": "server-side tool calling is not served (the 135M default backbone does not call tools reliably); to ground an answer in your documents send 'retrieval': {} instead (docs/api.md)",
     "audio": "this model answers in text only",
     "prediction": "predicted outputs are not supported",
     "web_search_options": "this server searches nothing",
@@ -193,6 +199,19 @@ REFUSED_CHAT_FIELDS = {
     "reasoning_effort": "this model has no reasoning-effort setting",
     "verbosity": "this model has no verbosity setting",
 }
+
+
+class RetrievalOptions(_Request):
+    """kiban's extension of a chat request: answer from the caller's documents, citing them.
+
+    The last user message is the query; the ``k`` best passages the caller's groups may read are
+    put before the conversation as numbered sources, and the answer lists the sources it was given.
+    """
+
+    k: int = Field(default=4, ge=1, le=20, description="passages to ground the answer in")
+    mode: Literal["hybrid", "dense", "lexical"] = Field(
+        default="hybrid", description="hybrid: dense + lexical fused by reciprocal rank; or one of them"
+    )
 
 
 class ChatCompletionRequest(_Request):
@@ -242,6 +261,11 @@ class ChatCompletionRequest(_Request):
     user: Text | None = Field(default=None, description="accepted; an identifier that changes nothing")
     safety_identifier: Text | None = Field(default=None, description="accepted; changes nothing")
     prompt_cache_key: Text | None = Field(default=None, description="accepted; changes nothing")
+    retrieval: RetrievalOptions | None = Field(
+        default=None,
+        description="kiban extension: ground the answer in the caller's documents (needs a server "
+        "started with --index); the response's 'citations' lists the passages used",
+    )
     tools: list[Any] | None = None
     functions: list[Any] | None = None
     function_call: Any = None
@@ -288,8 +312,22 @@ class Choice(_Model):
     logprobs: ChoiceLogprobs | None = None
 
 
+class Citation(_Model):
+    """A passage an answer was grounded in: source [index] of the answer's text."""
+
+    index: int = Field(description="the number the answer's text cites it by, [index]")
+    doc_id: str
+    chunk_id: str
+    title: str
+    section: str
+    source: str = Field(description="where the document was read from (a path, path#pmid=..., ...)")
+    start: int = Field(description="first character of the passage in the document's text")
+    end: int = Field(description="one past the last character")
+    score: float
+
+
 class ChatCompletion(_Model):
-    """OpenAI's chat completion response."""
+    """OpenAI's chat completion response (``citations``: kiban's extension, with ``retrieval``)."""
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -297,6 +335,9 @@ class ChatCompletion(_Model):
     choices: list[Choice]
     usage: Usage
     system_fingerprint: str | None = None
+    citations: list[Citation] | None = Field(
+        default=None, description="with 'retrieval': the passages given to the model, in [index] order"
+    )
 
 
 class Delta(_Model):
@@ -377,8 +418,9 @@ class PredictRequest(_Request):
     inputs: list[InputItem | PairItem] = Field(
         min_length=1,
         description="raw inputs of the head's modality: strings (sequence, SMILES, text) or typed inputs; "
-        "for a pair head (two 'inputs' in GET /v1/models), two-item arrays [protein, molecule]; "
-        "at most max_inputs items",
+        "a protein / dna head takes {type: protein|dna, ...} parts, an image head image_url parts (a base64 "
+        "data URL), a text head plain strings; for a pair head (two 'inputs' in GET /v1/models), two-item "
+        "arrays [protein, molecule]; at most max_inputs items",
     )
     model: Text | None = None
     top_k: int | None = Field(
@@ -413,6 +455,16 @@ class ContactPair(_Model):
     probability: float = Field(description="probability that the two residues are in contact (Cβ–Cβ < 8 Å)")
 
 
+class EntitySpan(_Model):
+    """One entity a token head found in a text: character offsets into the input, end exclusive."""
+
+    start: int = Field(description="offset of the entity's first character in the input text")
+    end: int = Field(description="offset just past its last character (text[start:end] is the entity)")
+    label: str = Field(description="the entity type (e.g. Chemical, Disease)")
+    text: str = Field(description="the entity's text, text[start:end]")
+    score: float = Field(description="mean probability of the entity's word tags")
+
+
 class Prediction(_Model):
     """One input's answer; which fields are present depends on the head's kind (GET /v1/models)."""
 
@@ -432,6 +484,9 @@ class Prediction(_Model):
     length: int | None = Field(default=None, description="contact: the protein's length L")
     contacts: list[ContactPair] | None = Field(
         default=None, description="contact: the top_k most probable pairs, most probable first"
+    )
+    entities: list[EntitySpan] | None = Field(
+        default=None, description="token_classification: the entities found in the text, in order"
     )
 
 
@@ -454,9 +509,12 @@ class HeadInfo(_Model):
         default_factory=list,
         description="the modalities of one input: one, or two for a pair head (send [protein, molecule])",
     )
-    kind: Literal["classification", "regression", "multilabel", "residue_classification", "contact"] = Field(
+    kind: Literal[
+        "classification", "regression", "multilabel", "residue_classification", "contact", "token_classification"
+    ] = Field(
         description="classification: label + probabilities; regression: values; multilabel: a probability "
-        "per label; residue_classification: residues; contact: length + contacts"
+        "per label; residue_classification: residues; contact: length + contacts; token_classification: "
+        "entities (character offsets into the text)"
     )
     labels: list[str]
     version: str
@@ -507,3 +565,57 @@ def error_payload(
     message: str, *, type: str, param: str | None = None, code: str | None = None
 ) -> dict[str, Any]:
     return ErrorResponse(error=ErrorBody(message=message, type=type, param=param, code=code)).model_dump()
+
+
+# ----------------------------------------------------------------------------------------------
+# Document search (servers started with --index)
+
+
+class SearchRequest(_Request):
+    """A search of the caller's documents."""
+
+    query: Text = Field(min_length=1, max_length=4000)
+    k: int = Field(default=10, ge=1, le=100, description="results to return")
+    mode: Literal["hybrid", "dense", "lexical"] = Field(
+        default="hybrid", description="hybrid: dense + lexical fused by reciprocal rank; or one of them"
+    )
+
+
+class SearchHit(_Model):
+    """One passage found, with where it lies in its document."""
+
+    doc_id: str
+    chunk_id: str
+    title: str
+    section: str
+    source: str
+    start: int
+    end: int
+    score: float = Field(description="hybrid: the fused reciprocal-rank score; dense: cosine; lexical: the store's")
+    ranks: dict[str, int] = Field(description="the passage's 1-based rank in each list it was found in")
+    text: str
+
+
+class SearchResponse(_Model):
+    """Passages of documents the caller's groups may read, best first."""
+
+    object: Literal["list"] = "list"
+    data: list[SearchHit]
+
+
+class DocumentEntry(_Model):
+    """A document the caller may read (its groups: the caller's groups it belongs to)."""
+
+    doc_id: str
+    title: str
+    source: str
+    groups: list[str]
+    chunks: int
+    chars: int
+
+
+class DocumentList(_Model):
+    """The documents the caller's groups may read."""
+
+    object: Literal["list"] = "list"
+    data: list[DocumentEntry]

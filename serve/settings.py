@@ -89,6 +89,11 @@ class ServeSettings:
     """Everything the HTTP layer needs besides the engine.
 
     api_keys: accepted bearer tokens; empty means no authentication (allowed on loopback only).
+    api_keys_file: the keys file they came from; when set, the server re-reads it when it changes,
+        so keys and their document groups change without a restart (``serve/auth.py``).
+    index: a document index (a folder or a ``postgresql://`` URL, see ``kiban index``) that
+        ``/v1/search`` and chat completions with ``retrieval`` read; None serves neither.
+    reranker: a local cross-encoder folder that re-ranks retrieved passages; None: fused order.
     rate_limit: requests per second per key (token bucket, refilled continuously); 0 turns it off.
     rate_burst: bucket size, i.e. how many requests a key may send at once after idling.
     model_name: the id reported by ``/v1/models`` and echoed in responses.
@@ -97,6 +102,9 @@ class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_keys: tuple[str, ...] = ()
+    api_keys_file: str | None = None
+    index: str | None = None
+    reranker: str | None = None
     rate_limit: float = 50.0
     rate_burst: int = 100
     limits: Limits = field(default_factory=Limits)
@@ -116,7 +124,7 @@ class ServeSettings:
         return (
             f"ServeSettings(host={self.host!r}, port={self.port}, api_keys=<{len(self.api_keys)} keys>, "
             f"rate_limit={self.rate_limit}, rate_burst={self.rate_burst}, limits={self.limits}, "
-            f"model_name={self.model_name!r})"
+            f"model_name={self.model_name!r}, index={_redacted(self.index)!r}, reranker={self.reranker!r})"
         )
 
 
@@ -130,19 +138,18 @@ def is_loopback(host: str) -> bool:
 
 
 def read_api_keys(path: str | Path) -> tuple[str, ...]:
-    """Keys from a file, one per line; blank lines and lines starting with ``#`` are skipped.
+    """Keys from a keys file (format: ``serve/auth.py``); blank lines and ``#`` comments are skipped.
 
-    Raises ValueError (never showing a key) when the file holds no key or a key is too short to be
-    a secret.
+    Raises ValueError (never showing a key) when the file holds no key, a key is too short to be
+    a secret, or a line's fields are malformed.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"API keys file {path} does not exist")
-    keys = [line.strip() for line in path.read_text().splitlines()]
-    keys = [key for key in keys if key and not key.startswith("#")]
-    if not keys:
-        raise ValueError(f"API keys file {path} holds no keys (one key per line)")
-    short = [i for i, key in enumerate(keys, 1) if len(key) < 16]
-    if short:
-        raise ValueError(f"API keys file {path}: key(s) number {short} are shorter than 16 characters")
-    return tuple(dict.fromkeys(keys))
+    from kiban.serve.auth import read_keys_file
+
+    return tuple(read_keys_file(path))
+
+
+def _redacted(location: str | None) -> str | None:
+    """An index location without a URL's password."""
+    import re
+
+    return None if location is None else re.sub(r"(://[^:/@]*):[^@]*@", r"\1:***@", location)

@@ -14,6 +14,10 @@ from kiban.device import add_device_argument
 
 __all__ = ["embed_command", "finetune_command", "predict_command"]
 
+# the registered task types (kiban.tasks.types), listed here so that `kiban --help` imports no torch;
+# tests/tasks/test_tasks_modalities.py checks the two lists agree
+TYPES = ("auto", "contacts", "cells", "dti", "secondary", "molecules", "protein", "dna", "image", "text-tags", "text")
+
 
 def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("task", help="the task's name (the head's folder and its /v1/predict/TASK route)")
@@ -22,14 +26,16 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
         required=True,
         type=Path,
         help="a SMILES CSV/TSV, an .h5ad, a folder of PDB/mmCIF files (or its manifest.csv), a per-residue "
-        "state table (sequence + ss3) or a drug-target pairs table",
+        "state table (sequence + ss3), a drug-target pairs table, a protein / DNA FASTA or sequence table, a "
+        "table of image files, or a table of passages",
     )
     parser.add_argument(
         "--type",
         default="auto",
-        choices=("auto", "molecules", "cells", "contacts", "secondary", "dti"),
-        help="what --data holds; auto: a folder or manifest.csv -> contacts, .h5ad -> cells, --drugs/--targets "
-        "or SMILES + sequence columns -> dti, sequence + ss3/ss8 columns -> secondary, else a SMILES table",
+        choices=TYPES,
+        help="what --data holds (kiban.tasks.types); auto: a folder or manifest.csv -> contacts, .h5ad -> cells, "
+        "--drugs/--targets or SMILES + sequence columns -> dti, sequence + ss3/ss8 columns -> secondary, else a "
+        "SMILES table; protein, dna, image, text and text-tags are named",
     )
     parser.add_argument(
         "--labels",
@@ -51,7 +57,8 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
         default="probe",
         choices=("probe", "head", "lora"),
         help="probe: linear head on frozen states; head: one hidden layer; lora: LoRA adapters on the backbone "
-        "trained with a linear head (molecules, cells). Per-residue and contact heads have their own architecture",
+        "trained with a linear head (pooled types: molecules, cells, protein, dna, image, text). Per-residue, "
+        "contact and pair heads have their own architecture",
     )
     parser.add_argument(
         "--out", type=Path, default=None, help="output folder (default runs/finetune/TASK); must not exist"
@@ -62,7 +69,8 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--groups",
         default=None,
-        help="a column of groups held out whole: h5ad obs donors / batches; dti drug_id or target_id (cold split)",
+        help="a column of groups held out whole: h5ad obs donors / batches; dti drug_id or target_id (cold split); "
+        "image: the source image (default source_image); protein / dna: instead of k-mer similarity clusters",
     )
     parser.add_argument("--use-raw", action="store_true", help="h5ad: read adata.raw.X instead of X")
     parser.add_argument("--drugs", type=Path, default=None, help="dti: a table of drug_id, smiles")
@@ -74,7 +82,8 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-length",
         type=int,
         default=None,
-        help="drop proteins longer than this (default 400 residues for secondary and contacts, 1000 for dti)",
+        help="drop proteins longer than this (default 400 residues for secondary and contacts, 1000 for dti and "
+        "protein); dna: drop longer sequences",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
@@ -89,6 +98,13 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="passes over the training data (default 200; lora: 10; secondary: 10; contacts: 30)",
+    )
+    parser.add_argument(
+        "--lm-data",
+        type=Path,
+        default=None,
+        help="lora: held-out general text for the before/after perplexity in metrics.json (default: a "
+        "short general-English sample shipped with kiban); see kiban evaluate",
     )
     add_device_argument(parser)
 
@@ -129,6 +145,7 @@ def finetune_command(args: argparse.Namespace) -> int:
         max_rows=args.max_rows,
         max_length=args.max_length,
         layer=args.layer,
+        lm_data=args.lm_data,
     )
     metrics = finetune(options)
     for result in metrics["results"]:
@@ -170,6 +187,12 @@ def _contacts(metrics: dict) -> str:
     return " ".join(f"{r} P@L {_number(metrics[f'{r}_P@L'])}" for r in ("short", "medium", "long"))
 
 
+def _entities(metrics: dict) -> str:
+    return (
+        f"entity F1 {metrics['f1']:.3f} (precision {metrics['precision']:.3f}, recall {metrics['recall']:.3f})"
+    )
+
+
 # metrics.json "kind" -> the one-line summary of a test result
 _HEADLINES = {
     "multilabel": _multilabel,
@@ -177,6 +200,7 @@ _HEADLINES = {
     "regression": _regression,
     "residue_classification": _residues,
     "contact": _contacts,
+    "token_classification": _entities,
 }
 
 
@@ -186,8 +210,9 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
         "--data",
         required=True,
         type=Path,
-        help="inputs of the head's modality: a SMILES CSV/.smi, a FASTA or sequence table (protein heads, "
-        "per-residue and contact heads too), an .h5ad, or a pairs table (pair heads)",
+        help="inputs of the head's modality: a SMILES CSV/.smi, a FASTA or sequence table (protein and DNA "
+        "heads, per-residue and contact heads too), an .h5ad, a pairs table (pair heads), an image, a folder "
+        "of images or a table of image files (image heads), or a table with a text column (text heads)",
     )
     parser.add_argument(
         "--model", default=None, help="the model the head was trained on (default: the one in head.json)"
@@ -199,6 +224,9 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--drugs", type=Path, default=None, help="pair heads: a table of drug_id, smiles")
     parser.add_argument(
         "--targets", type=Path, default=None, help="pair heads: a table of target_id, sequence"
+    )
+    parser.add_argument(
+        "--quantize", choices=("int8", "int4"), default=None, help="weight-only quantised backbone (torchao)"
     )
     add_device_argument(parser)
 
@@ -221,6 +249,7 @@ def predict_command(args: argparse.Namespace) -> int:
         top_k=args.top_k,
         drugs=args.drugs,
         targets=args.targets,
+        quantize=args.quantize,
         placement=placement,
     )
     return 0
@@ -241,6 +270,9 @@ def _embed_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--use-raw", action="store_true", help="h5ad: read adata.raw.X instead of X")
     add_device_argument(parser)
+    parser.add_argument(
+        "--quantize", choices=("int8", "int4"), default=None, help="weight-only quantised backbone (torchao)"
+    )
 
 
 @command("embed", help="write the model's pooled embeddings of a file (h5ad: obsm['X_kiban'] + uns['kiban'])")
@@ -257,6 +289,7 @@ def embed_command(args: argparse.Namespace) -> int:
         use_raw=args.use_raw,
         progress=sys.stderr.isatty(),
         placement=resolve_device(args.device),
+        quantize=args.quantize,
     )
     print(f"wrote {out}", file=sys.stderr)
     return 0

@@ -23,8 +23,9 @@ import numpy as np
 import torch
 
 from kiban.tasks.heads import HeadConfig, PooledHead, create_head, register_head
+from kiban.tasks.models import embed_items
 from kiban.tasks.splits import Split
-from kiban.tasks.training import FitSettings, embed_items, fit_head
+from kiban.tasks.training import FitSettings, fit_head
 
 __all__ = [
     "PAIR_MODALITIES",

@@ -37,15 +37,16 @@ def embed_file(
     out: str | Path | None = None,
     use_raw: bool = False,
     progress: bool = False,
+    quantize: str | None = None,
     placement: Any = None,
 ) -> Path:
     """Embed every input of ``data``; returns the path written (see the module docstring).
-    ``placement``: where the model runs (``kiban.device.resolve_device``; None: the CPU).
+    ``placement``: where the model runs (``kiban.device.resolve_device``; None: the CPU in float32);
+    it is placed before it is quantised (``quantize``, or as the saved model says).
     """
+    from kiban.adapt.quantize import quantize_model, saved_quantization
     from kiban.data import Rejects, read, read_h5ad
-    from kiban.device import place_model
-    from kiban.tasks.finetune import build_model
-    from kiban.tasks.training import embed_items
+    from kiban.tasks.models import build_model, embed_items
 
     data = Path(data)
     if not data.is_file():
@@ -55,9 +56,9 @@ def embed_file(
         raise ValueError(f"{out} already exists; choose another --out")
     if out.resolve() == data.resolve():
         raise ValueError("the output must be a new file; the input is never overwritten")
-    fused = build_model(model, data, use_raw=use_raw)
-    if placement is not None:
-        fused = place_model(fused, placement)
+    fused = build_model(model, data, use_raw=use_raw, placement=placement)
+    saved = saved_quantization(model) if model != "tiny" else None
+    fused = quantize_model(fused, quantize or saved)  # kiban.adapt.quantize: None leaves it float
     rejects = Rejects()
     if data.suffix == ".h5ad":
         records = list(
@@ -86,6 +87,7 @@ def embed_file(
         "n_embedded": len(records),
         "n_rejected": rejects.rejected,
         "rejected_by_reason": dict(rejects.by_reason),
+        "quantize": getattr(fused, "quantization", None),
     }
     if modality == "cell":
         with staged_file(out) as staged:

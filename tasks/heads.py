@@ -63,8 +63,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # multilabel: independent 0/1 labels; residue_classification: one class per residue of a protein;
-# contact: a probability per residue pair (architectures of kiban.tasks.secondary / .structure)
-HEAD_KINDS = ("classification", "regression", "multilabel", "residue_classification", "contact")
+# contact: a probability per residue pair (architectures of kiban.tasks.secondary / .structure);
+# token_classification: entity spans in text (kiban.tasks.tagging)
+HEAD_KINDS = ("classification", "regression", "multilabel", "residue_classification", "contact", "token_classification")
 CONFIG_FILE = "head.json"
 WEIGHTS_FILE = "head.safetensors"
 # Task names become URL path segments and folder names: keep them plain.
@@ -153,7 +154,7 @@ def list_head_architectures() -> list[str]:
 
 # Modules that register the heads over other states than pooled ones (per-residue, contact, pair);
 # imported on first use so that ``load_head`` knows every built-in architecture.
-_BUILTIN_MODULES = ("kiban.tasks.secondary", "kiban.tasks.structure", "kiban.tasks.dti")
+_BUILTIN_MODULES = ("kiban.tasks.secondary", "kiban.tasks.structure", "kiban.tasks.dti", "kiban.tasks.tagging")
 
 
 def create_head(config: HeadConfig) -> PooledHead:

@@ -89,11 +89,10 @@ def fit_lora(
     states while training; the map is folded into the head at the end (as ``fit_head`` does), so the
     saved head needs no extra statistics. Regression targets are scaled likewise.
     """
-    from kiban.tasks.training import fold_scaling, scaling
+    from kiban.tasks.training import fold_scaling, scaling, train_loop
 
     settings = settings or LoraFitSettings()
     torch.manual_seed(settings.seed)
-    generator = torch.Generator().manual_seed(settings.seed)
     train = torch.as_tensor(list(train), dtype=torch.long)
     valid = [int(v) for v in valid]
     adapters = lora_parameters(model)
@@ -121,47 +120,38 @@ def fit_lora(
         [{"params": head.parameters(), "lr": settings.lr_head}, {"params": adapters, "lr": settings.lr_lora}],
         weight_decay=1e-3,
     )
-    history: dict[str, list[float]] = {"train": [], "valid": []}
-    best, best_state = float("inf"), None
-    epochs = range(settings.epochs)
-    if settings.progress:
-        from tqdm.auto import tqdm
 
-        epochs = tqdm(epochs, desc="training LoRA + head", unit="epoch", leave=False)
-    for _ in epochs:
-        model.train()
-        head.train()
-        total = 0.0
-        for rows in train[torch.randperm(len(train), generator=generator)].split(settings.batch_size):
-            loss = head.loss(forward(rows.tolist()), targets[rows])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            total += float(loss.detach()) * len(rows)
-        history["train"].append(total / len(train))
-        if valid:
-            model.eval()
-            head.eval()
-            with torch.no_grad():
-                current = float(
-                    head.loss(
-                        torch.cat([forward(valid[i : i + 64]) for i in range(0, len(valid), 64)]),
-                        targets[valid],
-                    )
-                )
-            history["valid"].append(current)
-            if current < best:
-                best = current
-                best_state = (
-                    copy.deepcopy(head.state_dict()),
-                    {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n},
-                )
-    if best_state is not None:
-        head.load_state_dict(best_state[0])
-        with torch.no_grad():
-            parameters = dict(model.named_parameters())
-            for name, value in best_state[1].items():
-                parameters[name].copy_(value)
+    def snapshot() -> tuple[dict, dict]:
+        return (
+            copy.deepcopy(head.state_dict()),
+            {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n},
+        )
+
+    @torch.no_grad()
+    def restore(state: tuple[dict, dict]) -> None:
+        head.load_state_dict(state[0])
+        parameters = dict(model.named_parameters())
+        for name, value in state[1].items():
+            parameters[name].copy_(value)
+
+    def valid_loss() -> Tensor:
+        outputs = torch.cat([forward(valid[i : i + 64]) for i in range(0, len(valid), 64)])
+        return head.loss(outputs, targets[valid])
+
+    history = train_loop(
+        [model, head],
+        optimiser,
+        batches=lambda g: (
+            (rows.tolist(), len(rows)) for rows in train[torch.randperm(len(train), generator=g)].split(settings.batch_size)
+        ),
+        loss=lambda rows: head.loss(forward(rows), targets[rows]),
+        epochs=settings.epochs,
+        seed=settings.seed,
+        valid_loss=valid_loss if valid else None,
+        keep_best=(snapshot, restore),
+        progress=settings.progress,
+        desc="training LoRA + head",
+    )
     for param in model.parameters():
         param.requires_grad_(False)
     model.eval()

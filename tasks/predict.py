@@ -9,15 +9,16 @@ beside ``heads/`` in the run folder, so a smoke-test run is self-contained; to s
 
 Heads and what ``kiban predict`` reads and writes (CSV, to ``--out`` or stdout):
 
-    classification      SMILES table / FASTA / h5ad -> id, label, p:LABEL...
+    classification      SMILES table / FASTA / h5ad / images / text table -> id, label, p:LABEL...
     regression          the same inputs               -> id, TARGET...
     multilabel          the same inputs               -> id, p:LABEL...
     residue_classification   FASTA / sequence table -> id, position, residue, label, p:STATE...
     contact             FASTA / sequence table        -> id, i, j, separation, probability (top-k per protein)
+    token_classification   text table                -> id, start, end, label, text, score (one row per entity)
     pair head (protein+molecule)   pairs table         -> id, drug_id, target_id, TARGET...
 
-Importing this module registers the "residue", "contact" and "pair" architectures (they live in
-``kiban.tasks.secondary``, ``.structure`` and ``.dti``), so ``load_head`` finds every kind.
+Importing this module registers the "residue", "contact", "pair" and "token" architectures (they
+live in ``kiban.tasks.secondary``, ``.structure``, ``.dti`` and ``.tagging``), so ``load_head`` finds every kind.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kiban.tasks import dti, secondary, structure  # noqa: F401 - registers the pair / residue / contact heads
+from kiban.tasks import dti, secondary, structure, tagging  # noqa: F401 - registers the pair / residue / contact / token heads
 from kiban.tasks.heads import PooledHead, load_head, load_heads, resolve_model_reference
 
 __all__ = [
@@ -82,16 +83,26 @@ def load_model_heads(model_dir: str | Path, model: Any) -> dict[str, Any]:
     return heads
 
 
-def model_for_head(head_dir: Path, head: PooledHead, model: str | None = None) -> Any:
-    """The model a head predicts with: ``model`` if given, else the one its head.json names."""
-    from kiban.fusion import KibanModel
+def model_for_head(
+    head_dir: Path,
+    head: PooledHead,
+    model: str | None = None,
+    *,
+    quantize: str | None = None,
+    placement: Any = None,
+) -> Any:
+    """The model a head predicts with: ``model`` if given, else the one its head.json names;
+    ``quantize`` and ``placement`` as ``kiban.adapt.quantize.load_model`` (None: as the model was
+    saved, on the CPU).
+    """
+    from kiban.adapt.quantize import load_model
 
     spec = model or head.config.extra.get("model")
     if not spec:
         raise ValueError(f"{head_dir}/head.json names no model; pass --model")
     if not model:
         spec = str(resolve_model_reference(spec, head_dir))
-    return KibanModel.from_pretrained(spec).eval()
+    return load_model(spec, quantize=quantize, placement=placement)
 
 
 _SEQUENCE_READERS = ("fasta", "genbank", "sequence-table")
@@ -104,11 +115,16 @@ def read_inputs(
     read as that modality, or h5ad matched to the vocabulary; ``use_raw`` reads ``raw.X``, as the
     head was trained when its extra says so).
     """
-    from kiban.data import detect_kind, read, read_h5ad
+    from kiban.data import Rejects, detect_kind, read, read_h5ad
 
     if modality == "cell":
         vocab = model.encoders["cell"].featurizer.vocab
         return list(read_h5ad(path, vocab=vocab, use_raw=use_raw, rejects=rejects))
+    if modality == "image" and path.suffix in (".csv", ".tsv"):
+        # the table ``kiban finetune --type image`` trains on: a file column, paths relative to it
+        from kiban.tasks.types.image import read_image_table
+
+        return read_image_table(path, rejects if rejects is not None else Rejects())[0]
     if modality in ("protein", "dna") and detect_kind(path) in _SEQUENCE_READERS:
         # a FASTA of short peptides could pass for DNA: the head says what the sequences are
         return list(read(path, rejects=rejects, modality=modality))
@@ -124,6 +140,7 @@ def predict_file(
     top_k: int | None = None,
     drugs: str | Path | None = None,
     targets: str | Path | None = None,
+    quantize: str | None = None,
     placement: Any = None,
 ) -> int:
     """Write prediction rows as CSV (to ``out`` or stdout; columns by head kind, see the module
@@ -133,13 +150,10 @@ def predict_file(
     None: the CPU, in float32).
     """
     from kiban.data import Rejects
-    from kiban.device import place_model
 
     head_dir = Path(head_dir)
     head = load_head(head_dir)
-    fused = model_for_head(head_dir, head, model)
-    if placement is not None:
-        fused = place_model(fused, placement)
+    fused = model_for_head(head_dir, head, model, quantize=quantize, placement=placement)
     check_head_fits(head, fused)
     rejects = Rejects()
     limit = _protein_limit(fused)
@@ -268,6 +282,13 @@ def _write_contacts(writer, labels, ids, rows, extra) -> None:
             writer.writerow([ident, i, j, j - i, _number(contact["probability"])])
 
 
+def _write_entities(writer, labels, ids, rows, extra) -> None:
+    writer.writerow(["id", "start", "end", "label", "text", "score"])
+    for ident, row in zip(ids, rows):
+        for entity in row["entities"]:
+            writer.writerow([ident, entity["start"], entity["end"], entity["label"], entity["text"], _number(entity["score"])])
+
+
 # head kind -> CSV writer(writer, labels, ids, rows, extra columns per row)
 _WRITERS: dict[str, Callable[..., None]] = {
     "classification": _write_classification,
@@ -275,4 +296,5 @@ _WRITERS: dict[str, Callable[..., None]] = {
     "regression": _write_regression,
     "residue_classification": _write_residues,
     "contact": _write_contacts,
+    "token_classification": _write_entities,
 }

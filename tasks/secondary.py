@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from kiban.tasks import metrics as M
 from kiban.tasks.heads import HeadConfig, register_head
-from kiban.tasks.structure import ProteinTokenHead, progress_range, protein_tokens
+from kiban.tasks.structure import ProteinTokenHead, protein_tokens
 
 __all__ = [
     "ResidueClassifierHead",
@@ -86,22 +86,19 @@ class ResidueHead(nn.Module):
         progress: bool = False,
     ) -> list[float]:
         """Train on (tokens [L, D], states [L] class indices), one protein a step; mean loss per epoch."""
-        generator = torch.Generator().manual_seed(seed)
-        optimiser = torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=1e-2)
-        history = []
-        self.train()
-        for _ in progress_range(epochs, progress=progress, desc="training residue head"):
-            total = 0.0
-            for k in torch.randperm(len(examples), generator=generator).tolist():
-                tokens, states = examples[k]
-                loss = nn.functional.cross_entropy(self(tokens), states)
-                optimiser.zero_grad()
-                loss.backward()
-                optimiser.step()
-                total += float(loss.detach())
-            history.append(total / max(len(examples), 1))
-        self.eval()
-        return history
+        from kiban.tasks.training import train_loop
+
+        history = train_loop(
+            [self],
+            torch.optim.AdamW(self.parameters(), lr=lr, weight_decay=1e-2),
+            batches=lambda g: ((examples[k], 1) for k in torch.randperm(len(examples), generator=g).tolist()),
+            loss=lambda example: nn.functional.cross_entropy(self(example[0]), example[1]),
+            epochs=epochs,
+            seed=seed,
+            progress=progress,
+            desc="training residue head",
+        )
+        return history["train"]
 
 
 def q3_metrics(true: np.ndarray, predicted: np.ndarray, *, states: Sequence[str] = SS3) -> dict[str, Any]:

@@ -22,7 +22,9 @@ __all__ = [
     "length_stratified_split",
     "murcko_scaffold",
     "random_split",
+    "kmer_clusters",
     "scaffold_split",
+    "similarity_split",
 ]
 
 
@@ -142,4 +144,56 @@ def length_stratified_split(
         np.sort(train),
         np.sort(valid_rows).astype(int),
         np.sort(test_rows).astype(int),
+    )
+
+
+def kmer_clusters(sequences: Sequence[str], *, k: int = 3, threshold: float = 0.15, chunk: int = 512) -> np.ndarray:
+    """Cluster ids [N] of sequences grouped by k-mer Jaccard similarity (CD-HIT-like greedy star
+    clustering): longest first, each unassigned sequence founds a cluster and takes every
+    unassigned sequence whose set of k-mers has Jaccard similarity >= ``threshold`` with its own.
+    Pairs are found ``chunk`` rows at a time through a sparse product (no [N, N] matrix held).
+    """
+    from scipy import sparse
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    texts = [str(s).upper() for s in sequences]
+    x = CountVectorizer(analyzer="char", ngram_range=(k, k), lowercase=False, binary=True).fit_transform(texts)
+    x = sparse.csr_matrix(x, dtype=np.float32)
+    sizes = np.asarray(x.sum(1)).ravel()
+    neighbours: list[np.ndarray] = []
+    for start in range(0, len(texts), chunk):
+        shared = (x[start : start + chunk] @ x.T).toarray()
+        union = sizes[start : start + chunk, None] + sizes[None, :] - shared
+        jaccard = shared / np.maximum(union, 1)
+        neighbours.extend(np.flatnonzero(row >= threshold) for row in jaccard)
+    cluster = np.full(len(texts), -1)
+    for i in np.argsort([-len(t) for t in texts], kind="stable"):
+        if cluster[i] >= 0:
+            continue
+        members = neighbours[i][cluster[neighbours[i]] < 0]
+        cluster[members] = i
+        cluster[i] = i
+    return cluster
+
+
+def similarity_split(
+    sequences: Sequence[str],
+    *,
+    k: int = 3,
+    threshold: float = 0.15,
+    valid: float = 0.1,
+    test: float = 0.2,
+    seed: int = 0,
+) -> Split:
+    """Whole k-mer similarity clusters (``kmer_clusters``) to sides: no test sequence has a training
+    sequence of its cluster. The method names k and the threshold.
+    """
+    clusters = kmer_clusters(sequences, k=k, threshold=threshold)
+    if len(set(clusters.tolist())) < 3:
+        raise ValueError(
+            f"the {len(clusters)} sequences fall into {len(set(clusters.tolist()))} k-mer similarity cluster(s) "
+            f"(k={k}, Jaccard >= {threshold}): too few to split; give --groups COL (e.g. the mutated position)"
+        )
+    return _assign_groups(
+        clusters, method=f"kmer-jaccard (k={k}, >= {threshold})", valid=valid, test=test, seed=seed
     )

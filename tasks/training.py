@@ -1,4 +1,5 @@
-"""Fitting a pooled head on frozen features (the "probe" and "head" modes of ``kiban finetune``).
+"""Training task heads: the one loop (``train_loop``) every head kind trains with, and fitting a
+pooled head on frozen features (the "probe" and "head" modes of ``kiban finetune``).
 
 Features are standardised and regression targets scaled to unit variance while training (AdamW
 converges in a few hundred steps on any backbone's scale); both affine maps are then folded into
@@ -9,6 +10,7 @@ values in the labels' own units — the server and ``kiban predict`` need no ext
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +20,7 @@ from torch import Tensor, nn
 
 from kiban.tasks.heads import PooledHead
 
-__all__ = ["FitSettings", "embed_items", "fit_head", "fold_scaling", "scaling"]
+__all__ = ["FitSettings", "fit_head", "fold_scaling", "scaling", "train_loop"]
 
 
 @dataclass
@@ -47,6 +49,65 @@ def scaling(
     return mean, std, t_mean, t_std
 
 
+def train_loop(
+    modules: Sequence[nn.Module],
+    optimiser: torch.optim.Optimizer,
+    *,
+    batches: Callable[[torch.Generator], Iterable[tuple[Any, int]]],
+    loss: Callable[[Any], Tensor],
+    epochs: int,
+    seed: int = 0,
+    valid_loss: Callable[[], float] | None = None,
+    keep_best: tuple[Callable[[], Any], Callable[[Any], None]] | None = None,
+    progress: bool = False,
+    desc: str = "training head",
+) -> dict[str, list[float]]:
+    """The one head-training loop (pooled, per-residue, pairwise, pair and LoRA heads).
+
+    Each epoch draws ``batches(generator)`` — (batch, weight) pairs, the weight being how many
+    examples the batch holds — and takes one AdamW step per batch on ``loss(batch)``. With
+    ``valid_loss``, the state with the lowest validation loss is kept: ``keep_best`` is a
+    (snapshot, restore) pair of callables. ``modules`` are put in train mode while stepping and in
+    eval mode for validation and at the end. Returns {"train": mean loss per example per epoch,
+    "valid": validation loss per epoch (empty without ``valid_loss``)}.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    history: dict[str, list[float]] = {"train": [], "valid": []}
+    best, best_state = float("inf"), None
+    rounds: Any = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        rounds = tqdm(rounds, desc=desc, unit="epoch", leave=False)
+    for _ in rounds:
+        for module in modules:
+            module.train()
+        total, count = 0.0, 0
+        for batch, weight in batches(generator):
+            value = loss(batch)
+            optimiser.zero_grad()
+            value.backward()
+            optimiser.step()
+            total += float(value.detach()) * weight
+            count += weight
+        history["train"].append(total / max(count, 1))
+        if valid_loss is not None:
+            for module in modules:
+                module.eval()
+            with torch.no_grad():
+                current = float(valid_loss())
+            history["valid"].append(current)
+            if keep_best is not None and current < best:
+                best, best_state = current, keep_best[0]()
+        if progress:
+            rounds.set_postfix(loss=f"{history['train'][-1]:.3f}")
+    if keep_best is not None and best_state is not None:
+        keep_best[1](best_state)
+    for module in modules:
+        module.eval()
+    return history
+
+
 def fit_head(
     head: PooledHead,
     features: Tensor,
@@ -61,7 +122,6 @@ def fit_head(
     """
     settings = settings or FitSettings()
     kind = head.config.kind
-    generator = torch.Generator().manual_seed(settings.seed)
     features = features.float()
     mean, std, t_mean, t_std = scaling(features, targets, regression=kind == "regression")
 
@@ -70,35 +130,17 @@ def fit_head(
 
     x, y = scaled(features, targets)
     valid_xy = scaled(*valid) if valid is not None and len(valid[0]) else None
-    optimiser = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
-    history: dict[str, list[float]] = {"train": [], "valid": []}
-    best, best_state = float("inf"), None
-    epochs = range(settings.epochs)
-    if settings.progress:
-        from tqdm.auto import tqdm
-
-        epochs = tqdm(epochs, desc="training head", unit="epoch", leave=False)
-    for _ in epochs:
-        head.train()
-        total = 0.0
-        for rows in torch.randperm(len(x), generator=generator).split(settings.batch_size):
-            loss = head.loss(head(x[rows]), y[rows])
-            optimiser.zero_grad()
-            loss.backward()
-            optimiser.step()
-            total += float(loss.detach()) * len(rows)
-        history["train"].append(total / len(x))
-        if valid_xy is not None:
-            head.eval()
-            with torch.no_grad():
-                current = float(head.loss(head(valid_xy[0]), valid_xy[1]))
-            history["valid"].append(current)
-            if current < best:
-                best, best_state = current, copy.deepcopy(head.state_dict())
-        if settings.progress:
-            epochs.set_postfix(loss=f"{history['train'][-1]:.3f}")
-    if best_state is not None:
-        head.load_state_dict(best_state)
+    history = train_loop(
+        [head],
+        torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay),
+        batches=lambda g: ((rows, len(rows)) for rows in torch.randperm(len(x), generator=g).split(settings.batch_size)),
+        loss=lambda rows: head.loss(head(x[rows]), y[rows]),
+        epochs=settings.epochs,
+        seed=settings.seed,
+        valid_loss=(lambda: head.loss(head(valid_xy[0]), valid_xy[1])) if valid_xy is not None else None,
+        keep_best=(lambda: copy.deepcopy(head.state_dict()), head.load_state_dict),
+        progress=settings.progress,
+    )
     fold_scaling(head, mean, std, t_mean, t_std)
     return history
 
@@ -118,29 +160,3 @@ def fold_scaling(
         last.weight *= t_std.unsqueeze(1)
         last.bias.mul_(t_std).add_(t_mean)
     head.eval()
-
-
-def embed_items(
-    model: Any,
-    modality: str,
-    items: list[Any],
-    *,
-    batch_size: int = 64,
-    layer: int | None = None,
-    progress: bool = True,
-) -> torch.Tensor:
-    """Pooled fused states [N, H] of the frozen model, in batches (with a progress bar); ``layer``
-    as ``KibanModel.embed``'s.
-    """
-    batches = range(0, len(items), batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc=f"embedding {len(items)} {modality} inputs", unit="batch", leave=False)
-    with torch.no_grad():
-        return torch.cat(
-            [
-                model.embed([(modality, item) for item in items[i : i + batch_size]], layer=layer).float().cpu()
-                for i in batches
-            ]
-        )

@@ -162,3 +162,21 @@ def test_no_import_cycle_in_the_package():
 def test_no_module_imports_another_modules_private_names():
     problems = [p for name in MODULES for p in _private_uses(name)]
     assert not problems, "\n".join(problems)
+
+
+def test_no_import_cycle_in_tasks():
+    """The task heads' modules (the fine-tuning driver, every task type, predict, the pair heads)
+    form no cycle, lazy imports included; and the graph does see the task types.
+    """
+    tasks = {name for name in MODULES if name.startswith("kiban.tasks")}
+    assert {"kiban.tasks.pipeline", "kiban.tasks.models", "kiban.tasks.types.protein", "kiban.tasks.predict"} <= tasks
+    graph = {name: targets & tasks for name, targets in _graph().items() if name in tasks}
+    assert _cycles(graph) == [], "import cycles in kiban.tasks"
+    # kiban embed, predict and the pair heads read models, not the fine-tuning pipeline
+    for name in ("kiban.tasks.embed", "kiban.tasks.predict", "kiban.tasks.dti"):
+        assert "kiban.tasks.finetune" not in graph[name] and "kiban.tasks.pipeline" not in graph[name], name
+
+
+def test_no_file_in_tasks_is_over_500_lines():
+    sizes = {path.name: len(path.read_text().splitlines()) for path in (ROOT / "tasks").rglob("*.py")}
+    assert not {name: n for name, n in sizes.items() if n > 500}

@@ -12,6 +12,7 @@ contrastive loss   symmetric InfoNCE (CLIP, Radford et al. 2021) between a recor
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +24,7 @@ from kiban.fusion.merge import merge_modality_tokens
 from kiban.fusion.model import KibanModel
 from kiban.fusion.prompt import IGNORE_INDEX, FusedBatch
 
-__all__ = ["StepLosses", "contrastive_loss", "fused_losses"]
+__all__ = ["StepLosses", "contrastive_loss", "fused_losses", "next_token_loss"]
 
 
 @dataclass
@@ -51,7 +52,7 @@ def fused_losses(
     embeds, mask, labels = merge_modality_tokens(
         batch.input_ids, batch.attention_mask, batch.labels, text, encoded
     )
-    lm_loss = model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    lm_loss = next_token_loss(model.llm, embeds, mask, labels)
     loss, contrastive = lm_loss, None
     if contrastive_weight > 0:
         contrastive = contrastive_loss(model, batch, encoded, temperature=temperature)
@@ -63,6 +64,31 @@ def fused_losses(
         int(mask.sum()),
         int(mask.shape[1]),
     )
+
+
+def next_token_loss(llm: torch.nn.Module, embeds: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of the labelled next tokens: the Hugging Face causal-LM loss, computed lean.
+
+    ``llm(..., labels=labels).loss`` projects every position onto the whole vocabulary ([B, L, V]
+    float32 logits: 4 x 300 x 49,152 is 236 MB for SmolLM2, and as much again for their gradient,
+    every step) although only the positions before an answer token carry loss. Here the LLM
+    projects just those (its ``logits_to_keep`` mask) and the loss is Hugging Face's own formula
+    (float32 logits, labels shifted by one, mean over the labelled tokens). Backbones whose
+    forward has no ``logits_to_keep`` get the plain call.
+    """
+    if not _keeps_logits(llm):
+        return llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+    targets = labels[:, 1:]
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = targets != IGNORE_INDEX  # position p predicts token p + 1
+    logits = llm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets[keep[:, :-1]])
+
+
+def _keeps_logits(llm: torch.nn.Module) -> bool:
+    """Whether the (possibly PEFT-wrapped) causal LM's forward takes a ``logits_to_keep`` mask."""
+    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
 
 
 def contrastive_loss(

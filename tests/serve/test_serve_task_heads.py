@@ -261,6 +261,7 @@ def test_the_document_describes_the_new_shapes(api):
         "multilabel",
         "residue_classification",
         "contact",
+        "token_classification",
     }
 
 

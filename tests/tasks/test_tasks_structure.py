@@ -109,7 +109,7 @@ def test_attention_contact_head_and_prior_on_real_structures(structures):
 
 def test_evaluate_contacts_splits_by_structure(structures):
     from kiban.encoders import create_encoder
-    from kiban.tasks.structure import evaluate_contacts
+    from kiban.tasks.contact_fitting import evaluate_contacts
 
     torch.manual_seed(0)
     encoder = create_encoder("protein", preset="tiny").eval()
