@@ -61,6 +61,7 @@ COMMANDS = {
     "embed": ["embed", "no-such.h5ad"],
     "variants": ["variants", "--wild-type", "MKT", "--variants", "no-such.csv"],
     "quickstart": ["quickstart", "--out", "no-such-run", "--model", "tiny"],
+    "evaluate": ["evaluate", "no-such-model-dir"],
 }
 
 
@@ -121,3 +122,36 @@ def test_a_bfloat16_engine_serves_the_float32_answers():
         assert a["probabilities"].keys() == b["probabilities"].keys()
         assert max(abs(a["probabilities"][k] - b["probabilities"][k]) for k in a["probabilities"]) < 0.05
     assert completion_half.completion_tokens >= 1 and completion_full.completion_tokens >= 1
+
+
+def test_a_model_is_placed_then_quantised_and_serves_close_to_float(tmp_path):
+    """``--device`` with ``--quantize``: the weights reach the device (bfloat16, as on a GPU) before
+    torchao quantises them, so the backbone's linears hold int8 weights, everything else is in the
+    placement's dtype, and the engine's vectors stay close to the float32 model's.
+    """
+    from torchao.utils import TorchAOBaseTensor
+
+    from kiban.adapt.quantize import load_model
+    from kiban.serve import InferenceEngine
+
+    tiny_model(["protein"], seed=0).save_pretrained(tmp_path / "model")
+    bf16 = Placement(torch.device("cpu"), torch.bfloat16)
+    model = load_model(tmp_path / "model", quantize="int8", placement=bf16)
+    linears = [m for m in model.llm.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m.weight, TorchAOBaseTensor) for m in linears)
+    others = [p for n, p in model.named_parameters() if not isinstance(p, TorchAOBaseTensor)]
+    assert others and {p.dtype for p in others} == {torch.bfloat16}
+
+    async def vectors(**engine_options):
+        engine = InferenceEngine(model_dir=tmp_path / "model", **engine_options)
+        await engine.start()
+        try:
+            await engine.wait_ready()
+            assert getattr(engine.model, "quantization", None) == engine_options.get("quantize")
+            return (await engine.embed([("protein", "MKTAYIAKQRQISFVKSHFSRQ")])).float()
+        finally:
+            await engine.stop()
+
+    full = asyncio.run(vectors())
+    quantised = asyncio.run(vectors(placement=bf16, quantize="int8"))
+    assert torch.nn.functional.cosine_similarity(quantised, full).min() > 0.98
