@@ -248,6 +248,9 @@ def _wait(ready, what: str, cluster: SlurmCluster, timeout: float = 60) -> None:
 # A multi-node cluster on one machine: each slurmd a node in its own network namespace.
 
 
+MULTINODE_CPUS = 4  # job slots per node of the multi-node cluster
+
+
 @dataclass
 class Namespaces:
     """The network namespaces, veth pairs and bridge one fixture created (and only those)."""
@@ -310,10 +313,11 @@ def _make_network(tag: str, subnet: str, nodes: int) -> Namespaces:
 
 
 def _write_multinode_conf(root: Path, host: str, subnet: str, nodes: list[str], munge_socket: Path) -> Path:
-    cpus = os.cpu_count() or 1
+    # Every node is this machine: each offers MULTINODE_CPUS slots (config_overrides: slurmd takes
+    # the configured count, not the cores it sees), so the tests' four one-CPU-per-node jobs run at once
     conf = root / "slurm.conf"
     lines = [
-        f"NodeName={name} NodeAddr={subnet}.1{i} CPUs={cpus} RealMemory=2048 State=UNKNOWN"
+        f"NodeName={name} NodeAddr={subnet}.1{i} CPUs={MULTINODE_CPUS} RealMemory=2048 State=UNKNOWN"
         for i, name in enumerate(nodes, start=1)
     ]
     conf.write_text(f"""\
@@ -342,6 +346,7 @@ JobRequeue=1
 ReturnToService=2
 KillWait=5
 MinJobAge=600
+SlurmdParameters=config_overrides
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 {chr(10).join(lines)}
@@ -350,7 +355,7 @@ PartitionName=kiban Nodes={",".join(nodes)} Default=YES MaxTime=INFINITE State=U
     return conf
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def slurm_multinode(tmp_path_factory):
     """A Slurm cluster: slurmctld + munged here, two slurmd each in its own network namespace (its own
     address, hostname and /etc/hosts, which names the nodes), joined by a bridge. A job on both
