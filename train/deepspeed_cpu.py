@@ -46,6 +46,19 @@ __all__ = ["fit_deepspeed_cpu"]
 log = logging.getLogger(__name__)
 
 
+def _skip_shared_memory_op() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce op on the CPU accelerator.
+
+    DeepSpeed's torch backend JIT-builds ``deepspeed_shm_comm`` (a C++ build of minutes on a small
+    machine, repeated whenever another environment rebuilt the shared torch-extensions cache) only
+    to speed up ``inference_all_reduce`` between ranks of one host; training here talks over gloo,
+    within a node and across nodes, and never calls it.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # build_shm_op() returns None
+
+
 def fit_deepspeed_cpu(config: TrainConfig, *, cluster: ClusterEnv, resume: Path | None) -> int:
     """Train with raw DeepSpeed on the CPU; returns the final global step."""
     import deepspeed
@@ -64,6 +77,7 @@ def fit_deepspeed_cpu(config: TrainConfig, *, cluster: ClusterEnv, resume: Path 
         ("MASTER_PORT", cluster.main_port),
     ):
         os.environ.setdefault(key, str(value))  # what deepspeed.init_distributed reads
+    _skip_shared_memory_op()
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     pl.seed_everything(config.seed, verbose=False)

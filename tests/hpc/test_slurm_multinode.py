@@ -26,7 +26,7 @@ SMOKE = Path(__file__).resolve().parents[2] / "configs" / "smoke.yaml"
 # that SIGUSR1, sent once step 1 is logged, reaches both ranks with most of the run still ahead
 STEPS = 40
 PROTEIN = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"
-STRATEGIES = {"ddp": "DDPStrategy", "deepspeed_stage_2": "DeepSpeedStrategy"}
+STRATEGIES = {"ddp": "DDPStrategy", "deepspeed_stage_2": "raw DeepSpeed deepspeed_stage_2"}  # meta.json strategy
 
 
 def _submit(cluster, run_dir: Path, strategy: str) -> str:
