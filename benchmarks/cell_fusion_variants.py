@@ -40,6 +40,15 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     # the profile token alone, through a per-token projector: one LLM position per cell
     "profile/mlp2": ({**QUICKSTART_TRUNK, "profile_token": "only", "width": 576}, {"kind": "mlp2"}),
     "profile/linear": ({**QUICKSTART_TRUNK, "profile_token": "only", "width": 576}, {"kind": "linear"}),
+    # the linear projector started as an orthogonal map times a gain (kiban.fusion.projector): the
+    # cell arrives unmixed, and the gain decides how much of it the first decoder layers keep
+    **{
+        f"profile/linear-orth{gain}": (
+            {**QUICKSTART_TRUNK, "profile_token": "only", "width": 576},
+            {"kind": "linear", "init": "orthogonal", "gain": float(gain)},
+        )
+        for gain in (1, 8, 32, 64, 256)
+    },
     # profile token + every gene token, each projected on its own (no resampler): ~766 positions
     "profile+genes/mlp2": ({**QUICKSTART_TRUNK, "profile_token": "first"}, {"kind": "mlp2"}),
 }

@@ -30,6 +30,11 @@ class ProjectorConfig:
     depth: int = 2  # resampler only: cross-attention blocks
     num_heads: int = 4  # resampler only
     dropout: float = 0.0
+    # linear only: "default" is PyTorch's uniform init; "orthogonal" starts as a (semi-)orthogonal
+    # map times ``gain`` with zero bias, so a token arrives with all its directions intact and at a
+    # norm the backbone's residual stream keeps through its first layers (see LinearProjector)
+    init: str = "default"
+    gain: float = 1.0
 
 
 _PROJECTORS: dict[str, Callable[..., nn.Module]] = {}
@@ -55,6 +60,8 @@ def create_projector(config: ProjectorConfig, *, in_dim: int, out_dim: int) -> n
         cls = _PROJECTORS[config.kind]
     except KeyError:
         raise KeyError(f"no projector kind {config.kind!r}; known: {', '.join(list_projectors())}") from None
+    if (config.init, config.gain) != ("default", 1.0) and config.kind != "linear":
+        raise ValueError(f"projector init={config.init!r}, gain={config.gain} applies to kind 'linear' only, not {config.kind!r}")
     return cls(config, in_dim=in_dim, out_dim=out_dim)
 
 
@@ -64,6 +71,16 @@ class LinearProjector(nn.Module):
         super().__init__()
         self.config = config
         self.proj = nn.Linear(in_dim, out_dim)
+        if config.init == "orthogonal":
+            # PyTorch's default init shrinks a whole-profile cell token (norm ~1) to a norm of ~0.6
+            # and mixes its directions; the backbone's first layers then write over it. An
+            # orthogonal map keeps every direction (logistic regression on the projected cell equals
+            # that on the encoder's token), and the gain sets how much of it survives to layer 2
+            # (benchmarks/cell_fusion_variants.py).
+            nn.init.orthogonal_(self.proj.weight, gain=config.gain)
+            nn.init.zeros_(self.proj.bias)
+        elif config.init != "default":
+            raise ValueError(f"projector init {config.init!r}: expected 'default' or 'orthogonal'")
 
     def forward(self, tokens: ModalityTokens) -> ModalityTokens:
         return ModalityTokens(self.proj(tokens.embeddings), tokens.mask)

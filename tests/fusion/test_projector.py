@@ -32,3 +32,22 @@ def test_projector_maps_to_llm_width_and_ignores_padding(kind):
 def test_unknown_projector_kind_names_the_choices():
     with pytest.raises(KeyError, match="linear"):
         create_projector(ProjectorConfig(kind="transformer"), in_dim=4, out_dim=4)
+
+
+def test_orthogonal_linear_projector_keeps_every_direction_at_its_gain():
+    # what the quickstart's cell path relies on: a token comes out rotated and scaled, not mixed
+    # down, so a linear read-out of the projected token equals one of the encoder's
+    projector = create_projector(ProjectorConfig(kind="linear", init="orthogonal", gain=8.0), in_dim=12, out_dim=16)
+    weight = projector.proj.weight.detach()
+    torch.testing.assert_close(weight.T @ weight, 64.0 * torch.eye(12), atol=1e-4, rtol=1e-4)
+    assert not projector.proj.bias.detach().any()
+    tokens = _tokens([4])
+    out = projector(tokens)
+    torch.testing.assert_close(out.embeddings.norm(dim=-1), 8.0 * tokens.embeddings.norm(dim=-1))
+
+
+def test_projector_init_refusals_name_the_setting():
+    with pytest.raises(ValueError, match="'xavier'"):
+        create_projector(ProjectorConfig(kind="linear", init="xavier"), in_dim=4, out_dim=4)
+    with pytest.raises(ValueError, match="linear' only, not 'mlp2'"):
+        create_projector(ProjectorConfig(kind="mlp2", init="orthogonal", gain=4.0), in_dim=4, out_dim=4)
