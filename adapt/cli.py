@@ -5,6 +5,10 @@ read it) with every source's heads in ``heads/``, ``merge.json`` (the recipe as 
 and ``metrics.json``: perplexity on general text (and on the recipe's instruction set) of the base,
 of each source and of the merged model, plus each head's metric on the source it came from and on
 the merged model when the recipe names a labelled file for it (``evaluate.heads``).
+
+``kiban evaluate`` takes ``--device`` as every command that runs the model does. ``kiban merge``
+runs on the CPU in float32 on purpose: it writes weights, and the bfloat16 a GPU would run in
+would round the merged weights it saves.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sys
 from pathlib import Path
 
 from kiban.cli import arguments, command
+from kiban.device import add_device_argument
 
 __all__ = ["evaluate_command", "merge_command"]
 
@@ -131,6 +136,7 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         help="a labelled file to score the head of TASK on (as kiban finetune reads it); repeatable",
     )
     parser.add_argument("--quantize", choices=("int8", "int4"), default=None, help="evaluate the model quantised")
+    add_device_argument(parser)
     parser.add_argument("--out", type=Path, default=None, help="also write the report as JSON here")
 
 
@@ -141,15 +147,17 @@ def evaluate_command(args: argparse.Namespace) -> int:
     from kiban.adapt.evaluation import evaluate_model
     from kiban.adapt.quantize import load_model
     from kiban.atomic import dumps_json, write_json
+    from kiban.device import resolve_device
     from kiban.tasks.predict import load_model_heads
 
+    placement = resolve_device(args.device)  # a missing GPU: one line, before the model is read
     head_data = {}
     for value in args.head_data:
         task, mark, file = value.partition("=")
         if not mark or not task or not file:
             raise ValueError(f"--head-data takes TASK=FILE, got {value!r}")
         head_data[task] = file
-    model = load_model(args.model, quantize=args.quantize)
+    model = load_model(args.model, quantize=args.quantize, placement=placement)
     heads = load_model_heads(args.model, model)
     report = evaluate_model(
         model, heads, lm_data=args.lm_data, instructions=args.instructions, head_data=head_data

@@ -195,9 +195,13 @@ def saved_quantization(directory: str | Path) -> str | None:
     return mode
 
 
-def load_model(directory: str | Path, *, quantize: str | None = None) -> Any:
-    """``KibanModel.from_pretrained(directory)`` in eval mode, quantised as ``quantize`` says, else as
-    the folder was saved (``quantization.json``), else float.
+def load_model(directory: str | Path, *, quantize: str | None = None, placement: Any = None) -> Any:
+    """``KibanModel.from_pretrained(directory)`` in eval mode, on ``placement``'s device and dtype
+    (``kiban.device.resolve_device``; None: the CPU in float32), then quantised as ``quantize`` says,
+    else as the folder was saved (``quantization.json``), else left float.
+
+    The model is placed before it is quantised: torchao picks its kernels by the device the weights
+    are on (int4: tinygemm's CUDA or CPU packing), and a quantised tensor is not moved or cast after.
     """
     from kiban.fusion.model import KibanModel
 
@@ -205,4 +209,8 @@ def load_model(directory: str | Path, *, quantize: str | None = None) -> Any:
     if quantize is not None and saved is not None and quantize != saved:
         log.warning("%s was saved %s-quantised; quantising it as %s instead", directory, saved, quantize)
     model = KibanModel.from_pretrained(directory).eval()
+    if placement is not None:
+        from kiban.device import place_model
+
+        model = place_model(model, placement)
     return quantize_model(model, quantize or saved)

@@ -8,7 +8,9 @@ instead with ``--config`` (and ``KEY=VALUE`` overrides), e.g. the real backbone 
     .venv/bin/python benchmarks/train_throughput.py                       # CPU, fixed tiny config
     .venv/bin/python benchmarks/train_throughput.py --config configs/align.yaml \
         data.train=tiny data.val=null data.tiny_records=512 data.batch_size=16 \
-        trainer.strategy=deepspeed_stage_2 trainer.precision=bf16-mixed        # GPU: MFU
+        trainer.strategy=deepspeed_stage_2 trainer.precision=bf16-mixed        # GPU
+    .venv/bin/python benchmarks/train_throughput.py --config configs/mfu_llama1b.yaml \
+        --seq-len 2048                       # GPU: MFU of a 1.1 B Llama, bf16, ZeRO-2, Lightning
 
 MFU = (6·N·tokens + 12·L·d·Σ tokens·T) / (seconds · devices · peak), see kiban/train/flops.py.
 """
@@ -70,12 +72,46 @@ class Measure(pl.Callback):
         return tuple(sum(step[i] for step in steps) / seconds for i in (1, 2, 3))
 
 
+def write_long_records(path: Path, *, chars: int, n: int, seed: int = 0) -> None:
+    """``n`` chat records with a protein and a molecule and an assistant answer of ``chars``
+    characters of seeded random words (the byte tokenizer gives one token per character).
+    """
+    import random
+
+    rng = random.Random(seed)
+    words = "protein binds kinase domain cell expression gene pathway ligand residue fold".split()
+    with path.open("w") as handle:
+        for i in range(n):
+            answer = ""
+            while len(answer) < chars:
+                answer += rng.choice(words) + " "
+            record = {
+                "id": f"long{i}",
+                "messages": [
+                    {"role": "user", "content": "Describe <protein> and how <molecule> acts on it."},
+                    {"role": "assistant", "content": answer[:chars]},
+                ],
+                "inputs": {
+                    "protein": ["".join(rng.choice("ACDEFGHIKLMNPQRSTVWY") for _ in range(200))],
+                    "molecule": ["CC(=O)Oc1ccccc1C(=O)O"],
+                },
+            }
+            handle.write(json.dumps(record) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default=str(ROOT / "configs" / "smoke.yaml"))
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     parser.add_argument("--steps", type=int, default=30, help="measured optimizer steps")
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the measurement")
+    parser.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="train on written records whose assistant answer is this many characters (byte-tokenizer "
+        "tokens) instead of data.train: long sequences, as an MFU measurement needs",
+    )
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -85,6 +121,10 @@ def main() -> None:
 
     overrides = FIXED if args.config.endswith("smoke.yaml") else []
     with tempfile.TemporaryDirectory() as run_dir:
+        if args.seq_len:
+            records = Path(run_dir) / "long.jsonl"
+            write_long_records(records, chars=args.seq_len, n=512)
+            overrides = [*overrides, f"data.train={records}"]
         config = load_config(
             args.config,
             [

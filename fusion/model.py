@@ -115,7 +115,8 @@ class KibanModel(nn.Module):
         """Encode and project every modality in the batch: slot id -> tokens of width H."""
         out = {}
         for modality, features in batch.features.items():
-            tokens = self.encoders[modality](**features)
+            encoder = self.encoders[modality]
+            tokens = encoder(**_in_dtype_of(encoder, features))
             out[slot_id(self.processor.modalities.index(modality))] = self.projectors[modality](tokens)
         return out
 
@@ -368,6 +369,16 @@ def _hidden_states(decoder: nn.Module, embeds: Tensor, mask: Tensor, *, layer: i
     finally:
         handle.remove()
     raise RuntimeError(f"decoder layer {layer} never ran")  # pragma: no cover - the hook always fires
+
+
+def _in_dtype_of(module: nn.Module, features: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Floating-point features in the dtype of ``module``'s weights (bf16 when the model was placed
+    in bf16 on a GPU); featurizers always give float32, and ids and masks keep their dtype.
+    """
+    weight = next((p for p in module.parameters() if p.is_floating_point()), None)
+    if weight is None or weight.dtype == torch.float32:
+        return features
+    return {k: v.to(weight.dtype) if v.is_floating_point() else v for k, v in features.items()}
 
 
 def _inside(directory: Path, relative: str) -> Path:

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from kiban.cli import arguments, command
+from kiban.device import add_device_argument, resolve_device
 
 
 def _quickstart_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +31,7 @@ def _quickstart_arguments(parser: argparse.ArgumentParser) -> None:
         help="default: six encoders + SmolLM2-135M-Instruct; tiny: a tiny random model (smoke tests, seconds)",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    add_device_argument(parser)
 
 
 @command("quickstart", help="train, evaluate, report and serve on bundled real data (the README's main job)")
@@ -48,7 +50,9 @@ def quickstart_command(args: argparse.Namespace) -> int:
         proteins=args.proteins,
         dna=args.dna,
         progress=not args.quiet,
+        device=args.device,
     )
+    resolve_device(args.device)  # a GPU that is not there: one line, before any work
     try:
         metrics = run_quickstart(options)
     except KeyboardInterrupt:

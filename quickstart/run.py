@@ -63,6 +63,7 @@ class QuickstartOptions:
     proteins: Path | None = None
     dna: Path | None = None
     progress: bool = True
+    device: str = "cpu"  # --device: auto | cpu | cuda | cuda:N (kiban.device); resuming may change it
 
 
 @dataclass
@@ -146,7 +147,7 @@ def run_quickstart(options: QuickstartOptions) -> dict[str, Any]:
 
     if "heads" not in state["done"]:
         say("[3/6] fine-tuning and scoring the task heads against the baselines")
-        model = _load_model(out / "train" / "model")
+        model = _load_model(out / "train" / "model", device=options.device)
         loss = validation_loss(model, out)
         write_json(out / "train" / "val_after.json", {"step": plan.align_steps, "loss": loss})
         _heads(out, options, plan, model)
@@ -330,9 +331,14 @@ def align_config(out: Path, options: QuickstartOptions, plan: Plan) -> Any:
     No validation inside the fit: the validation loss is measured before the first step and on the
     exported model (``validation_loss``), so a kill between a checkpoint and a validation loses none.
     """
+    import torch
+
+    from kiban.device import resolve_device
     from kiban.train.config import config_from_dict
 
     steps = plan.align_steps
+    placement = resolve_device(options.device)
+    on_gpu = placement.device.type == "cuda"
     return config_from_dict(
         {
             "seed": options.seed,
@@ -348,8 +354,9 @@ def align_config(out: Path, options: QuickstartOptions, plan: Plan) -> Any:
             "schedule": {"name": "cosine", "warmup_steps": max(1, steps // 10), "min_lr_ratio": 0.1},
             "trainer": {
                 "strategy": "auto",
-                "accelerator": "cpu",
-                "precision": "32-true",
+                "accelerator": "gpu" if on_gpu else "cpu",
+                "devices": 1,  # the align stage trains on one device (cuda:0 of CUDA_VISIBLE_DEVICES)
+                "precision": "bf16-mixed" if placement.dtype == torch.bfloat16 else "32-true",
                 "max_steps": steps,
                 "log_every_n_steps": max(1, steps // 10),
                 "gradient_clip_val": 1.0,
@@ -405,18 +412,19 @@ def validation_loss(model: Any, out: Path, *, batch_size: int = 4) -> float:
     total, count = 0.0, 0
     with torch.no_grad():
         for batch in data.loader("val"):
-            total += float(fused_losses(model, batch.inputs).loss) * len(batch.ids)
+            total += float(fused_losses(model, batch.inputs.to(model.device)).loss) * len(batch.ids)
             count += len(batch.ids)
     return total / max(1, count)
 
 
-def _load_model(path: Path) -> Any:
+def _load_model(path: Path, *, device: str = "cpu") -> Any:
     import torch
 
+    from kiban.device import place_model, resolve_device
     from kiban.fusion import KibanModel
 
     torch.manual_seed(0)
-    return KibanModel.from_pretrained(path).eval()
+    return place_model(KibanModel.from_pretrained(path), resolve_device(device)).eval()
 
 
 def _heads(out: Path, options: QuickstartOptions, plan: Plan, model: Any) -> None:

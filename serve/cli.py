@@ -22,6 +22,7 @@ log = logging.getLogger("kiban.serve")
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from kiban.device import add_device_argument
     from kiban.serve.settings import BatchingOptions, Limits, ServeSettings
 
     batching, limits, server = BatchingOptions(), Limits(), ServeSettings()
@@ -117,6 +118,7 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
             help_text += " (default: %(default)s)"
         group.add_argument(f"--{name.replace('_', '-')}", type=int, default=default, help=help_text)
     group = parser.add_argument_group("process")
+    add_device_argument(group)
     group.add_argument("--threads", type=int, default=0, help="torch CPU threads, 0 = torch's default")
     group.add_argument(
         "--max-connections",
@@ -152,6 +154,7 @@ def serve(args: argparse.Namespace) -> int:
     """Run ``kiban serve`` with the parsed command line; the process's exit code."""
     import asyncio
 
+    from kiban.device import resolve_device
     from kiban.serve.loading import check_model_dir
     from kiban.serve.settings import BatchingOptions, Limits, ServeSettings, read_api_keys
 
@@ -178,8 +181,9 @@ def serve(args: argparse.Namespace) -> int:
         timeout_s=args.timeout_s,
         drain_s=args.drain_s,
     )
-    check_model_dir(args.model_dir)  # a wrong directory is a one-line error before anything starts
-    if args.index:  # likewise a wrong index location
+    args.placement = resolve_device(args.device)  # a GPU that is not there: one line, before anything
+    check_model_dir(args.model_dir)  # so is a wrong directory
+    if args.index:  # and a wrong index location
         from kiban.index.store import open_store
 
         open_store(args.index, create=False).close()
@@ -200,7 +204,9 @@ async def _run(args: argparse.Namespace, settings, options) -> int:
     from kiban.serve.app import create_app
     from kiban.serve.engine import InferenceEngine, NotReady
 
-    engine = InferenceEngine(model_dir=args.model_dir, options=options, quantize=args.quantize)
+    engine = InferenceEngine(
+        model_dir=args.model_dir, options=options, quantize=args.quantize, placement=args.placement
+    )
     app = create_app(engine, settings)
     config = uvicorn.Config(
         app,
@@ -222,7 +228,13 @@ async def _run(args: argparse.Namespace, settings, options) -> int:
         nonlocal failed
         try:
             await engine.wait_ready()
-            log.info("ready: serving %s on http://%s:%d", args.model_dir, settings.host, settings.port)
+            log.info(
+                "ready: serving %s on http://%s:%d, on %s",
+                args.model_dir,
+                settings.host,
+                settings.port,
+                args.placement.describe(),
+            )
         except NotReady as error:
             log.error("the model could not be loaded, stopping: %s", error)
             failed = True

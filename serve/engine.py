@@ -46,6 +46,7 @@ from typing import Any
 
 import torch
 
+from kiban.device import Placement, place_model
 from kiban.encoders.base import InvalidInput
 from kiban.fusion.generation import Completion, GenerationSettings, RowHooks, context_length
 from kiban.serve.settings import BatchingOptions
@@ -130,13 +131,21 @@ class InferenceEngine:
         model_dir: str | Path | None = None,
         heads: Mapping[str, Any] | None = None,
         options: BatchingOptions | None = None,
+        placement: Placement | None = None,
         quantize: str | None = None,
     ) -> None:
-        """Hold the model (or the folder to load it from), its heads and the batching options."""
+        """Hold the model (or the folder to load it from), its heads and the batching options.
+
+        placement: the device and dtype the model is moved to (``kiban.device.resolve_device``);
+        None leaves it where it is. Every batch goes to the model's device (``KibanModel.prepare``).
+        quantize (``model_dir`` only): "int8" / "int4" (``kiban.adapt.quantize``), None: as saved;
+        the model is placed first, then quantised for the device it is on.
+        """
         if (model is None) == (model_dir is None):
             raise ValueError("give exactly one of model= and model_dir=")
         self.options = options or BatchingOptions()
-        self.model = model.eval() if model is not None else None
+        self.placement = placement
+        self.model = self._placed(model).eval() if model is not None else None
         self.heads: dict[str, Any] = dict(heads or {})
         self.model_dir = Path(model_dir) if model_dir is not None else None
         self.quantize = quantize  # model_dir: "int8" / "int4" (kiban.adapt.quantize), None: as saved
@@ -243,13 +252,17 @@ class InferenceEngine:
 
     def _load(self) -> None:
         try:
-            model, heads = _load_model_dir(self.model_dir, quantize=self.quantize)
+            model, heads = _load_model_dir(self.model_dir, quantize=self.quantize, placement=self.placement)
         except Exception as error:  # noqa: BLE001 - any load failure is reported by /readyz and the CLI
             self.load_error = f"{type(error).__name__}: {error}"
             log.error("loading %s failed: %s", self.model_dir, self.load_error)
             return
         self.model, self.heads = model.eval(), heads
-        log.info("model loaded from %s (%d heads)", self.model_dir, len(heads))
+        log.info("model loaded from %s (%d heads) on %s", self.model_dir, len(heads), self.model.device)
+
+    def _placed(self, model: Any) -> Any:
+        # heads stay where they are (small, float32): they move each input to their own device
+        return place_model(model, self.placement) if self.placement is not None else model
 
     # -- the public API --------------------------------------------------------------------------
 
@@ -585,7 +598,9 @@ class InferenceEngine:
             settle()
 
 
-def _load_model_dir(model_dir: Path, *, quantize: str | None = None) -> tuple[Any, dict[str, Any]]:
+def _load_model_dir(
+    model_dir: Path, *, quantize: str | None = None, placement: Placement | None = None
+) -> tuple[Any, dict[str, Any]]:
     """Load the model and its heads from a saved model folder.
 
     (model, heads) of a saved model folder: ``kiban.serve.loading.check_model_dir`` (nothing
@@ -598,7 +613,8 @@ def _load_model_dir(model_dir: Path, *, quantize: str | None = None) -> tuple[An
     from kiban.tasks.predict import load_model_heads
 
     root = check_model_dir(model_dir)
-    model = load_model(root, quantize=quantize)  # float32 unless asked or saved quantised
+    # on the device first, then quantised for it; float32 on the CPU unless asked or saved quantised
+    model = load_model(root, quantize=quantize, placement=placement)
     return model, load_model_heads(root, model)
 
 

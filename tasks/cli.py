@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from kiban.cli import arguments, command
+from kiban.device import add_device_argument
 
 __all__ = ["embed_command", "finetune_command", "predict_command"]
 
@@ -105,6 +106,7 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
         help="lora: held-out general text for the before/after perplexity in metrics.json (default: a "
         "short general-English sample shipped with kiban); see kiban evaluate",
     )
+    add_device_argument(parser)
 
 
 @command(
@@ -113,6 +115,7 @@ def _finetune_arguments(parser: argparse.ArgumentParser) -> None:
 @arguments(_finetune_arguments)
 def finetune_command(args: argparse.Namespace) -> int:
     """``kiban finetune``: fit a head on a labelled file and save it with its metrics."""
+    from kiban.device import resolve_device
     from kiban.tasks.finetune import FinetuneOptions, finetune
 
     out = args.out or Path("runs") / "finetune" / args.task
@@ -122,7 +125,9 @@ def finetune_command(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"no such labels file: {args.labels_file}")
         # one exact column name per line: commas inside a name are part of it
         labels += [line.strip() for line in args.labels_file.read_text().splitlines() if line.strip()]
+    placement = resolve_device(args.device)  # a missing GPU fails before any data is read
     options = FinetuneOptions(
+        placement=placement,
         task=args.task,
         data=args.data,
         out=out,
@@ -223,14 +228,17 @@ def _predict_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quantize", choices=("int8", "int4"), default=None, help="weight-only quantised backbone (kiban.adapt.quantize)"
     )
+    add_device_argument(parser)
 
 
 @command("predict", help="predict with a saved head on a file of inputs")
 @arguments(_predict_arguments)
 def predict_command(args: argparse.Namespace) -> int:
     """``kiban predict``: predict with a saved head on a file."""
+    from kiban.device import resolve_device
     from kiban.tasks.predict import predict_file
 
+    placement = resolve_device(args.device)
     if args.top_k is not None and args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
     predict_file(
@@ -242,6 +250,7 @@ def predict_command(args: argparse.Namespace) -> int:
         drugs=args.drugs,
         targets=args.targets,
         quantize=args.quantize,
+        placement=placement,
     )
     return 0
 
@@ -260,6 +269,7 @@ def _embed_arguments(parser: argparse.ArgumentParser) -> None:
         help="output file (default NAME.kiban.h5ad / NAME.kiban.npz beside the input)",
     )
     parser.add_argument("--use-raw", action="store_true", help="h5ad: read adata.raw.X instead of X")
+    add_device_argument(parser)
     parser.add_argument(
         "--quantize", choices=("int8", "int4"), default=None, help="weight-only quantised backbone (kiban.adapt.quantize)"
     )
@@ -269,6 +279,7 @@ def _embed_arguments(parser: argparse.ArgumentParser) -> None:
 @arguments(_embed_arguments)
 def embed_command(args: argparse.Namespace) -> int:
     """``kiban embed``: pooled embeddings of a file's inputs."""
+    from kiban.device import resolve_device
     from kiban.tasks.embed import embed_file
 
     out = embed_file(
@@ -277,6 +288,7 @@ def embed_command(args: argparse.Namespace) -> int:
         out=args.out,
         use_raw=args.use_raw,
         progress=sys.stderr.isatty(),
+        placement=resolve_device(args.device),
         quantize=args.quantize,
     )
     print(f"wrote {out}", file=sys.stderr)

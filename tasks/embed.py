@@ -38,8 +38,12 @@ def embed_file(
     use_raw: bool = False,
     progress: bool = False,
     quantize: str | None = None,
+    placement: Any = None,
 ) -> Path:
-    """Embed every input of ``data``; returns the path written (see the module docstring)."""
+    """Embed every input of ``data``; returns the path written (see the module docstring).
+    ``placement``: where the model runs (``kiban.device.resolve_device``; None: the CPU in float32);
+    it is placed before it is quantised (``quantize``, or as the saved model says).
+    """
     from kiban.adapt.quantize import quantize_model, saved_quantization
     from kiban.data import Rejects, read, read_h5ad
     from kiban.tasks.models import build_model, embed_items
@@ -52,7 +56,7 @@ def embed_file(
         raise ValueError(f"{out} already exists; choose another --out")
     if out.resolve() == data.resolve():
         raise ValueError("the output must be a new file; the input is never overwritten")
-    fused = build_model(model, data, use_raw=use_raw)
+    fused = build_model(model, data, use_raw=use_raw, placement=placement)
     saved = saved_quantization(model) if model != "tiny" else None
     fused = quantize_model(fused, quantize or saved)  # kiban.adapt.quantize: None leaves it float
     rejects = Rejects()

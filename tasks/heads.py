@@ -219,7 +219,7 @@ class PooledHead(nn.Module):
     def outputs(self, pooled: Tensor) -> list[dict[str, Any]]:
         """Readable outputs of pooled states [B, H]: one dict per row."""
         with torch.no_grad():
-            raw = self(pooled.to(next(self.parameters()).dtype)).float()
+            raw = self(pooled.to(next(self.parameters()))).float()  # on the head's device, in its dtype
         labels = self.config.labels
         if self.config.kind == "classification":
             probabilities = raw.softmax(-1).tolist()
@@ -285,7 +285,7 @@ class MultiLabelHead(PooledHead):
     def outputs(self, pooled: Tensor) -> list[dict[str, Any]]:
         """Per-row predictions from pooled states [N, H]: labels with probabilities, or values."""
         with torch.no_grad():
-            raw = self(pooled.to(next(self.parameters()).dtype)).float().sigmoid()
+            raw = self(pooled.to(next(self.parameters()))).float().sigmoid()  # the head's device and dtype
         return [{"probabilities": dict(zip(self.config.labels, row))} for row in raw.tolist()]
 
 

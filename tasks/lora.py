@@ -100,7 +100,9 @@ def fit_lora(
         model.eval()
         initial = torch.cat(
             [
-                pooled_states(model, modality, [items[i] for i in rows.tolist()], layer=head.config.layer).float()
+                pooled_states(model, modality, [items[i] for i in rows.tolist()], layer=head.config.layer)
+                .float()
+                .cpu()
                 for rows in train.split(64)
             ]
         )
@@ -111,7 +113,8 @@ def fit_lora(
 
     def forward(rows: list[int]) -> Tensor:
         states = pooled_states(model, modality, [items[i] for i in rows], layer=head.config.layer)
-        return head((states.float() - mean) / std)
+        # the head trains on the CPU beside its targets; .cpu() keeps the gradient to the adapters
+        return head((states.float().cpu() - mean) / std)
 
     optimiser = torch.optim.AdamW(
         [{"params": head.parameters(), "lr": settings.lr_head}, {"params": adapters, "lr": settings.lr_lora}],

@@ -11,7 +11,7 @@ beside the model it reads.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,7 +56,9 @@ class FinetuneOptions:
     drugs / targets: id tables of a pairs file. max_rows / max_length: caps. layer: which backbone
     layer's states a pooled head reads (``KibanModel.embed``; None = the final states).
     loaded_model: the model ``model`` names, already loaded. save_features: also write
-    ``features.npz`` (ids and the pooled states the head read).
+    ``features.npz`` (ids and the pooled states the head read). placement: where the model runs
+    (``kiban.device.resolve_device``; None: the CPU in float32); the heads train on the CPU on the
+    float32 states it gives.
     """
 
     task: str
@@ -79,6 +81,24 @@ class FinetuneOptions:
     loaded_model: Any = None
     save_features: bool = False
     lm_data: Path | None = None  # --mode lora: general text for the before/after perplexity (kiban.adapt)
+    placement: Any = None  # kiban.device.Placement of --device
+
+    def model_for(self, modalities: Sequence[str], *, lora: bool = False) -> Any:
+        """The frozen model a type's head reads: ``loaded_model``, else the model ``model`` names
+        (``kiban.tasks.models.model_with``), on ``placement``'s device; every type loads it here.
+        """
+        from kiban.tasks.models import model_with
+
+        return model_with(
+            self.model,
+            Path(self.data),
+            modalities,
+            seed=self.seed,
+            lora=lora,
+            use_raw=self.use_raw,
+            placement=self.placement,
+            loaded=self.loaded_model,
+        )
 
     def epochs_for(self, data_type: str) -> int:
         """The number of epochs for ``data_type`` (``epochs``, else the type's default)."""

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from kiban.tasks.heads import HeadConfig, create_head, model_reference
-from kiban.tasks.models import build_model, embed_items
+from kiban.tasks.models import embed_items
 from kiban.tasks.pipeline import (
     FinetuneOptions,
     LabelledData,
@@ -86,18 +86,7 @@ def run_pooled(
     from kiban.tasks.baselines import trivial
 
     lora = options.mode == "lora"
-    model = options.loaded_model
-    if model is None:
-        model = build_model(
-            options.model,
-            Path(options.data),
-            use_raw=options.use_raw,
-            seed=options.seed,
-            lora=lora,
-            modalities=(modality,),
-        )
-    if modality != "text" and modality not in model.encoders:
-        raise ValueError(f"{options.model} has no {modality} encoder (it has: {', '.join(model.encoders)})")
+    model = options.model_for((modality,), lora=lora)
     with rejects_log(work) as rejects:
         data = load(options, model, rejects)
     data = subsample(data, options.max_rows, options.seed)

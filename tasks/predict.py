@@ -84,10 +84,16 @@ def load_model_heads(model_dir: str | Path, model: Any) -> dict[str, Any]:
 
 
 def model_for_head(
-    head_dir: Path, head: PooledHead, model: str | None = None, *, quantize: str | None = None
+    head_dir: Path,
+    head: PooledHead,
+    model: str | None = None,
+    *,
+    quantize: str | None = None,
+    placement: Any = None,
 ) -> Any:
     """The model a head predicts with: ``model`` if given, else the one its head.json names;
-    ``quantize`` as ``kiban.adapt.quantize.load_model`` (None: as the model was saved).
+    ``quantize`` and ``placement`` as ``kiban.adapt.quantize.load_model`` (None: as the model was
+    saved, on the CPU).
     """
     from kiban.adapt.quantize import load_model
 
@@ -96,7 +102,7 @@ def model_for_head(
         raise ValueError(f"{head_dir}/head.json names no model; pass --model")
     if not model:
         spec = str(resolve_model_reference(spec, head_dir))
-    return load_model(spec, quantize=quantize)
+    return load_model(spec, quantize=quantize, placement=placement)
 
 
 _SEQUENCE_READERS = ("fasta", "genbank", "sequence-table")
@@ -135,17 +141,19 @@ def predict_file(
     drugs: str | Path | None = None,
     targets: str | Path | None = None,
     quantize: str | None = None,
+    placement: Any = None,
 ) -> int:
     """Write prediction rows as CSV (to ``out`` or stdout; columns by head kind, see the module
     docstring); returns the number of inputs predicted. ``top_k``: contact heads, pairs per protein
     (default: its length). ``drugs`` / ``targets``: pair heads, id tables for a pairs file that
-    names drugs and targets by id.
+    names drugs and targets by id. ``placement``: where the model runs (``kiban.device.resolve_device``;
+    None: the CPU, in float32).
     """
     from kiban.data import Rejects
 
     head_dir = Path(head_dir)
     head = load_head(head_dir)
-    fused = model_for_head(head_dir, head, model, quantize=quantize)
+    fused = model_for_head(head_dir, head, model, quantize=quantize, placement=placement)
     check_head_fits(head, fused)
     rejects = Rejects()
     limit = _protein_limit(fused)

@@ -27,6 +27,7 @@ from typing import Any
 
 from kiban.atomic import write_atomic
 from kiban.cli import arguments, command
+from kiban.device import add_device_argument, resolve_device
 
 __all__ = ["load_scoring_encoder", "read_wild_type", "score_variants_file", "variants_command"]
 
@@ -212,7 +213,7 @@ def _variants_arguments(parser: argparse.ArgumentParser) -> None:
         help="dna: also score the reverse complement and average (default: the encoder's strand setting)",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="masked copies of the wild type per forward pass")
-    parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    add_device_argument(parser)
     parser.add_argument(
         "--out", type=Path, default=None, help="output CSV (default NAME.kiban_scores.csv beside --variants); must not exist"
     )
@@ -233,7 +234,7 @@ def variants_command(args: argparse.Namespace) -> int:
         offset=args.offset,
         strand=args.strand,
         batch_size=args.batch_size,
-        device=args.device,
+        device=str(resolve_device(args.device).device),
         progress=sys.stderr.isatty(),
     )
     line = f"read {report['read']} = scored {report['scored']} + rejected {report['rejected']}"

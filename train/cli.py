@@ -18,7 +18,7 @@ from typing import Any
 
 from kiban.cli import arguments, command
 
-__all__ = ["fit_command", "pretrain_command", "test_command", "validate_command"]
+__all__ = ["export_command", "fit_command", "pretrain_command", "test_command", "validate_command"]
 
 
 def _run_arguments(parser: argparse.ArgumentParser) -> None:
@@ -263,3 +263,34 @@ def _previous_run(out: Any) -> dict | None:
     if not isinstance(values, dict) or values.get("stage") != "pretrain":
         return None
     return values
+
+
+def _export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "checkpoint",
+        metavar="CHECKPOINT",
+        help="a checkpoint directory (RUN/checkpoints/ckpt-N), or a run directory (its newest checkpoint); "
+        "any strategy: one process, DDP, FSDP, DeepSpeed ZeRO-2/3",
+    )
+    parser.add_argument(
+        "out_dir",
+        metavar="OUT_DIR",
+        help="where the model goes (kiban serve OUT_DIR); a pretraining checkpoint gives the encoder folder",
+    )
+
+
+@command("export", help="consolidate a (sharded) checkpoint into a servable model folder")
+@arguments(_export_arguments)
+def export_command(args: argparse.Namespace) -> int:
+    """``kiban export CHECKPOINT OUT_DIR``: whole weights of any kiban checkpoint, saved to be served."""
+    from kiban.train.checkpoint import CheckpointError
+    from kiban.train.export import export_checkpoint
+
+    try:
+        out = export_checkpoint(args.checkpoint, args.out_dir)
+    except CheckpointError as error:
+        print(f"kiban export: error: {error}", file=sys.stderr)
+        return 2
+    print(out)
+    print(f"kiban export: wrote {out} (kiban serve {out})", file=sys.stderr)
+    return 0

@@ -38,11 +38,25 @@ from kiban.train.checkpoint import (
 from kiban.train.config import TrainConfig
 from kiban.train.objectives import fused_losses
 from kiban.train.optim import build_optimizer, build_scheduler
+from kiban.train.weights import load_stage_weights
 from kiban.version import __version__
 
 __all__ = ["fit_deepspeed_cpu"]
 
 log = logging.getLogger(__name__)
+
+
+def _skip_shared_memory_op() -> None:
+    """Keep DeepSpeed from compiling its shared-memory all-reduce op on the CPU accelerator.
+
+    DeepSpeed's torch backend JIT-builds ``deepspeed_shm_comm`` (a C++ build of minutes on a small
+    machine, repeated whenever another environment rebuilt the shared torch-extensions cache) only
+    to speed up ``inference_all_reduce`` between ranks of one host; training here talks over gloo,
+    within a node and across nodes, and never calls it.
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # build_shm_op() returns None
 
 
 def fit_deepspeed_cpu(config: TrainConfig, *, cluster: ClusterEnv, resume: Path | None) -> int:
@@ -63,6 +77,7 @@ def fit_deepspeed_cpu(config: TrainConfig, *, cluster: ClusterEnv, resume: Path 
         ("MASTER_PORT", cluster.main_port),
     ):
         os.environ.setdefault(key, str(value))  # what deepspeed.init_distributed reads
+    _skip_shared_memory_op()
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     rank, world = dist.get_rank(), dist.get_world_size()
     pl.seed_everything(config.seed, verbose=False)
@@ -77,6 +92,8 @@ def fit_deepspeed_cpu(config: TrainConfig, *, cluster: ClusterEnv, resume: Path 
     # parameters are sharded as soon as its __init__ returns, and fair-esm's ESM-2 then
     # initialises a child's weight from the parent (an empty shard by then). See strategies.py.
     model = KibanModel.from_config(config.model)
+    if config.run.init_from and resume is None:  # a resumed run's checkpoint brings its own weights
+        load_stage_weights(model, Path(config.run.init_from))
     apply_freeze_policy(model, config.stage)
     optimizer = build_optimizer(model.named_parameters(), config.optim)
     scheduler = build_scheduler(optimizer, config.schedule, max_steps=t.max_steps)

@@ -20,10 +20,10 @@ import torch
 
 from kiban.data.resumable import TrainBatch
 from kiban.fusion.model import KibanModel, apply_freeze_policy
-from kiban.train.checkpoint import verify_checkpoint
 from kiban.train.config import TrainConfig, config_from_dict
 from kiban.train.objectives import fused_losses
 from kiban.train.optim import build_optimizer, build_scheduler
+from kiban.train.weights import load_stage_weights
 
 __all__ = ["KibanLightningModule", "StageModule", "StepStats"]
 
@@ -48,46 +48,6 @@ class StepStats:
     def mean_loss(self) -> float:
         """Mean loss over the step's micro-batches so far."""
         return self.loss / max(1, self.micro_batches)
-
-
-def load_stage_weights(model: KibanModel, checkpoint: Path) -> None:
-    """Start from the model weights of an earlier stage's checkpoint (verified first). Parameters
-    the earlier stage did not have (new LoRA adapters) keep their initialisation; anything else
-    that does not fit is an error.
-    """
-    verify_checkpoint(checkpoint)
-    if (checkpoint / "state.ckpt").is_dir():
-        raise ValueError(
-            f"run.init_from {checkpoint} is sharded (DeepSpeed/FSDP); consolidate it first "
-            "(DeepSpeed's zero_to_fp32.py) or start from a checkpoint of an auto/ddp run"
-        )
-    state = torch.load(checkpoint / "state.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-    names = set(model.state_dict())
-    weights = {
-        _peft_name(k.removeprefix("model."), names): v for k, v in state.items() if k.startswith("model.")
-    }
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [k for k in missing if "lora_" not in k]
-    if missing or unexpected:
-        raise ValueError(
-            f"run.init_from {checkpoint} does not fit this model: missing {missing[:5]}, "
-            f"unexpected {unexpected[:5]}"
-        )
-    log.info("initialised the model from %s", checkpoint)
-
-
-def _peft_name(name: str, names: set[str]) -> str:
-    """A plain backbone's parameter name as it reads once peft wraps the LLM for LoRA:
-    ``llm.model.x.q_proj.weight`` -> ``llm.base_model.model.model.x.q_proj.base_layer.weight``.
-    """
-    if name in names or not name.startswith("llm."):
-        return name
-    wrapped = "llm.base_model.model." + name.removeprefix("llm.")
-    if wrapped in names:
-        return wrapped
-    head, _, leaf = wrapped.rpartition(".")
-    layered = f"{head}.base_layer.{leaf}"
-    return layered if layered in names else name
 
 
 class StageModule(pl.LightningModule):

@@ -15,10 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from kiban.atomic import staged_folder, write_atomic
+from kiban.atomic import write_atomic
 from kiban.hpc.env import ClusterEnv, detect_cluster, lightning_environment
 from kiban.train.checkpoint import complete_checkpoints, verify_checkpoint
 from kiban.train.config import ConfigError, TrainConfig
+from kiban.train.export import export_checkpoint, export_encoder, export_model
 from kiban.train.validation import resolve_accelerator, validate_config
 
 __all__ = ["FitResult", "fit", "resume_checkpoint", "test", "validate"]
@@ -57,6 +58,8 @@ def fit(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> FitResult:
                 "Lightning callbacks need the Lightning path; DeepSpeed on the CPU runs a raw loop"
             )
         step = fit_deepspeed_cpu(config, cluster=cluster, resume=resume)
+        if cluster.global_rank == 0 and step >= config.trainer.max_steps:
+            _export_sharded(run_dir, config)
     else:
         trainer, module, datamodule = _build(
             config, cluster=cluster, accelerator=accelerator, resume=resume, extra=callbacks
@@ -68,44 +71,30 @@ def fit(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> FitResult:
             weights_only=True,
         )
         step = trainer.global_step
-        if config.stage == "pretrain":
-            # ZeRO-2 shards optimizer states only: rank 0 still holds the whole encoder
-            whole = config.trainer.strategy in ("auto", "ddp") or config.trainer.strategy.startswith(
-                "deepspeed_stage_2"
-            )
-            if trainer.is_global_zero and whole:
-                _export_encoder(module, run_dir / "encoder", step=step)
-        elif trainer.is_global_zero and config.trainer.strategy in ("auto", "ddp"):
-            _export_model(module.model, run_dir / "model")
+        if trainer.is_global_zero:
+            if config.trainer.strategy not in ("auto", "ddp"):
+                if step >= config.trainer.max_steps:
+                    _export_sharded(run_dir, config)
+            elif config.stage == "pretrain":
+                export_encoder(module, run_dir / "encoder", step=step)
+            else:
+                export_model(module.model, run_dir / "model")
     complete = complete_checkpoints(run_dir / "checkpoints")
     return FitResult(run_dir, step, complete[-1][1] if complete else None)
 
 
-def _export_model(model: Any, target: Path) -> None:
-    """The trained model as ``save_pretrained`` writes it (what ``kiban serve`` and ``kiban
-    finetune --model`` read), replacing an older export only once the new one is complete. Only
-    where rank 0 holds whole weights (one process or DDP); sharded runs export from a checkpoint.
+def _export_sharded(run_dir: Path, config: TrainConfig) -> None:
+    """A sharded run (DeepSpeed, FSDP) ends with the same ``model/`` (``encoder/`` for pretraining)
+    as a DDP one, consolidated by rank 0 from the final checkpoint every rank has just written.
+    Only a finished run exports: a preempted one is requeued within its grace time, and merging
+    every shard of a large model takes minutes (``kiban export`` does it later on request).
     """
-    with staged_folder(target) as staging:
-        model.save_pretrained(staging)
-    log.info("saved the trained model to %s (kiban serve %s)", target, target)
-
-
-def _export_encoder(module: Any, target: Path, *, step: int) -> None:
-    """The pretrained encoder alone (``save_encoder``: config.json + model.safetensors), replacing
-    an older export only once the new one is complete.
-    """
-    import shutil
-
-    from kiban.encoders.pretraining import save_encoder
-
-    staging = target.with_name(target.name + ".tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    objective = module.objective
-    save_encoder(objective.encoder, staging, extra={"objective": objective.name, "step": step})
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    log.info("saved the pretrained %s encoder to %s", objective.encoder.modality, target)
+    complete = complete_checkpoints(run_dir / "checkpoints")
+    if not complete:
+        log.warning("no complete checkpoint in %s: nothing to export", run_dir / "checkpoints")
+        return
+    target = run_dir / ("encoder" if config.stage == "pretrain" else "model")
+    export_checkpoint(complete[-1][1], target)
 
 
 def validate(config: TrainConfig, *, checkpoint: str | Path | None = None) -> list[dict[str, float]]:

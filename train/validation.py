@@ -182,9 +182,12 @@ def _check_values(config: TrainConfig) -> None:
         raise ConfigError(
             "run.resume", f"{config.run.resume} is not a checkpoint directory (or use auto / never)"
         )
-    if config.run.init_from is not None and not (Path(config.run.init_from) / "state.ckpt").is_file():
+    if config.run.init_from is not None and not any(
+        (Path(config.run.init_from) / name).exists() for name in ("state.ckpt", "state")
+    ):
         raise ConfigError(
-            "run.init_from", f"{config.run.init_from} is not a kiban checkpoint (no state.ckpt)"
+            "run.init_from",
+            f"{config.run.init_from} is not a kiban checkpoint (no state.ckpt, no DeepSpeed state/)",
         )
     for split in ("train", "val", "test"):
         value = getattr(d, split)

@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from kiban.tasks.heads import HeadConfig
-from kiban.tasks.models import model_with
 from kiban.tasks.pipeline import (
     FinetuneOptions,
     TaskType,
@@ -55,7 +54,7 @@ def run_contacts(options: FinetuneOptions, work: Path) -> dict[str, Any]:
     files = structure_files(Path(options.data))
     files = [files[i] for i in sample(len(files), options.max_rows, options.seed)]
     max_length = options.max_length_for("contacts")
-    model = model_with(options.model, Path(options.data), ("protein",), seed=options.seed)
+    model = options.model_for(("protein",))
     encoder = model.encoders["protein"]
     with rejects_log(work) as rejects:
         report, pairwise = fit_contact_heads(

@@ -17,7 +17,6 @@ import torch
 from kiban.tasks.dti import SEQUENCE_COLUMNS, SMILES_COLUMNS
 from kiban.tasks.heads import HeadConfig, create_head
 from kiban.tasks.labels import header, one_label
-from kiban.tasks.models import model_with
 from kiban.tasks.pipeline import (
     FinetuneOptions,
     TaskType,
@@ -69,7 +68,7 @@ def run_dti(options: FinetuneOptions, work: Path) -> dict[str, Any]:
         split = group_split(table[options.groups].astype(str).to_numpy(), seed=options.seed)
     else:
         split = random_split(len(table), seed=options.seed)
-    model = model_with(options.model, path, PAIR_MODALITIES, seed=options.seed)
+    model = options.model_for(PAIR_MODALITIES)
     features = pair_features(model, list(table["sequence"]), list(table["smiles"]), progress=options.progress)
     width = features.shape[1]
     config = HeadConfig(

@@ -14,7 +14,6 @@ import torch
 
 from kiban.tasks.heads import HeadConfig
 from kiban.tasks.labels import header, one_label
-from kiban.tasks.models import model_with
 from kiban.tasks.pipeline import (
     FinetuneOptions,
     TaskType,
@@ -72,7 +71,7 @@ def run_secondary(options: FinetuneOptions, work: Path) -> dict[str, Any]:
     index = {c: k for k, c in enumerate(classes)}
     targets = [np.array([index[c] for c in s]) for s in states]
     split = length_stratified_split([len(s) for s in sequences], valid=0.1, test=0.2, seed=options.seed)
-    model = model_with(options.model, path, ("protein",), seed=options.seed)
+    model = options.model_for(("protein",))
     encoder = model.encoders["protein"]
     tokens = [
         protein_tokens(encoder, s)

@@ -19,7 +19,6 @@ import torch
 
 from kiban.tasks.heads import HeadConfig
 from kiban.tasks.labels import header, one_label
-from kiban.tasks.models import model_with
 from kiban.tasks.pipeline import (
     FinetuneOptions,
     TaskType,
@@ -100,7 +99,7 @@ def run_tagging(options: FinetuneOptions, work: Path) -> dict[str, Any]:
         split = group_split([f[options.groups] for f in fields], seed=options.seed)
     else:
         split = random_split(len(ids), seed=options.seed)
-    model = model_with(options.model, path, ("text",), seed=options.seed)
+    model = options.model_for(("text",))
     states = [
         word_states(model, t, w)
         for t, w in bar(list(zip(texts, word_spans)), progress=options.progress, desc="encoding texts", unit="text")

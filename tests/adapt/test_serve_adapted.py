@@ -111,7 +111,9 @@ def float_server(merged, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def int8_server(merged, tmp_path_factory):
-    with ServerProcess(merged, None, tmp_path_factory.mktemp("log") / "serve.log", "--quantize", "int8") as server:
+    # --device and --quantize together: the model is placed on the device, then quantised there
+    log = tmp_path_factory.mktemp("log") / "serve.log"
+    with ServerProcess(merged, None, log, "--quantize", "int8", "--device", "cpu") as server:
         server.wait_ready(key=None)
         yield server
 
@@ -193,7 +195,9 @@ def test_saved_quantized_model_loads_quantized(merged, tmp_path):
 def test_kiban_evaluate_reports_perplexity_and_each_head(merged, runs, tmp_path, capsys):
     root, data = runs
     out = tmp_path / "report.json"
-    code = main(["evaluate", str(merged), "--head-data", f"ring={data}", "--quantize", "int8", "--out", str(out)])
+    code = main(
+        ["evaluate", str(merged), "--head-data", f"ring={data}", "--quantize", "int8", "--device", "cpu", "--out", str(out)]
+    )
     assert code == 0
     report = json.loads(out.read_text())
     assert report == json.loads(capsys.readouterr().out)

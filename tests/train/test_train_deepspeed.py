@@ -3,7 +3,6 @@ same hpc/presets files a GPU run hands to Lightning's DeepSpeedStrategy.
 """
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,37 +13,13 @@ TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
 KIBAN = str(Path(sys.executable).with_name("kiban"))
 
 
-def _fit(run_dir, strategy, max_steps):
-    command = [
-        TORCHRUN,
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        KIBAN,
-        "fit",
-        "--config",
-        str(SMOKE),
-        f"run.dir={run_dir}",
-        f"trainer.strategy={strategy}",
-        f"trainer.max_steps={max_steps}",
-        "callbacks.checkpoint.every_n_steps=2",
-        "callbacks.checkpoint.keep_last=5",
-        "data.val=null",
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result.stderr
-
-
 def _metrics(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def zero2(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("zero2")
-    _fit(run_dir, "deepspeed_stage_2", 4)
-    return run_dir
+@pytest.fixture
+def zero2(zero2_run):
+    return zero2_run
 
 
 def test_zero2_trains_on_two_gloo_ranks_and_shards_the_optimizer_state(zero2):
@@ -61,7 +36,8 @@ def test_zero2_trains_on_two_gloo_ranks_and_shards_the_optimizer_state(zero2):
     assert (checkpoint / "manifest.json").is_file() and (checkpoint / "data.json").is_file()
 
 
-def test_zero3_shards_the_weights_too_matches_zero2_and_resumes(zero2, tmp_path):
+def test_zero3_shards_the_weights_too_matches_zero2_and_resumes(zero2, tmp_path, fit_two_ranks):
+    _fit = fit_two_ranks
     run_dir = tmp_path / "zero3"
     _fit(run_dir, "deepspeed_stage_3", 4)
     state = {p.name for p in (run_dir / "checkpoints" / "ckpt-000004" / "state").iterdir()}
