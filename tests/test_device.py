@@ -126,20 +126,21 @@ def test_a_bfloat16_engine_serves_the_float32_answers():
 
 def test_a_model_is_placed_then_quantised_and_serves_close_to_float(tmp_path):
     """``--device`` with ``--quantize``: the weights reach the device (bfloat16, as on a GPU) before
-    torchao quantises them, so the backbone's linears hold int8 weights, everything else is in the
-    placement's dtype, and the engine's vectors stay close to the float32 model's.
+    they are quantised (on the CPU into kiban's int8 layers, on CUDA by torchao), so the backbone's
+    linears hold int8 weights, everything else is in the placement's dtype, and the engine's
+    vectors stay close to the float32 model's.
     """
-    from torchao.utils import TorchAOBaseTensor
-
+    from kiban.adapt.qlinear import Int8Linear
     from kiban.adapt.quantize import load_model
     from kiban.serve import InferenceEngine
 
     tiny_model(["protein"], seed=0).save_pretrained(tmp_path / "model")
     bf16 = Placement(torch.device("cpu"), torch.bfloat16)
     model = load_model(tmp_path / "model", quantize="int8", placement=bf16)
-    linears = [m for m in model.llm.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(isinstance(m.weight, TorchAOBaseTensor) for m in linears)
-    others = [p for n, p in model.named_parameters() if not isinstance(p, TorchAOBaseTensor)]
+    assert not [m for m in model.llm.modules() if isinstance(m, torch.nn.Linear)]
+    quantised = [m for m in model.llm.modules() if isinstance(m, Int8Linear)]
+    assert quantised and all(m.weight.dtype == torch.int8 for m in quantised)
+    others = [p for p in model.parameters() if p.is_floating_point()]
     assert others and {p.dtype for p in others} == {torch.bfloat16}
 
     async def vectors(**engine_options):
