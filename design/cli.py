@@ -59,6 +59,8 @@ def _records_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="new folder for train.jsonl, val.jsonl, train.smi, test.smi")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-molecules", type=int)
+    parser.add_argument("--val-fraction", type=float, default=0.05)
+    parser.add_argument("--test-fraction", type=float, default=0.05)
     parser.add_argument("--max-target-records", type=int, default=2000)
 
 
@@ -77,6 +79,16 @@ def _new_file(value: str, what: str = "--out") -> Path:
     if path.exists():
         raise ValueError(f"{what} {path} already exists; choose another")
     return path
+
+
+def _protein(value: str, what: str) -> str:
+    """An amino-acid sequence given inline or as a one-record FASTA file; errors name ``what``."""
+    from kiban.tasks.variants_cli import read_wild_type
+
+    try:
+        return read_wild_type(value, modality="protein")[0]
+    except (FileNotFoundError, ValueError) as error:
+        raise ValueError(str(error).replace("--wild-type", what)) from None
 
 
 def molecule_table(report: Any) -> str:
@@ -100,12 +112,11 @@ def _molecules(args: argparse.Namespace) -> int:
     from kiban.design.conditions import parse_conditions
     from kiban.design.molecules import Reference, design_molecules, read_smiles_file
     from kiban.fusion import KibanModel
-    from kiban.tasks.variants_cli import read_wild_type
 
     torch.set_num_threads(min(torch.get_num_threads(), 4))
     out = _new_file(args.out)
     conditions = parse_conditions(args.condition)  # a typo costs a second, not a model load
-    target = read_wild_type(args.target, modality="protein")[0] if args.target else None
+    target = _protein(args.target, "--target") if args.target else None
     reference = Reference.from_smiles(read_smiles_file(args.reference)) if args.reference else None
     model_dir = Path(args.model).expanduser()
     if not (model_dir / "config.json").is_file():
@@ -150,10 +161,10 @@ def _proteins(args: argparse.Namespace) -> int:
         random_mutants,
         write_fasta,
     )
-    from kiban.tasks.variants_cli import load_scoring_encoder, read_wild_type
+    from kiban.tasks.variants_cli import load_scoring_encoder
 
     out = _new_file(args.out)
-    template, _ = read_wild_type(args.template, modality="protein")
+    template = _protein(args.template, "--template")
     fixed = parse_positions(args.fixed, len(template))
     encoder = load_scoring_encoder(args.model, "protein", length=len(template))
     designs = design_proteins(
@@ -184,6 +195,8 @@ def _records(args: argparse.Namespace) -> int:
         out=args.out,
         seed=args.seed,
         max_molecules=args.max_molecules,
+        val_fraction=args.val_fraction,
+        test_fraction=args.test_fraction,
         max_target_records=args.max_target_records,
     )
     _say(counts.line())

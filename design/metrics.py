@@ -40,8 +40,9 @@ __all__ = [
 
 
 def _mols(smiles: Sequence[str | None]) -> list[Any]:
-    from rdkit import Chem
+    from rdkit import Chem, rdBase
 
+    _quiet = rdBase.BlockLogs()  # noqa: F841 - invalid samples are counted, not logged one by one
     out = []
     for text in smiles:
         mol = Chem.MolFromSmiles(text) if text else None

@@ -104,8 +104,9 @@ def write_design_records(
     short enough to learn on a CPU. max_target_records: the most drug–target records (a random
     sample of the binders whose drug is in the split).
     """
-    from rdkit import Chem
+    from rdkit import Chem, rdBase
 
+    _quiet = rdBase.BlockLogs()  # noqa: F841 - rejects are counted by reason, not logged one by one
     out = Path(out)
     if out.exists():
         raise ValueError(f"--out {out} already exists; choose a new folder")
