@@ -45,7 +45,9 @@ REFERENCE_FILE = "design_reference.smi"
 _ERRORS = {
     code: {"model": ErrorResponse, "description": text}
     for code, text in {
+        400: "malformed JSON body",
         401: "missing or invalid API key",
+        413: "request body over max_body_bytes",
         422: "invalid request; the message names the field",
         429: "rate limit exceeded (see Retry-After)",
         503: "model not loaded or queue full (see Retry-After)",

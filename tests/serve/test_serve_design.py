@@ -66,3 +66,33 @@ def test_proteins_route_keeps_fixed_positions(design_server):
         assert design["pll"] < 0 and 0 < design["identity"] <= 1
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "fixed"
     assert "outside the 33-residue template" in bad.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/design/molecules", "/v1/design/proteins"])
+def test_malformed_design_requests_get_a_documented_4xx_never_a_5xx(design_server, path):
+    """Schemathesis' negative mode: requests that break the schema somewhere.
+
+    Pydantic's lax mode reads some of them as valid (``"n": 101.0``), and those run for real: a
+    documented 504 at the server's deadline is a right answer to a request too large for it, a 500
+    never is.
+    """
+    import schemathesis
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis.generation.modes import GenerationMode
+    from schemathesis.specs.openapi.checks import content_type_conformance, status_code_conformance
+
+    headers = {"authorization": f"Bearer {KEYS[0]}"}
+    schema = schemathesis.openapi.from_url(f"{design_server.url}/openapi.json", headers=headers)
+    operation = schema[path]["POST"]
+    statuses: dict[int, int] = {}
+
+    @given(case=operation.as_strategy(generation_mode=GenerationMode.NEGATIVE))
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True, database=None)
+    def fuzz(case):
+        response = case.call_and_validate(
+            headers=headers, checks=[status_code_conformance, content_type_conformance], timeout=60
+        )
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+
+    fuzz()
+    assert statuses and all(400 <= code < 500 or code == 504 for code in statuses), statuses
