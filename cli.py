@@ -127,7 +127,7 @@ def _say(message: str) -> None:
 
 
 # Subpackages that add their own subcommands with ``@command`` when imported.
-_COMMAND_MODULES = ("kiban.data.cli", "kiban.tasks.cli", "kiban.tasks.variants_cli", "kiban.train.cli", "kiban.hpc.cli", "kiban.serve.cli", "kiban.quickstart.cli", "kiban.index.cli", "kiban.adapt.cli")
+_COMMAND_MODULES = ("kiban.data.cli", "kiban.tasks.cli", "kiban.tasks.variants_cli", "kiban.train.cli", "kiban.hpc.cli", "kiban.serve.cli", "kiban.quickstart.cli", "kiban.index.cli", "kiban.adapt.cli", "kiban.design.cli")
 
 
 def _load_command_modules() -> None:

@@ -83,11 +83,16 @@ class RowHooks:
     """Per-row callbacks of one generation.
 
     Per-row callbacks: ``on_text(piece)`` receives the answer as it grows (streaming);
-    ``should_stop()`` returning True ends the row with finish_reason "cancelled".
+    ``should_stop()`` returning True ends the row with finish_reason "cancelled";
+    ``process_logits(ids, logits)`` gets the row's generated token ids so far and its next-token
+    logits [V] (float32, after penalties and biases, before temperature) and returns the logits to
+    choose from: constrained decoding sets the tokens it forbids to -inf (``kiban.design``). It must
+    leave at least one token finite.
     """
 
     on_text: Callable[[str], None] | None = None
     should_stop: Callable[[], bool] | None = None
+    process_logits: Callable[[Sequence[int], Tensor], Tensor] | None = None
 
 
 @dataclass
@@ -310,7 +315,10 @@ def generate_completions(
             if row.reason is not None:
                 next_ids.append(pad)  # a finished row is fed padding (masked out) from here on
                 continue
-            token = _choose(_penalised(logits[i], row), row)
+            scores = _penalised(logits[i], row)
+            if row.hooks.process_logits is not None:
+                scores = row.hooks.process_logits(row.ids, scores)
+            token = _choose(scores, row)
             if token == eos:
                 row.reason = "stop"
             else:

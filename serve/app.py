@@ -29,6 +29,7 @@ from kiban.encoders.base import InvalidInput
 from kiban.fusion.prompt import encode_text
 from kiban.serve import decode
 from kiban.serve.auth import KeyRing
+from kiban.serve.design_routes import add_design_routes
 from kiban.serve.engine import Completion, InferenceEngine, NotReady, RequestTimeout, UnknownTask
 from kiban.serve.errors import ClientDisconnected, add_error_handlers
 from kiban.serve.guard import Guard, TokenBuckets
@@ -154,6 +155,7 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
         return settings.model_name
 
     add_retrieval_routes(app, settings)  # /v1/search, /v1/documents; the index chat requests read
+    add_design_routes(app, engine, settings)  # /v1/design/molecules, /v1/design/proteins
 
     # -- chat ------------------------------------------------------------------------------------
 

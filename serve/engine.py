@@ -90,9 +90,9 @@ class UnknownTask(LookupError):
 
 @dataclass(eq=False)
 class _Job:
-    kind: str  # "generate" | "embed" | "predict"
+    kind: str  # "generate" | "embed" | "predict" | "call"
     key: tuple  # jobs with equal keys may share one forward pass
-    rows: list[Any]  # generate: [record]; embed / predict: [(modality, item), ...]
+    rows: list[Any]  # generate: [record]; embed / predict: [(modality, item), ...]; call: [work]
     future: asyncio.Future
     deadline: float  # loop.time() by which it must be answered
     settings: GenerationSettings | None = None  # generate: the row's settings
@@ -318,6 +318,16 @@ class InferenceEngine:
         job = self._submit("predict", key, list(items), options=options)
         return await self._wait(job)
 
+    async def call(self, work: Callable[[Any, Callable[[], bool]], Any], *, name: str = "call") -> Any:
+        """``work(model, should_stop)`` run alone on the worker thread, queued like any request.
+
+        For requests that drive the model themselves (``kiban.design``: many sampling rounds):
+        they wait their turn, keep the server's deadline (``should_stop`` turns True when the caller
+        left or the deadline passed) and never run beside another batch on the same model.
+        """
+        job = self._submit("call", ("call", name, object()), [work])  # a key of its own: never batched
+        return await self._wait(job)
+
     def _finished_completion(self, completion: Completion) -> Completion:
         if completion.finish_reason == "cancelled" and self._stopping:
             raise NotReady("the server is shutting down; the request was cancelled after drain_s")
@@ -539,6 +549,10 @@ class InferenceEngine:
             self.stats.on_batch(kind, len(chunk))
             hooks = [RowHooks(self._text_sink(job), stop) for job, stop in zip(chunk, stops)]
             return self.model.complete([job.rows[0] for job in chunk], [job.settings for job in chunk], hooks)
+        if kind == "call":
+            self.stats.on_batch(kind, 1)
+            with torch.inference_mode():
+                return [job.rows[0](self.model, stop) for job, stop in zip(chunk, stops)]
         rows = [row for job in chunk for row in job.rows]
         answers: list[Any] = []
         with torch.inference_mode():

@@ -132,3 +132,23 @@ def test_a_prompt_over_the_context_is_refused_before_the_prefill(model):
     finally:
         handle.remove()
     assert not calls
+
+
+def test_a_logits_processor_decides_each_rows_tokens_and_sees_its_ids_so_far(model):
+    """``RowHooks.process_logits``: one row may only write 'a' then 'b' alternately; the other row is free."""
+    tokenizer = model.tokenizer
+    a, b = (tokenizer.convert_tokens_to_ids(c) for c in "ab")
+    seen: list[list[int]] = []
+
+    def alternate(ids, logits):
+        seen.append(list(ids))
+        out = torch.full_like(logits, -torch.inf)
+        allowed = b if ids and ids[-1] == a else a
+        out[allowed] = logits[allowed]
+        return out
+
+    settings = [GenerationSettings(max_tokens=6, temperature=1.0, seed=1)] * 2
+    hooks = [RowHooks(process_logits=alternate), RowHooks()]
+    constrained, free = generate_completions(model, [_record("MKTAYIAKQR")] * 2, settings, hooks)
+    assert constrained.text == "ababab" and free.text != "ababab"
+    assert seen[0] == [] and seen[-1] == [a, b, a, b, a]  # the row's own generated ids, one more each step

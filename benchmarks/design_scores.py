@@ -1,0 +1,124 @@
+"""The design table of docs/design.md: a trained model's molecules beside two baselines, in one run.
+
+    kiban design records --molecules ../shared/data/molecules/*.csv --dti ../shared/data/dti --out runs/design-data
+    kiban fit --config configs/design_cpu.yaml
+    python benchmarks/design_scores.py --model runs/design-cpu/model --data runs/design-data --n 200
+
+Rows: the model unconditioned, the model asked for ``--condition``, the training set sampled (the
+copy-the-data baseline), and a character-level SMILES 6-gram model fitted on the same training
+molecules. Columns: validity, uniqueness, novelty, internal diversity (MOSES), FCD and the
+GuacaMol KL score against the held-out test molecules, and the share of samples inside the asked
+ranges (for every row, so the conditioned model reads against the unconditioned one and the data).
+Proteins: Gibbs designs of a template beside random mutants with as many changes, by PLL.
+Prints a Markdown table and writes the numbers as JSON (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from kiban.design import Reference, design_molecules, design_proteins, parse_conditions, pseudo_log_likelihood
+from kiban.design.conditions import compute_properties, meets
+from kiban.design.metrics import NgramSmiles, molecule_scores, sample_training
+from kiban.design.molecules import canonical_smiles, read_smiles_file
+from kiban.design.proteins import identity, random_mutants
+from kiban.fusion import KibanModel
+
+# The N-terminal 60 residues of TEM-1 beta-lactamase (P62593), the template of the protein rows.
+TEMPLATE = "MSIQHFRVALIPFFAAFCLPVFAHPETLVKVKDAEDQLGARVGYIELDLNSGKILESFRP"
+
+
+def _share(smiles: list[str | None], conditions) -> float:
+    from rdkit import Chem
+
+    valid = [s for s in smiles if s]
+    if not valid:
+        return float("nan")
+    return sum(meets(compute_properties(Chem.MolFromSmiles(s)), conditions) for s in valid) / len(valid)
+
+
+def main() -> None:
+    """Run every row and print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True, help="the folder kiban design records wrote")
+    parser.add_argument("--n", type=int, default=200)
+    parser.add_argument("--condition", default="logP 1-3, MW < 450, QED > 0.6")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", default="runs/design_scores.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    data = Path(args.data)
+    train = read_smiles_file(data / "train.smi")
+    test = read_smiles_file(data / "test.smi")
+    training = set(train)
+    conditions = parse_conditions(args.condition)
+    model = KibanModel.from_pretrained(args.model).eval()
+    reference = Reference.from_smiles(train)
+
+    rows: dict[str, dict] = {}
+    started = time.perf_counter()
+    free = design_molecules(model, n=args.n, budget=args.n, seed=args.seed, reference=reference)
+    free_smiles = [d.smiles for d in free.designs]
+    rows["model, unconditioned"] = molecule_scores(free_smiles, training=training, reference=test)
+    rows["model, unconditioned"]["in_ranges"] = _share(free_smiles, conditions)
+    rows["model, unconditioned"]["seconds"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    asked = design_molecules(model, n=args.n, budget=args.n, seed=args.seed, conditions=conditions, reference=reference)
+    asked_smiles = [d.smiles for d in asked.designs]
+    rows[f"model, asked {args.condition}"] = molecule_scores(asked_smiles, training=training, reference=test)
+    rows[f"model, asked {args.condition}"]["in_ranges"] = _share(asked_smiles, conditions)
+    rows[f"model, asked {args.condition}"]["seconds"] = time.perf_counter() - started
+
+    copies = sample_training(train, args.n, seed=args.seed)
+    rows["baseline: training set sampled"] = molecule_scores(copies, training=training, reference=test)
+    rows["baseline: training set sampled"]["in_ranges"] = _share(copies, conditions)
+
+    ngram = NgramSmiles(order=6).fit(train).sample(args.n, seed=args.seed)
+    ngram = [canonical_smiles(s) for s in ngram]
+    rows["baseline: SMILES 6-gram"] = molecule_scores(ngram, training=training, reference=test)
+    rows["baseline: SMILES 6-gram"]["in_ranges"] = _share(ngram, conditions)
+
+    encoder = model.encoders["protein"]
+    designs = design_proteins(encoder, TEMPLATE, n=8, steps=60, seed=args.seed)
+    mutants = random_mutants(TEMPLATE, [len(d.mutations) for d in designs], seed=args.seed)
+    mutant_pll = pseudo_log_likelihood(encoder, mutants)
+    proteins = {
+        "designs_pll_per_residue": statistics.mean(d.pll_per_residue for d in designs),
+        "mutants_pll_per_residue": statistics.mean(mutant_pll) / len(TEMPLATE),
+        "template_pll_per_residue": pseudo_log_likelihood(encoder, [TEMPLATE])[0] / len(TEMPLATE),
+        "identity": statistics.mean(identity(d.sequence, TEMPLATE) for d in designs),
+        "changes": statistics.mean(len(d.mutations) for d in designs),
+    }
+
+    print(f"machine: {platform.node()}, {platform.machine()}, torch threads {args.threads}; n = {args.n} per row")
+    print(f"model counts (unconditioned): {free.summary()}")
+    print(f"model counts (asked {args.condition}): {asked.summary()}")
+    print("\n| samples | validity | uniqueness | novelty | IntDiv | FCD (lower better) | KL score | in asked ranges |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in rows.items():
+        print(
+            f"| {name} | {r['validity']:.3f} | {r['uniqueness']:.3f} | {r['novelty']:.3f} | {r['int_div']:.3f} "
+            f"| {r['fcd']:.2f} | {r['kl_score']:.3f} | {r['in_ranges']:.3f} |"
+        )
+    print(
+        f"\nproteins ({len(TEMPLATE)}-residue template, 8 designs x 60 Gibbs steps): PLL/residue designs "
+        f"{proteins['designs_pll_per_residue']:.4f}, random mutants with as many changes "
+        f"{proteins['mutants_pll_per_residue']:.4f}, template {proteins['template_pll_per_residue']:.4f}; "
+        f"identity {proteins['identity']:.3f}, {proteins['changes']:.1f} changes"
+    )
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"rows": rows, "proteins": proteins, "n": args.n}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+"""Molecule design with the fused model: prompt, constrained sampling, RDKit check, honest counts.
+
+    request (n, conditions, target protein, seed)
+      -> prompt (``design_prompt``: the same wording the training records use)
+      -> batches of rows through ``generate_completions`` with a ``SelfiesConstraint`` per row
+      -> SELFIES -> SMILES -> RDKit (canonical SMILES, properties) -> meets the conditions?
+      -> until n distinct molecules meet them, or the sampling budget is spent
+
+Every sampled molecule is returned (``Design`` rows), with whether it met the conditions, whether it
+repeats an earlier one, and whether it is a copy of a reference (training) molecule: nothing is
+filtered out of sight. ``DesignReport`` gives the counts; sampled = valid + invalid (invalid stays
+0 by construction and is counted anyway). Row r of a request samples with seed ``seed + r``, so the
+same seed gives the same designs whatever the batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kiban.design.conditions import Condition, check_reachable, compute_properties, meets
+from kiban.design.selfies_decoding import SelfiesConstraint, decode_selfies, default_alphabet
+from kiban.fusion.generation import GenerationSettings, RowHooks, generate_completions
+
+__all__ = [
+    "Design",
+    "DesignReport",
+    "Reference",
+    "canonical_smiles",
+    "design_molecules",
+    "design_prompt",
+    "read_smiles_file",
+]
+
+#: The instruction the model is trained on and asked with (conditions and target are appended).
+TASK = "Design a drug-like molecule"
+
+
+def design_prompt(conditions: Sequence[Condition] = (), *, target: bool = False) -> str:
+    """The user turn asking for one molecule: ``Design a drug-like molecule that binds <protein>
+    with logP 1 to 3, MW at most 450. Answer in SELFIES.``
+    """
+    text = TASK
+    if target:
+        text += " that binds <protein>"
+    if conditions:
+        text += " with " + ", ".join(c.text() for c in conditions)
+    return text + ". Answer in SELFIES."
+
+
+def canonical_smiles(smiles: str) -> str | None:
+    """RDKit's canonical SMILES, or None when RDKit cannot parse it (or it is empty)."""
+    from rdkit import Chem, rdBase
+
+    if not smiles:
+        return None
+    _quiet = rdBase.BlockLogs()  # noqa: F841 - RDKit logs nothing while it lives (sampled oddities are counted, not logged)
+    mol = Chem.MolFromSmiles(smiles)
+    return Chem.MolToSmiles(mol) if mol is not None and mol.GetNumAtoms() else None
+
+
+def read_smiles_file(path: str | Path, *, what: str = "--reference") -> list[str]:
+    """SMILES from a ``.smi``/``.txt`` file (first field of each line) or a CSV with a ``smiles`` column."""
+    import csv
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path}: no such file")
+    if path.suffix.lower() in (".csv", ".tsv"):
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle, delimiter="\t" if path.suffix.lower() == ".tsv" else ",")
+            column = next((c for c in reader.fieldnames or () if c.strip().lower() in ("smiles", "mol")), None)
+            if column is None:
+                raise ValueError(f"{what} {path}: no 'smiles' column (columns: {', '.join(reader.fieldnames or ())})")
+            return [row[column].strip() for row in reader if row[column].strip()]
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+@dataclass
+class Reference:
+    """The molecules designs are compared with (the training set): novelty, copies, reachable ranges."""
+
+    smiles: frozenset[str]
+    ranges: dict[str, tuple[float, float]]
+    size: int
+    symbols: frozenset[str] = frozenset()
+
+    @classmethod
+    def from_smiles(cls, smiles: Iterable[str]) -> "Reference":
+        """Canonicalise, compute property ranges and SELFIES symbols; unparsable SMILES are skipped."""
+        import selfies as sf
+        from rdkit import Chem
+
+        canonical, values, symbols = set(), {}, set()
+        for text in smiles:
+            mol = Chem.MolFromSmiles(text)
+            if mol is None or not mol.GetNumAtoms():
+                continue
+            smi = Chem.MolToSmiles(mol)
+            canonical.add(smi)
+            for name, value in compute_properties(mol).items():
+                values.setdefault(name, []).append(value)
+            try:
+                symbols.update(sf.split_selfies(sf.encoder(smi)))
+            except sf.EncoderError:
+                pass
+        if not canonical:
+            raise ValueError("the reference set holds no molecule RDKit can parse")
+        ranges = {name: (min(v), max(v)) for name, v in values.items()}
+        return cls(frozenset(canonical), ranges, len(canonical), frozenset(symbols))
+
+
+@dataclass
+class Design:
+    """One sampled molecule: SELFIES and canonical SMILES (None if invalid), properties and flags."""
+
+    index: int
+    selfies: str
+    smiles: str | None
+    properties: dict[str, float]
+    meets: bool
+    duplicate: bool
+    in_reference: bool | None
+    finish_reason: str
+
+
+@dataclass
+class DesignReport:
+    """What a design request produced: every sampled molecule, and the counts over them."""
+
+    requested: int
+    conditions: list[Condition]
+    designs: list[Design] = field(default_factory=list)
+    budget: int = 0
+
+    @property
+    def sampled(self) -> int:
+        """Molecules sampled (= valid + invalid)."""
+        return len(self.designs)
+
+    @property
+    def valid(self) -> int:
+        """Sampled molecules RDKit parses."""
+        return sum(d.smiles is not None for d in self.designs)
+
+    @property
+    def invalid(self) -> int:
+        """Sampled molecules RDKit does not parse (0 by construction; counted to prove it)."""
+        return self.sampled - self.valid
+
+    @property
+    def duplicates(self) -> int:
+        """Valid molecules that repeat an earlier one of this request."""
+        return sum(d.duplicate for d in self.designs)
+
+    @property
+    def in_reference(self) -> int:
+        """Distinct valid molecules that are copies of a reference (training) molecule."""
+        return sum(bool(d.in_reference) for d in self.designs if not d.duplicate)
+
+    @property
+    def met(self) -> list[Design]:
+        """Distinct valid molecules that meet every condition (the designs asked for)."""
+        return [d for d in self.designs if d.meets and not d.duplicate]
+
+    def summary(self) -> dict[str, Any]:
+        """The counts as plain values (CLI summary line, API response, benchmark rows)."""
+        return {
+            "requested": self.requested,
+            "sampled": self.sampled,
+            "budget": self.budget,
+            "valid": self.valid,
+            "invalid": self.invalid,
+            "duplicates": self.duplicates,
+            "unique": self.valid - self.duplicates,
+            "in_training_set": self.in_reference,
+            "met_conditions": len(self.met),
+            "met_fraction": round(len(self.met) / max(self.valid - self.duplicates, 1), 4),
+            "conditions": [c.text() for c in self.conditions],
+        }
+
+
+def design_molecules(
+    model: Any,
+    *,
+    n: int,
+    conditions: Sequence[Condition] = (),
+    target: str | None = None,
+    reference: Reference | None = None,
+    seed: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    max_symbols: int = 80,
+    budget: int | None = None,
+    batch_size: int = 16,
+    should_stop: Callable[[], bool] | None = None,
+) -> DesignReport:
+    """Sample molecules from ``model`` (a ``KibanModel``) until ``n`` distinct ones meet ``conditions``.
+
+    target: a protein sequence given to the model as a ``<protein>`` input. reference: the training
+    set (novelty, copies, the ranges impossible conditions are refused against). budget: the most
+    molecules sampled (default ``20 * n``); the loop never runs past it, so a condition too hard for
+    the model ends with fewer than ``n`` designs and says so in the counts. max_symbols bounds each
+    molecule's length in backbone tokens (SELFIES symbols are one or more tokens each).
+    Raises ``ConditionError`` (refused before sampling) and the model's ``InvalidInput`` for a bad target.
+    """
+    if n < 1:
+        raise ValueError(f"--n must be at least 1, got {n}")
+    budget = budget if budget is not None else 20 * n
+    if budget < n:
+        raise ValueError(f"--budget {budget} is smaller than --n {n}")
+    if reference is not None:
+        check_reachable(conditions, reference.ranges, size=reference.size)
+    if target is not None and "protein" not in model.encoders:
+        raise ValueError(f"--target: this model has no protein encoder to read a target with ({', '.join(model.encoders)})")
+    alphabet = default_alphabet(reference.symbols if reference is not None else ())
+    constraint = SelfiesConstraint(model.tokenizer, alphabet)
+    record: dict[str, Any] = {"id": "design", "messages": [{"role": "user", "content": design_prompt(conditions, target=target is not None)}]}
+    if target is not None:
+        record["inputs"] = {"protein": [target]}
+    report = DesignReport(requested=n, conditions=list(conditions), budget=budget)
+    seen: set[str] = set()
+    while len(report.met) < n and report.sampled < budget:
+        if should_stop is not None and should_stop():
+            break
+        rows = min(batch_size, budget - report.sampled)
+        start = report.sampled
+        settings = [
+            GenerationSettings(max_tokens=max_symbols, temperature=temperature, top_p=top_p, seed=seed + start + r)
+            for r in range(rows)
+        ]
+        hooks = [RowHooks(process_logits=constraint, should_stop=should_stop) for _ in range(rows)]
+        completions = generate_completions(model, [record] * rows, settings, hooks)
+        for r, completion in enumerate(completions):
+            report.designs.append(_judge(start + r, constraint.text_of(completion.text), completion.finish_reason, conditions, reference, seen))
+    return report
+
+
+def _judge(
+    index: int, selfies: str, finish_reason: str, conditions: Sequence[Condition], reference: Reference | None, seen: set[str]
+) -> Design:
+    from rdkit import Chem, rdBase
+
+    smiles = canonical_smiles(decode_selfies(selfies))
+    _quiet = rdBase.BlockLogs()  # noqa: F841
+    if smiles is None:
+        return Design(index, selfies, None, {}, False, False, None, finish_reason)
+    values = compute_properties(Chem.MolFromSmiles(smiles))
+    duplicate = smiles in seen
+    seen.add(smiles)
+    in_reference = None if reference is None else smiles in reference.smiles
+    return Design(index, selfies, smiles, values, meets(values, conditions), duplicate, in_reference, finish_reason)

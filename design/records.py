@@ -1,0 +1,228 @@
+"""Instruction records that teach the fused model molecule design (the instruct-stage recipe's data).
+
+    molecule CSVs (MoleculeNet) + drug–target pairs (Davis / KIBA)
+      -> canonical SMILES, deduplicated, split by molecule (train / val / test)
+      -> per training molecule: one unconditioned record and one with property conditions it meets
+      -> per strong drug–target pair: "... that binds <protein>" with the target as a protein input
+      -> train.jsonl, val.jsonl (read by ``kiban fit``), train.smi / test.smi (novelty, FCD reference)
+
+The user turn is ``design_prompt`` (the exact wording ``kiban design molecules`` asks with) and the
+assistant turn is the molecule's SELFIES. Conditions are drawn at random around the molecule's own
+properties, so every record's conditions hold for its answer: the model learns what "logP 1 to 3"
+means by seeing molecules that meet it. The split is by molecule, so no test molecule is ever an
+answer in training. Counts add up: read = used + rejected (by reason).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import random
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kiban.atomic import staged_folder
+from kiban.design.conditions import PROPERTIES, Condition, compute_properties
+from kiban.design.molecules import design_prompt
+from kiban.design.selfies_decoding import encode_selfies
+
+__all__ = ["RecipeCounts", "random_conditions", "write_design_records"]
+
+# How far from the molecule's own value a drawn bound may lie, at most (bounds are then rounded
+# outward to the property's step).
+_DRAW = {"logP": 2.0, "MW": 120.0, "QED": 0.3, "TPSA": 40.0, "HBD": 2, "HBA": 3}
+
+#: Davis pKd and KIBA score at or above which a pair counts as a binder (the usual thresholds).
+BINDERS = {"davis_pairs.csv": ("pKd", 7.0), "kiba_pairs.csv": ("kiba_score", 12.1)}
+
+
+def random_conditions(values: dict[str, float], rng: random.Random) -> list[Condition]:
+    """1-3 conditions, each an interval or bound rounded outward, that ``values`` all meet."""
+    out = []
+    for name in rng.sample(sorted(_DRAW), rng.randint(1, 3)):
+        step, width = PROPERTIES[name.lower()].step, _DRAW[name]
+        value = values[name]
+        kind = rng.choice(("range", "at most", "at least"))
+        low = math.floor((value - rng.uniform(0, width)) / step) * step
+        high = math.ceil((value + rng.uniform(0, width)) / step) * step
+        if name == "QED":
+            low, high = max(low, 0.0), min(high, 1.0)
+        low, high = round(low, 3), round(high, 3)
+        out.append(
+            Condition(name, low if kind != "at most" else -math.inf, high if kind != "at least" else math.inf)
+        )
+    order = list(PROPERTIES)
+    return sorted(out, key=lambda c: order.index(c.name.lower()))
+
+
+@dataclass
+class RecipeCounts:
+    """Molecules read, used and rejected (by reason), and the records written per file."""
+
+    read: int = 0
+    used: int = 0
+    rejected: Counter = field(default_factory=Counter)
+    records: dict[str, int] = field(default_factory=dict)
+
+    def line(self) -> str:
+        """``read N = used U + rejected R (reason: k, ...)``."""
+        reasons = ", ".join(f"{r}: {k}" for r, k in self.rejected.most_common())
+        return f"molecules read {self.read} = used {self.used} + rejected {sum(self.rejected.values())}" + (
+            f" ({reasons})" if reasons else ""
+        )
+
+
+def _smiles_columns(path: Path) -> Iterable[str]:
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        column = next((c for c in reader.fieldnames or () if c.strip().lower() in ("smiles", "mol")), None)
+        if column is None:
+            raise ValueError(f"{path}: no 'smiles' or 'mol' column (columns: {', '.join(reader.fieldnames or ())})")
+        for row in reader:
+            yield row[column].strip()
+
+
+def write_design_records(
+    *,
+    molecule_files: Sequence[str | Path],
+    dti_dir: str | Path | None,
+    out: str | Path,
+    seed: int = 0,
+    val_fraction: float = 0.05,
+    test_fraction: float = 0.05,
+    max_molecules: int | None = None,
+    max_target_records: int = 2000,
+    max_atoms: int = 50,
+) -> RecipeCounts:
+    """Write the design records into the new folder ``out`` (see the module docstring).
+
+    max_atoms: molecules with more heavy atoms are left out (counted), which keeps SELFIES answers
+    short enough to learn on a CPU. max_target_records: the most drug–target records (a random
+    sample of the binders whose drug is in the split).
+    """
+    from rdkit import Chem, rdBase
+
+    _quiet = rdBase.BlockLogs()  # noqa: F841 - rejects are counted by reason, not logged one by one
+    out = Path(out)
+    if out.exists():
+        raise ValueError(f"--out {out} already exists; choose a new folder")
+    rng = random.Random(seed)
+    counts = RecipeCounts()
+    molecules: dict[str, tuple[str, dict[str, float]]] = {}  # canonical SMILES -> (SELFIES, properties)
+    dti_dir = Path(dti_dir) if dti_dir is not None else None
+    sources = [Path(p) for p in molecule_files]
+    if dti_dir is not None:
+        sources += [dti_dir / name for name in ("davis_drugs.csv", "kiba_drugs.csv") if (dti_dir / name).is_file()]
+    for path in sources:
+        if not path.is_file():
+            raise FileNotFoundError(f"molecule file {path}: no such file")
+        for smiles in _smiles_columns(path):
+            counts.read += 1
+            mol = Chem.MolFromSmiles(smiles) if smiles else None
+            if mol is None:
+                counts.rejected["RDKit cannot parse"] += 1
+                continue
+            if mol.GetNumHeavyAtoms() > max_atoms:
+                counts.rejected[f"over {max_atoms} heavy atoms"] += 1
+                continue
+            if len(Chem.GetMolFrags(mol)) > 1:
+                counts.rejected["several fragments (salt or mixture)"] += 1
+                continue
+            canonical = Chem.MolToSmiles(mol)
+            if canonical in molecules:
+                counts.rejected["duplicate"] += 1
+                continue
+            selfies = encode_selfies(canonical)
+            if selfies is None:
+                counts.rejected["SELFIES cannot encode"] += 1
+                continue
+            molecules[canonical] = (selfies, compute_properties(mol))
+            counts.used += 1
+    names = sorted(molecules)
+    rng.shuffle(names)
+    if max_molecules is not None and len(names) > max_molecules:
+        counts.rejected["over --max-molecules"] += len(names) - max_molecules
+        counts.used -= len(names) - max_molecules
+        names = names[:max_molecules]
+    n_test, n_val = int(len(names) * test_fraction), int(len(names) * val_fraction)
+    split = {"test": names[:n_test], "val": names[n_test : n_test + n_val], "train": names[n_test + n_val :]}
+    where = {s: part for part, smiles in split.items() for s in smiles}
+
+    records: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
+    for part in ("train", "val"):
+        for k, smiles in enumerate(split[part]):
+            selfies, values = molecules[smiles]
+            records[part].append(_record(f"{part}-{k}", [], selfies))
+            records[part].append(_record(f"{part}-{k}-c", random_conditions(values, rng), selfies))
+    if dti_dir is not None:
+        for part, items in _target_records(dti_dir, where, molecules, rng, max_target_records).items():
+            records[part].extend(items)
+    for items in records.values():
+        rng.shuffle(items)
+
+    with staged_folder(out) as folder:
+        for part, items in records.items():
+            with (folder / f"{part}.jsonl").open("w") as handle:
+                for record in items:
+                    handle.write(json.dumps(record) + "\n")
+            counts.records[f"{part}.jsonl"] = len(items)
+        for part in ("train", "test"):
+            (folder / f"{part}.smi").write_text("".join(s + "\n" for s in split[part]))
+            counts.records[f"{part}.smi"] = len(split[part])
+        (folder / "counts.json").write_text(
+            json.dumps({"read": counts.read, "used": counts.used, "rejected": dict(counts.rejected), "files": counts.records}, indent=2)
+        )
+    return counts
+
+
+def _record(rid: str, conditions: list[Condition], selfies: str, target: str | None = None) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "id": rid,
+        "messages": [
+            {"role": "user", "content": design_prompt(conditions, target=target is not None)},
+            {"role": "assistant", "content": selfies},
+        ],
+    }
+    if target is not None:
+        record["inputs"] = {"protein": [target]}
+    return record
+
+
+def _target_records(
+    dti_dir: Path, where: dict[str, str], molecules: dict[str, tuple[str, dict[str, float]]], rng: random.Random, limit: int
+) -> dict[str, list[dict[str, Any]]]:
+    """Records for strong binders (``BINDERS``) whose drug is in the train or val split."""
+    from rdkit import Chem
+
+    out: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
+    for pairs_name, (column, threshold) in BINDERS.items():
+        prefix = pairs_name.split("_")[0]
+        pairs, drugs, targets = (dti_dir / f"{prefix}_{kind}.csv" for kind in ("pairs", "drugs", "targets"))
+        if not (pairs.is_file() and drugs.is_file() and targets.is_file()):
+            continue
+        with drugs.open(newline="") as handle:
+            drug_smiles = {}
+            for row in csv.DictReader(handle):
+                mol = Chem.MolFromSmiles(row["smiles"])
+                if mol is not None:
+                    drug_smiles[row["drug_id"]] = Chem.MolToSmiles(mol)
+        with targets.open(newline="") as handle:
+            sequences = {row["target_id"]: row["sequence"] for row in csv.DictReader(handle)}
+        with pairs.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                smiles = drug_smiles.get(row["drug_id"])
+                part = where.get(smiles or "")
+                if part in out and float(row[column]) >= threshold and row["target_id"] in sequences:
+                    out[part].append((f"{prefix}-{row['drug_id']}-{row['target_id']}", smiles, sequences[row["target_id"]]))
+    result: dict[str, list[dict[str, Any]]] = {}
+    for part, pairs_list in out.items():
+        rng.shuffle(pairs_list)
+        cap = limit if part == "train" else max(limit // 10, 1)
+        result[part] = [
+            _record(f"{part}-{name}", [], molecules[smiles][0], sequence) for name, smiles, sequence in pairs_list[:cap]
+        ]
+    return result

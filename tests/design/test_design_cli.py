@@ -1,0 +1,106 @@
+"""``kiban design molecules | proteins | records`` end to end, in process, on real files."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from rdkit import Chem
+
+from kiban.cli import main
+from kiban.tiny import tiny_model
+
+TEMPLATE = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ"
+SMILES = ["CCO", "c1ccccc1O", "CC(=O)Oc1ccccc1C(=O)O", "CN1CCC[C@H]1c1cccnc1", "O=C(O)CCc1ccccc1", "not a smiles", "CCO"]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("design-model") / "model"
+    model = tiny_model(["protein", "molecule"], seed=0)
+    with torch.no_grad():
+        for param in model.llm.parameters():
+            if param.dim() == 2:
+                param.mul_(20.0)
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    path = tmp_path_factory.mktemp("reference") / "train.smi"
+    path.write_text("\n".join(SMILES[:5]) + "\n")
+    return path
+
+
+def test_molecules_writes_every_sample_with_its_flags(model_dir, reference, tmp_path, capsys):
+    out = tmp_path / "designs.csv"
+    code = main(["design", "molecules", "--model", str(model_dir), "--n", "3", "--budget", "6", "--batch-size", "6",
+                 "--condition", "MW < 500", "--reference", str(reference), "--out", str(out)])
+    assert code == 0
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 6 and all(Chem.MolFromSmiles(r["smiles"]) is not None for r in rows)
+    assert {r["in_training_set"] for r in rows} <= {"0", "1"}
+    err = capsys.readouterr().err
+    assert "sampled 6 (budget 6) = valid 6 + invalid 0" in err and "met MW at most 500" in err
+    assert main(["design", "molecules", "--model", str(model_dir), "--n", "1", "--out", str(out)]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--condition", "logP 50"], "'logP 50' is outside what the training set reaches"),
+        (["--condition", "logP ~3"], "'logP ~3' is not written like"),
+        (["--target", "MKT1AY"], "--target 'MKT1AY' is neither a FASTA file nor a sequence of letters"),
+        (["--target", "MKTJAY"], "protein"),
+    ],
+)
+def test_molecules_bad_input_is_one_line(model_dir, reference, tmp_path, capsys, extra, message):
+    code = main(["design", "molecules", "--model", str(model_dir), "--reference", str(reference),
+                 "--out", str(tmp_path / "x.csv"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and message in err and err.startswith("kiban design")
+    assert not (tmp_path / "x.csv").exists()
+
+
+def test_proteins_writes_fasta_and_keeps_fixed_positions(tmp_path, capsys):
+    out = tmp_path / "designs.fasta"
+    code = main(["design", "proteins", "--model", "tiny", "--template", TEMPLATE, "--fixed", "1-10,20",
+                 "--n", "2", "--steps", "10", "--temperature", "2", "--out", str(out)])
+    assert code == 0
+    text = out.read_text().splitlines()
+    headers = [k for k, line in enumerate(text) if line.startswith(">")]
+    assert len(headers) == 2 and "pll=" in text[0]
+    for k in headers:
+        sequence = text[k + 1]
+        assert sequence[:10] == TEMPLATE[:10] and sequence[19] == TEMPLATE[19]
+    assert "random mutants with as many changes" in capsys.readouterr().err
+    assert main(["design", "proteins", "--model", "tiny", "--template", TEMPLATE, "--fixed", "1-99",
+                 "--out", str(tmp_path / "y.fasta")]) == 2
+    assert "--fixed '1-99' is outside the 33-residue template" in capsys.readouterr().err
+
+
+def test_records_split_by_molecule_and_counts_add_up(tmp_path, capsys):
+    source = tmp_path / "mols.csv"
+    with source.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["smiles", "label"])
+        writer.writerows([s, 0] for s in SMILES + ["CCCCCCCCN", "Oc1ccc(Cl)cc1", "CC(C)Cc1ccc(cc1)C(C)C(=O)O"])
+    out = tmp_path / "records"
+    code = main(["design", "records", "--molecules", str(source), "--out", str(out), "--test-fraction", "0.25",
+                 "--val-fraction", "0.25"])
+    assert code == 0
+    err = capsys.readouterr().err
+    assert "molecules read 10 = used 8 + rejected 2" in err and "duplicate: 1" in err
+    import json
+
+    train = [json.loads(line) for line in (out / "train.jsonl").open()]
+    answers = {r["messages"][1]["content"] for r in train}
+    from kiban.design.selfies_decoding import encode_selfies
+
+    test_molecules = (out / "test.smi").read_text().split()
+    assert len(test_molecules) == 2 and len((out / "train.smi").read_text().split()) == 4
+    assert not {encode_selfies(s) for s in test_molecules} & answers  # no test molecule is a training answer
+    assert all(r["messages"][0]["content"].startswith("Design a drug-like molecule") for r in train)
