@@ -16,6 +16,8 @@ logistic regression on standardised features over the same split: where the info
 
     .venv/bin/python benchmarks/cell_fusion_variants.py [--variants NAME ...] [--out DIR] [--seed 0]
     .venv/bin/python benchmarks/cell_fusion_variants.py --trace profile/linear
+    .venv/bin/python benchmarks/cell_fusion_variants.py --trace profile/linear-orth256 --draws 8
+    .venv/bin/python benchmarks/cell_fusion_variants.py --saved runs/quickstart/model
 """
 
 from __future__ import annotations
@@ -101,8 +103,13 @@ def run_variant(name: str, *, out: Path, seed: int, vocab: list[str], pbmc: Path
     }
 
 
-def trace_variant(name: str, *, seed: int, vocab: list[str], pbmc: Path) -> list[tuple[str, float, float]]:
-    """(stage, test accuracy, test macro-F1) of logistic regression on each stage's pooled states."""
+def trace_variant(
+    name: str | None, *, seed: int, vocab: list[str], pbmc: Path, saved: Path | None = None
+) -> list[tuple[str, float, float]]:
+    """(stage, test accuracy, test macro-F1) of logistic regression on each stage's pooled states,
+    for variant ``name`` at its seeded initialisation, or for the saved model ``saved`` (e.g. the
+    quickstart's ``model/`` after align).
+    """
     import anndata
     import numpy as np
     import torch
@@ -118,12 +125,15 @@ def trace_variant(name: str, *, seed: int, vocab: list[str], pbmc: Path) -> list
     matrix = adata.raw.X.toarray() if hasattr(adata.raw.X, "toarray") else np.asarray(adata.raw.X)
     labels = adata.obs["bulk_labels"].cat.codes.to_numpy()
     split = random_split(len(labels), seed=seed)
-    encoder, projector = VARIANTS[name]
-    config = default_config().to_plain()
-    config["encoders"] = {"cell": {**encoder, "gene_vocab": vocab}}
-    config["projectors"] = {"cell": projector}
-    torch.manual_seed(seed)
-    model = KibanModel.from_config(KibanConfig.from_plain(config)).eval()
+    if saved is not None:
+        model = KibanModel.from_pretrained(saved).eval()
+    else:
+        encoder, projector = VARIANTS[name]
+        config = default_config().to_plain()
+        config["encoders"] = {"cell": {**encoder, "gene_vocab": vocab}}
+        config["projectors"] = {"cell": projector}
+        torch.manual_seed(seed)
+        model = KibanModel.from_config(KibanConfig.from_plain(config)).eval()
     cell_encoder = model.encoders["cell"]
     cells = [(row, vocab) for row in matrix]
 
@@ -134,6 +144,9 @@ def trace_variant(name: str, *, seed: int, vocab: list[str], pbmc: Path) -> list
         return accuracy_score(labels[split.test], predicted), f1_score(labels[split.test], predicted, average="macro")
 
     rows = [("log-normalised expression as given", *score(matrix))]
+    if saved is not None:
+        singular = torch.linalg.svdvals(model.projectors["cell"].proj.weight.detach().float())
+        print(f"cell projector singular values: {singular.min():.1f}-{singular.max():.1f}")
     with torch.no_grad():
         batch = cell_encoder.featurizer.collate([cell_encoder.featurizer(cell) for cell in cells])
         tokens = cell_encoder(**batch)
@@ -142,6 +155,44 @@ def trace_variant(name: str, *, seed: int, vocab: list[str], pbmc: Path) -> list
         for layer in range(1, HEAD_LAYER + 1):
             states = model.embed([("cell", cell) for cell in cells], layer=layer).float().numpy()
             rows.append((f"fused states after decoder layer {layer}, pooled", *score(states)))
+    return rows
+
+
+def encoder_draws(name: str, *, draws: int, seed: int, vocab: list[str], pbmc: Path) -> list[tuple[int, float, float]]:
+    """(init seed, test accuracy, test macro-F1) of logistic regression on the pooled tokens of
+    variant ``name``'s cell encoder alone, initialised under seeds 0..draws-1 (same split: ``seed``):
+    how much a random draw of the encoder (the profile token's gene vectors) decides.
+    """
+    import anndata
+    import numpy as np
+    import torch
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.preprocessing import StandardScaler
+
+    from kiban.encoders import create_encoder
+    from kiban.fusion.model import KibanConfig, default_config
+    from kiban.tasks.splits import random_split
+
+    adata = anndata.read_h5ad(pbmc)
+    matrix = adata.raw.X.toarray() if hasattr(adata.raw.X, "toarray") else np.asarray(adata.raw.X)
+    labels = adata.obs["bulk_labels"].cat.codes.to_numpy()
+    split = random_split(len(labels), seed=seed)
+    encoder, _ = VARIANTS[name]
+    rows = []
+    for draw in range(draws):
+        config = default_config().to_plain()
+        config["encoders"] = {"cell": {**encoder, "gene_vocab": vocab}}
+        torch.manual_seed(draw)
+        spec = KibanConfig.from_plain(config).encoders["cell"]
+        cell_encoder = create_encoder("cell", spec.encoder_config("cell")).eval()
+        with torch.no_grad():
+            batch = cell_encoder.featurizer.collate([cell_encoder.featurizer((row, vocab)) for row in matrix])
+            features = cell_encoder(**batch).pooled().numpy()
+        scaler = StandardScaler().fit(features[split.train])
+        fitted = LogisticRegression(max_iter=2000).fit(scaler.transform(features[split.train]), labels[split.train])
+        predicted = fitted.predict(scaler.transform(features[split.test]))
+        rows.append((draw, accuracy_score(labels[split.test], predicted), f1_score(labels[split.test], predicted, average="macro")))
     return rows
 
 
@@ -163,6 +214,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="keep each variant's finetune folder here")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trace", choices=list(VARIANTS), default=None, help="follow one variant stage by stage")
+    parser.add_argument("--saved", type=Path, default=None, help="trace a saved model's cell path instead (its model/ folder)")
+    parser.add_argument("--draws", type=int, default=0, help="score --trace's cell encoder alone under this many init seeds")
     args = parser.parse_args()
 
     import anndata
@@ -174,9 +227,14 @@ def main() -> None:
     torch.set_num_threads(2)
     pbmc = pbmc_path()
     vocab = list(vocab_from_adata(anndata.read_h5ad(pbmc).raw))
-    if args.trace:
-        print(f"\n| {args.trace}: stage | LR accuracy | LR macro-F1 |\n| --- | ---: | ---: |")
-        for stage, accuracy, f1 in trace_variant(args.trace, seed=args.seed, vocab=vocab, pbmc=pbmc):
+    if args.trace and args.draws:
+        print(f"\n| {args.trace}: encoder init seed | LR accuracy | LR macro-F1 |\n| --- | ---: | ---: |")
+        for draw, accuracy, f1 in encoder_draws(args.trace, draws=args.draws, seed=args.seed, vocab=vocab, pbmc=pbmc):
+            print(f"| {draw} | {accuracy:.3f} | {f1:.3f} |")
+        return
+    if args.trace or args.saved:
+        print(f"\n| {args.saved or args.trace}: stage | LR accuracy | LR macro-F1 |\n| --- | ---: | ---: |")
+        for stage, accuracy, f1 in trace_variant(args.trace, seed=args.seed, vocab=vocab, pbmc=pbmc, saved=args.saved):
             print(f"| {stage} | {accuracy:.3f} | {f1:.3f} |")
         return
     out = args.out or Path(tempfile.mkdtemp(prefix="cell-fusion-"))
