@@ -72,8 +72,9 @@ class LinearProjector(nn.Module):
         self.config = config
         self.proj = nn.Linear(in_dim, out_dim)
         if config.init == "orthogonal":
-            # PyTorch's default init shrinks a whole-profile cell token (norm ~1) to a norm of ~0.6
-            # and mixes its directions; the backbone's first layers then write over it. An
+            # PyTorch's default init shrinks a whole-profile cell token (norm ~24, after its
+            # LayerNorm) to a norm of ~14 and mixes its directions; the backbone's first layers then
+            # write over it. An
             # orthogonal map keeps every direction (logistic regression on the projected cell equals
             # that on the encoder's token), and the gain sets how much of it survives to layer 2
             # (benchmarks/cell_fusion_variants.py).
