@@ -48,7 +48,6 @@ from kiban.serve.schemas import (
     EmbeddingRequest,
     EmbeddingResponse,
     EmbeddingUsage,
-    ErrorResponse,
     HeadInfo,
     ModelCard,
     ModelList,
@@ -60,6 +59,7 @@ from kiban.serve.schemas import (
     TopLogprob,
     Usage,
     error_payload,
+    error_responses,
 )
 from kiban.serve.settings import ServeSettings
 from kiban.tasks.predict import input_modalities
@@ -69,20 +69,6 @@ __all__ = ["create_app"]
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-
-
-def _errors(*codes: int) -> dict[int, dict[str, Any]]:
-    text = {
-        400: "malformed JSON body",
-        401: "missing or invalid API key",
-        404: "unknown model or task",
-        413: "request body over max_body_bytes",
-        422: "invalid request or input; the message names the field, the input or the limit",
-        429: "rate limit exceeded (see Retry-After)",
-        503: "model not loaded yet, or the queue is full (see Retry-After)",
-        504: "not answered within the server's timeout",
-    }
-    return {code: {"model": ErrorResponse, "description": text[code]} for code in codes}
 
 
 # With stream: true. Before OpenAPI 3.2 the schema of text/event-stream describes one event.
@@ -100,7 +86,7 @@ _SSE_SCHEMA = {
         },
     },
 }
-_INFERENCE_ERRORS = _errors(400, 401, 404, 413, 422, 429, 503, 504)
+_INFERENCE_ERRORS = error_responses(400, 401, 404, 413, 422, 429, 503, 504)
 
 
 def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
@@ -291,7 +277,7 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
             task=task, model=model_name, data=[Prediction(index=i, **row) for i, row in enumerate(rows)]
         )
 
-    @app.get("/v1/models", response_model=ModelList, responses=_errors(401, 429, 503), tags=["openai"])
+    @app.get("/v1/models", response_model=ModelList, responses=error_responses(401, 429, 503), tags=["openai"])
     async def models() -> ModelList:
         heads = [
             HeadInfo(
@@ -325,7 +311,7 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
         "/readyz",
         response_model=Status,
         response_model_exclude_none=True,
-        responses={503: {"model": Status, "description": "not ready"}, **_errors(401)},
+        responses={503: {"model": Status, "description": "not ready"}, **error_responses(401)},
         tags=["operations"],
     )
     async def readyz() -> Any:
@@ -355,7 +341,7 @@ def create_app(engine: InferenceEngine, settings: ServeSettings) -> FastAPI:
                 "content": {"text/plain": {"schema": {"type": "string"}}},
                 "description": "Prometheus text format",
             },
-            **_errors(401),
+            **error_responses(401),
         },
     )
     async def prometheus() -> Response:

@@ -28,7 +28,7 @@ from kiban.design.proteins import design_proteins, identity, parse_positions
 from kiban.encoders.base import InvalidInput
 from kiban.serve.decode import RequestError
 from kiban.serve.engine import InferenceEngine
-from kiban.serve.schemas import ErrorResponse
+from kiban.serve.schemas import error_responses
 from kiban.serve.settings import ServeSettings
 
 __all__ = [
@@ -42,18 +42,7 @@ __all__ = [
 #: The file in a model directory that holds its training molecules (one SMILES a line).
 REFERENCE_FILE = "design_reference.smi"
 
-_ERRORS = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
-        400: "malformed JSON body",
-        401: "missing or invalid API key",
-        413: "request body over max_body_bytes",
-        422: "invalid request; the message names the field",
-        429: "rate limit exceeded (see Retry-After)",
-        503: "model not loaded or queue full (see Retry-After)",
-        504: "no answer within the server's timeout",
-    }.items()
-}
+_ERRORS = error_responses(400, 401, 413, 422, 429, 503, 504)
 
 
 class MoleculeDesignRequest(BaseModel):

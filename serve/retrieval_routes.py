@@ -30,11 +30,11 @@ from kiban.serve.schemas import (
     Citation,
     DocumentEntry,
     DocumentList,
-    ErrorResponse,
     SearchHit,
     SearchRequest,
     SearchResponse,
     TextPart,
+    error_responses,
 )
 from kiban.serve.settings import ServeSettings
 
@@ -42,16 +42,7 @@ __all__ = ["Grounding", "RetrievalService", "add_retrieval_routes", "ground_chat
 
 log = logging.getLogger(__name__)
 
-_ERRORS = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
-        400: "malformed JSON body",
-        401: "missing or invalid API key",
-        413: "request body over max_body_bytes",
-        422: "invalid request; the message names the field",
-        429: "rate limit exceeded (see Retry-After)",
-    }.items()
-}
+_ERRORS = error_responses(400, 401, 413, 422, 429)
 
 
 class RetrievalService:

@@ -36,6 +36,7 @@ __all__ = [
     "EmbeddingRequest",
     "EmbeddingResponse",
     "ErrorResponse",
+    "error_responses",
     "ImagePart",
     "ModelList",
     "MoleculePart",
@@ -559,6 +560,25 @@ class ErrorResponse(_Model):
     """OpenAI's error shape, so clients raise their usual exceptions with the message."""
 
     error: ErrorBody
+
+
+_ERROR_DESCRIPTIONS = {
+    400: "malformed JSON body",
+    401: "missing or invalid API key",
+    404: "unknown model or task",
+    413: "request body over max_body_bytes",
+    422: "invalid request or input; the message names the field, the input or the limit",
+    429: "rate limit exceeded (see Retry-After)",
+    503: "model not loaded yet, or the queue is full (see Retry-After)",
+    504: "not answered within the server's timeout",
+}
+
+
+def error_responses(*codes: int) -> dict[int, dict[str, Any]]:
+    """The OpenAPI ``responses`` entries of a route's documented error ``codes`` (every route's
+    errors share this shape and wording).
+    """
+    return {code: {"model": ErrorResponse, "description": _ERROR_DESCRIPTIONS[code]} for code in codes}
 
 
 def error_payload(
