@@ -163,11 +163,7 @@ def slurm_cluster(tmp_path_factory):
     for folder in ("state", "spool", "munge"):
         (root / folder).mkdir()
     host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
-    munge = root / "munge"
-    key = munge / "munge.key"
-    key.write_bytes(os.urandom(1024))
-    key.chmod(0o400)
-    munge.chmod(0o700)
+    munge = _munge_folder(root)
     conf = _write_conf(root, host, munge / "munge.socket")
     env = {**os.environ, "SLURM_CONF": str(conf)}
     try:
@@ -176,19 +172,7 @@ def slurm_cluster(tmp_path_factory):
         env["MASTER_ADDR"] = "127.0.0.1"
     cluster = SlurmCluster(root=root, conf=conf, env=env)
     try:
-        _start(
-            cluster,
-            shutil.which("munged") or "/usr/sbin/munged",
-            "--foreground",
-            "--force",
-            f"--key-file={key}",
-            f"--socket={munge / 'munge.socket'}",
-            f"--pid-file={munge / 'munged.pid'}",
-            f"--log-file={munge / 'munged.log'}",
-            f"--seed-file={munge / 'munged.seed'}",
-            log=root / "munged.out",
-        )
-        _wait(lambda: (munge / "munge.socket").exists(), "munged's socket", cluster)
+        _start_munged(cluster, munge)
         _start(
             cluster,
             shutil.which("slurmctld") or "/usr/sbin/slurmctld",
@@ -227,6 +211,33 @@ def slurm_cluster(tmp_path_factory):
             time.sleep(0.5)
         for process in reversed(cluster.processes):
             _stop(process)
+
+
+def _munge_folder(root: Path) -> Path:
+    """ROOT/munge (created beforehand) with a fresh key, both private as munged demands."""
+    munge = root / "munge"
+    key = munge / "munge.key"
+    key.write_bytes(os.urandom(1024))
+    key.chmod(0o400)
+    munge.chmod(0o700)
+    return munge
+
+
+def _start_munged(cluster: SlurmCluster, munge: Path) -> None:
+    """Start munged on the key and socket in ``munge`` and wait for its socket."""
+    _start(
+        cluster,
+        shutil.which("munged") or "/usr/sbin/munged",
+        "--foreground",
+        "--force",
+        f"--key-file={munge / 'munge.key'}",
+        f"--socket={munge / 'munge.socket'}",
+        f"--pid-file={munge / 'munged.pid'}",
+        f"--log-file={munge / 'munged.log'}",
+        f"--seed-file={munge / 'munged.seed'}",
+        log=cluster.root / "munged.out",
+    )
+    _wait(lambda: (munge / "munge.socket").exists(), "munged's socket", cluster)
 
 
 def _wait(ready, what: str, cluster: SlurmCluster, timeout: float = 60) -> None:
@@ -382,11 +393,7 @@ def slurm_multinode(tmp_path_factory):
         for folder in ("state", "munge"):
             (root / folder).mkdir()
         host = subprocess.run(["hostname", "-s"], capture_output=True, text=True, check=True).stdout.strip()
-        munge = root / "munge"
-        key = munge / "munge.key"
-        key.write_bytes(os.urandom(1024))
-        key.chmod(0o400)
-        munge.chmod(0o700)
+        munge = _munge_folder(root)
         conf = _write_multinode_conf(root, host, subnet, nodes, munge / "munge.socket")
         hosts = root / "hosts"
         hosts.write_text(
@@ -398,19 +405,7 @@ def slurm_multinode(tmp_path_factory):
         env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
         env["SLURM_CONF"] = str(conf)
         cluster = SlurmCluster(root=root, conf=conf, env=env)
-        _start(
-            cluster,
-            shutil.which("munged") or "/usr/sbin/munged",
-            "--foreground",
-            "--force",
-            f"--key-file={key}",
-            f"--socket={munge / 'munge.socket'}",
-            f"--pid-file={munge / 'munged.pid'}",
-            f"--log-file={munge / 'munged.log'}",
-            f"--seed-file={munge / 'munged.seed'}",
-            log=root / "munged.out",
-        )
-        _wait(lambda: (munge / "munge.socket").exists(), "munged's socket", cluster)
+        _start_munged(cluster, munge)
         _start(cluster, shutil.which("slurmctld") or "/usr/sbin/slurmctld", "-D", "-c", "-f", str(conf), log=root / "slurmctld.out")
         slurmd = shutil.which("slurmd") or "/usr/sbin/slurmd"
         for i, name in enumerate(nodes, start=1):
