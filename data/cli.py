@@ -1,4 +1,5 @@
-"""``kiban data check PATH ...``: validate data files of any supported kind and say what was rejected.
+"""``kiban data check PATH ...``: validate data files of any supported kind and say what was rejected;
+``kiban data fit-profile``: start a cell encoder's profile token from training files (``cell_profiles``).
 
     kiban data check proteins.fa.gz cells.h5ad --vocab genes.txt
     kiban data check train.jsonl --json > report.json
@@ -86,6 +87,21 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--root", help="instruction JSONL: the folder no input may leave (default: the file's folder)"
+    )
+    fit = actions.add_parser(
+        "fit-profile",
+        help="fit a training config's cell profile token to h5ad files (training cells only)",
+        description="Write CONFIG again with model.encoders.cell.profile_mean / profile_std computed from "
+        "every cell of the --data files, so the profile token starts as the z-scores of the most dispersed "
+        "genes (kiban.encoders.cell_profile). Give training cells only.",
+    )
+    fit.add_argument("config", metavar="CONFIG", help="training YAML (what `kiban fit` reads)")
+    fit.add_argument("--data", nargs="+", required=True, metavar="H5AD", help="training cells")
+    fit.add_argument("--out", required=True, metavar="YAML", help="where the fitted config goes")
+    fit.add_argument("--layer", help="read this layer instead of X")
+    fit.add_argument("--use-raw", action="store_true", help="read raw.X")
+    fit.add_argument(
+        "--rejects-dir", metavar="DIR", help="rejects.jsonl and counts.json go here (default: OUT.rejects/ beside OUT)"
     )
 
 
@@ -185,7 +201,39 @@ def _print_table(report: dict[str, Any], *, show: int) -> None:
             print(f"    {reject['location']}{name}: {reject['reason']}: {reject['detail']}")
 
 
+def fit_profile(args: argparse.Namespace) -> int:
+    """``kiban data fit-profile``: the config with its fitted profile statistics, and a summary."""
+    import yaml
+
+    from kiban.atomic import write_atomic
+    from kiban.data.cell_profiles import fit_profile_config
+    from kiban.data.rejects import rejects_log
+
+    source, out = Path(args.config), Path(args.out)
+    if not source.is_file():
+        raise FileNotFoundError(f"no such config: {source}")
+    config = yaml.safe_load(source.read_text())
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: expected a YAML mapping (a training config)")
+    target = Path(args.rejects_dir) if args.rejects_dir else out.with_name(out.stem + ".rejects")
+    with rejects_log(target) as rejects:
+        fitted, stats, kept = fit_profile_config(
+            config, args.data, use_raw=args.use_raw, layer=args.layer, rejects=rejects
+        )
+    write_atomic(out, yaml.safe_dump(fitted, sort_keys=False))
+    read = stats.n_cells + stats.n_rejected
+    print(
+        f"{out}: profile token fitted on {stats.n_cells:,} cells of {len(args.data)} file(s) "
+        f"(read {read:,} = accepted {stats.n_cells:,} + rejected {stats.n_rejected:,}"
+        + (f", rejects in {target}/" if stats.n_rejected else "")
+        + f"); it keeps {kept:,} of {len(stats.mean):,} vocabulary genes"
+    )
+    return 0
+
+
 def data(args: argparse.Namespace) -> int:
+    if args.action == "fit-profile":
+        return fit_profile(args)
     from kiban.data.rejects import Rejects, rejects_log
 
     options = _reader_options(args)

@@ -39,6 +39,7 @@ from kiban.encoders.base import (
     register_encoder,
     register_preset,
 )
+from kiban.encoders.cell_profile import fitted_profile
 from kiban.encoders.cell_trunks import create_trunk
 
 __all__ = [
@@ -99,6 +100,9 @@ class CellEncoderConfig:
         log-normalised expression of every matched gene through a linear map over the vocabulary
         (an EmbeddingBag), so the cell's full profile reaches the output even where the gene tokens
         are truncated or untrained; "only" outputs that token alone (no trunk); "none" (default).
+    profile_mean, profile_std: per-gene statistics in vocabulary order (``cell_profile.profile_statistics``
+        over training cells) that the profile token starts from: each chosen gene z-scored on its
+        own dimension (``cell_profile.fitted_profile``); empty means random gene vectors.
     """
 
     gene_vocab: tuple[str, ...] = ()
@@ -135,6 +139,8 @@ class CellEncoderConfig:
     max_position: int = 2048
     layer_norm_eps: float = 1e-12
     profile_token: str = "none"
+    profile_mean: tuple[float, ...] = ()
+    profile_std: tuple[float, ...] = ()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -669,7 +675,9 @@ class CellEncoder(Encoder):
     Geneformer's BERT (Theodoris et al. 2023); ``checkpoint_dir`` loads a published checkpoint
     into it (``cell_checkpoints``). The profile token is LayerNorm(sum over expressed genes of
     log1p(normalised count) x a gene vector): a linear map of the whole profile, which at random
-    initialisation (vectors of norm ~1, nearly orthogonal) keeps the distances between profiles.
+    initialisation (vectors of norm ~1, nearly orthogonal) keeps the distances between profiles,
+    and with ``profile_mean`` / ``profile_std`` starts as the z-scores of the chosen genes
+    (``cell_profile``), each on its own dimension.
     """
 
     modality = MODALITY
@@ -710,12 +718,32 @@ class CellEncoder(Encoder):
             self.profile = nn.EmbeddingBag(self.featurizer.vocab_size, config.width, mode="sum")
             nn.init.normal_(self.profile.weight, std=config.width**-0.5)
             self.profile_norm = nn.LayerNorm(config.width)
+            self.profile_bias = None
+            if config.profile_mean or config.profile_std:
+                weight, bias = fitted_profile(*self._profile_statistics(config), width=config.width)
+                with torch.no_grad():
+                    self.profile.weight.copy_(weight)
+                self.profile_bias = nn.Parameter(bias)
+        elif config.profile_mean or config.profile_std:
+            raise ValueError("profile_mean / profile_std need a profile token (profile_token 'first' or 'only')")
         # state dicts saved before the trunks were split out hold kiban's trunk at the top level
         self.register_load_state_dict_pre_hook(_nest_kiban_trunk)
         if state:
             self.trunk.load_state_dict(state)
         if config.weights_path:
             self.load_state_dict(folder_state if kiban_folder else load_weights(config.weights_path))
+
+    def _profile_statistics(self, config: CellEncoderConfig) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) of the config, checked against the vocabulary."""
+        mean = np.asarray(config.profile_mean, dtype=np.float64)
+        std = np.asarray(config.profile_std, dtype=np.float64)
+        size = self.featurizer.vocab_size
+        for name, values in (("profile_mean", mean), ("profile_std", std)):
+            if values.shape != (size,):
+                raise ValueError(f"{name} has {values.size} values for a vocabulary of {size} genes")
+            if not (np.isfinite(values).all() and (values >= 0).all()):
+                raise ValueError(f"{name} must be finite and non-negative (statistics of log1p values)")
+        return mean, std
 
     def portable_config(self) -> CellEncoderConfig:
         """The config with the vocabulary inlined and no weights path: rebuilds this architecture anywhere."""
@@ -749,6 +777,8 @@ class CellEncoder(Encoder):
             if profile_index is None or profile_values is None:
                 raise ValueError("this cell encoder has a profile token: the batch needs profile_index and profile_values")
             bag = self.profile(profile_index, per_sample_weights=profile_values.to(self.profile.weight.dtype))
+            if self.profile_bias is not None:
+                bag = bag + self.profile_bias
             parts.append(self.profile_norm(bag).unsqueeze(1))
             masks.append(mask.new_ones(mask.shape[0], 1))
         if self.trunk is not None:
