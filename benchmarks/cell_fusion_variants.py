@@ -51,9 +51,34 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
         )
         for gain in (1, 8, 32, 64, 256)
     },
+    # the profile token fitted to the training cells (kiban.encoders.cell_profile): each of the 576
+    # most dispersed genes z-scored on its own dimension, instead of random gene vectors
+    "profile-fitted/linear-orth256": (
+        {**QUICKSTART_TRUNK, "profile_token": "only", "width": 576, "fit_profile": True},
+        {"kind": "linear", "init": "orthogonal", "gain": 256.0},
+    ),
     # profile token + every gene token, each projected on its own (no resampler): ~766 positions
     "profile+genes/mlp2": ({**QUICKSTART_TRUNK, "profile_token": "first"}, {"kind": "mlp2"}),
 }
+
+
+def encoder_settings(name: str, *, seed: int, vocab: list[str], pbmc: Path) -> dict[str, Any]:
+    """The variant's cell encoder settings over ``vocab``; a fitted profile token gets its statistics
+    from the split's training and validation cells (never the test cells), as the quickstart's.
+    """
+    settings = {**VARIANTS[name][0], "gene_vocab": vocab}
+    if settings.pop("fit_profile", False):
+        import anndata
+
+        from kiban.data.cell_profiles import fitted_profile_settings
+        from kiban.tasks.splits import random_split
+
+        adata = anndata.read_h5ad(pbmc)
+        split = random_split(adata.n_obs, seed=seed)
+        test = set(split.test.tolist())
+        rows = [row for row in range(adata.n_obs) if row not in test]
+        settings.update(fitted_profile_settings(settings, adata.raw.to_adata(), rows=rows))
+    return settings
 
 
 def run_variant(name: str, *, out: Path, seed: int, vocab: list[str], pbmc: Path) -> dict[str, Any]:
@@ -64,10 +89,9 @@ def run_variant(name: str, *, out: Path, seed: int, vocab: list[str], pbmc: Path
     from kiban.quickstart.run import HEAD_LAYER
     from kiban.tasks.finetune import FinetuneOptions, finetune
 
-    encoder, projector = VARIANTS[name]
     config = default_config().to_plain()
-    config["encoders"] = {"cell": {**encoder, "gene_vocab": vocab}}
-    config["projectors"] = {"cell": projector}
+    config["encoders"] = {"cell": encoder_settings(name, seed=seed, vocab=vocab, pbmc=pbmc)}
+    config["projectors"] = {"cell": VARIANTS[name][1]}
     started = time.perf_counter()
     torch.manual_seed(seed)
     model = KibanModel.from_config(KibanConfig.from_plain(config)).eval()
@@ -128,10 +152,9 @@ def trace_variant(
     if saved is not None:
         model = KibanModel.from_pretrained(saved).eval()
     else:
-        encoder, projector = VARIANTS[name]
         config = default_config().to_plain()
-        config["encoders"] = {"cell": {**encoder, "gene_vocab": vocab}}
-        config["projectors"] = {"cell": projector}
+        config["encoders"] = {"cell": encoder_settings(name, seed=seed, vocab=vocab, pbmc=pbmc)}
+        config["projectors"] = {"cell": VARIANTS[name][1]}
         torch.manual_seed(seed)
         model = KibanModel.from_config(KibanConfig.from_plain(config)).eval()
     cell_encoder = model.encoders["cell"]
@@ -178,11 +201,11 @@ def encoder_draws(name: str, *, draws: int, seed: int, vocab: list[str], pbmc: P
     matrix = adata.raw.X.toarray() if hasattr(adata.raw.X, "toarray") else np.asarray(adata.raw.X)
     labels = adata.obs["bulk_labels"].cat.codes.to_numpy()
     split = random_split(len(labels), seed=seed)
-    encoder, _ = VARIANTS[name]
+    settings = encoder_settings(name, seed=seed, vocab=vocab, pbmc=pbmc)
     rows = []
     for draw in range(draws):
         config = default_config().to_plain()
-        config["encoders"] = {"cell": {**encoder, "gene_vocab": vocab}}
+        config["encoders"] = {"cell": settings}
         torch.manual_seed(draw)
         spec = KibanConfig.from_plain(config).encoders["cell"]
         cell_encoder = create_encoder("cell", spec.encoder_config("cell")).eval()

@@ -145,10 +145,18 @@ _CELL_QUESTIONS = (
 )
 
 
+def corpus_cell_rows(n_cells: int, seed: int) -> list[int]:
+    """The pbmc68k_reduced rows the corpus (and anything fitted for the model) may use: all but the
+    test cells of the ``random_split`` that ``kiban finetune`` makes for the same file and seed.
+    """
+    from kiban.tasks.splits import random_split
+
+    test = set(random_split(n_cells, seed=seed).test.tolist())
+    return [row for row in range(n_cells) if row not in test]
+
+
 def _cell_records(folder: Path, seed: int, rng: random.Random) -> tuple[list[dict], list[str]]:
     import anndata
-
-    from kiban.tasks.splits import random_split
 
     shutil.copyfile(pbmc_path(), folder / PBMC_FILE)
     adata = anndata.read_h5ad(folder / PBMC_FILE, backed="r")
@@ -158,13 +166,10 @@ def _cell_records(folder: Path, seed: int, rng: random.Random) -> tuple[list[dic
         genes = adata.obs["n_genes"].to_numpy() if "n_genes" in adata.obs else None
     finally:
         adata.file.close()
-    # the same split ``kiban finetune`` makes for this file and seed: its test cells stay out
-    split = random_split(len(names), seed=seed)
-    test = set(split.test.tolist())
+    rows = corpus_cell_rows(len(names), seed)
     records = []
-    for row, (name, label) in enumerate(zip(names, labels)):
-        if row in test:
-            continue
+    for row in rows:
+        name, label = names[row], labels[row]
         cell = {"h5ad": PBMC_FILE, "row": row, "use_raw": True}
         records.append(
             _record(
@@ -185,7 +190,8 @@ def _cell_records(folder: Path, seed: int, rng: random.Random) -> tuple[list[dic
                     f"scanpy pbmc68k_reduced row {row} (obs n_genes)",
                 )
             )
-    return records, [names[row] for row in sorted(test)]
+    kept = set(rows)
+    return records, [name for row, name in enumerate(names) if row not in kept]
 
 
 # ----------------------------------------------------------------------------------------------

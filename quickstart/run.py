@@ -283,22 +283,19 @@ def _corpus(out: Path, options: QuickstartOptions, plan: Plan) -> None:
         write_json(staging / "corpus.json", corpus.to_dict())
 
 
-def model_config(out: Path, model: str) -> dict[str, Any]:
+def model_config(out: Path, model: str, *, seed: int = 0) -> dict[str, Any]:
     """The fused model the quickstart trains: every encoder (so the served model takes any input),
     the cell encoder's vocabulary = the pbmc68k_reduced genes, each cell one whole-profile token
-    (a 16-token resampler over gene tokens in the tiny model), a 16-token resampler for images
-    (short fused sequences), atom / residue / base tokens for the rest.
+    fitted to the corpus cells (a 16-token resampler over gene tokens in the tiny model), a 16-token
+    resampler for images (short fused sequences), atom / residue / base tokens for the rest.
     """
     import anndata
 
     from kiban.encoders.cell import vocab_from_adata
-    from kiban.quickstart.corpus import PBMC_FILE
+    from kiban.quickstart.corpus import PBMC_FILE, corpus_cell_rows
 
-    adata = anndata.read_h5ad(out / "corpus" / PBMC_FILE, backed="r")
-    try:
-        vocab = list(vocab_from_adata(adata.raw))
-    finally:
-        adata.file.close()
+    adata = anndata.read_h5ad(out / "corpus" / PBMC_FILE)
+    vocab = list(vocab_from_adata(adata.raw))
     if model == "tiny":
         from kiban.tiny import tiny_config
 
@@ -306,14 +303,19 @@ def model_config(out: Path, model: str) -> dict[str, Any]:
         config["encoders"]["cell"] = {"preset": "tiny", "gene_vocab": vocab}
         config["default_projector"] = {"kind": "mlp2"}
     else:
+        from kiban.data.cell_profiles import fitted_profile_settings
         from kiban.fusion.model import default_config
 
         config = default_config().to_plain()
-        # The cell as one whole-profile token (a linear map of its log-normalised expression over
-        # the 765 genes, width = the LLM's) through a linear projector: measured against 16
+        # The cell as one whole-profile token through a linear projector: measured against 16
         # resampler tokens over a gene-token transformer, it keeps far more of what the expression
-        # says in the fused states (docs/results.md, benchmarks/cell_fusion_variants.py)
-        config["encoders"]["cell"] = {"preset": "default", "gene_vocab": vocab, "profile_token": "only", "width": 576}
+        # says in the fused states. The token starts fitted to the corpus cells (never the head's
+        # test cells): the 576 most dispersed of the 765 genes, each z-scored on its own dimension;
+        # random gene vectors lost a draw-dependent share of the profile (docs/results.md,
+        # benchmarks/cell_fusion_variants.py).
+        cell = {"preset": "default", "gene_vocab": vocab, "profile_token": "only", "width": 576}
+        rows = corpus_cell_rows(adata.n_obs, seed)
+        config["encoders"]["cell"] = {**cell, **fitted_profile_settings(cell, adata.raw.to_adata(), rows=rows)}
     config["projectors"] = {"image": {"kind": "resampler", "num_tokens": 16, "depth": 1}}
     if model == "tiny":
         config["projectors"]["cell"] = {"kind": "resampler", "num_tokens": 16, "depth": 1}
@@ -344,7 +346,7 @@ def align_config(out: Path, options: QuickstartOptions, plan: Plan) -> Any:
             "seed": options.seed,
             "stage": "align",
             "run": {"dir": str(out / "train"), "resume": "auto"},
-            "model": model_config(out, options.model),
+            "model": model_config(out, options.model, seed=options.seed),
             "data": {
                 "train": str(out / "corpus" / "train.jsonl"),
                 "val": None,
