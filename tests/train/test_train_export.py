@@ -179,7 +179,8 @@ def test_an_fsdp_sharded_checkpoint_exports_its_model(train_config, tmp_path, ca
 
 def test_a_pretraining_checkpoint_exports_its_encoder(tmp_path, capsys):
     """``kiban pretrain`` writes DIR/encoder/; export of its checkpoint gives the same encoder folder
-    (the path a sharded pretraining run takes at its end).
+    (the path a sharded pretraining run takes at its end), from the one-process checkpoint and from
+    the same weights in FSDP's sharded layout.
     """
     from kiban.cli import main
 
@@ -190,4 +191,22 @@ def test_a_pretraining_checkpoint_exports_its_encoder(tmp_path, capsys):
     out = _export(run, tmp_path / "encoder", capsys)
     assert json.loads((out / "config.json").read_text()) == json.loads((run / "encoder" / "config.json").read_text())
     before, after = _weights(run / "encoder"), _weights(out)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+    # the same weights as Lightning's FSDP would shard them (torch.distributed.checkpoint layout, as
+    # in the FSDP test above): export reads the shards and still writes the encoder folder
+    import torch.distributed.checkpoint as dcp
+
+    from kiban.train.checkpoint import commit_checkpoint, complete_checkpoints, prepare_checkpoint
+
+    _, single = complete_checkpoints(run / "checkpoints")[-1]
+    state = torch.load(single / "state.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    tmp = prepare_checkpoint(tmp_path / "sharded", 2)
+    (tmp / "config.yaml").write_text((single / "config.yaml").read_text().replace("strategy: auto", "strategy: fsdp"))
+    (tmp / "meta.json").write_text(json.dumps({"step": 2, "strategy": "FSDPStrategy"}))
+    dcp.save({"model": state, "optimizer_0": {"state": {}}}, checkpoint_id=str(tmp / "state.ckpt"))
+    torch.save({"epoch": 0, "global_step": 2}, tmp / "state.ckpt" / "meta.pt")
+    sharded = _export(commit_checkpoint(tmp, step=2), tmp_path / "encoder-sharded", capsys)
+    assert json.loads((sharded / "config.json").read_text()) == json.loads((run / "encoder" / "config.json").read_text())
+    after = _weights(sharded)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
