@@ -18,6 +18,7 @@ logistic regression on standardised features over the same split: where the info
     .venv/bin/python benchmarks/cell_fusion_variants.py --trace profile/linear
     .venv/bin/python benchmarks/cell_fusion_variants.py --trace profile/linear-orth256 --draws 8
     .venv/bin/python benchmarks/cell_fusion_variants.py --saved runs/quickstart/model
+    .venv/bin/python benchmarks/cell_fusion_variants.py --gene-choice 8   # which genes a fitted token keeps
 """
 
 from __future__ import annotations
@@ -219,6 +220,50 @@ def encoder_draws(name: str, *, draws: int, seed: int, vocab: list[str], pbmc: P
     return rows
 
 
+def gene_choices(*, splits: int, width: int, pbmc: Path) -> dict[str, tuple[float, float]]:
+    """Mean (accuracy, macro-F1) over ``splits`` random splits of logistic regression on the z-scores
+    of ``width`` genes chosen by each ranking (statistics of the split's non-test cells), beside all
+    genes: which genes a fitted profile token of ``width`` dimensions should keep.
+    """
+    import anndata
+    import numpy as np
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.preprocessing import StandardScaler
+
+    from kiban.data.cells import seurat_hvg
+    from kiban.tasks.splits import random_split
+
+    adata = anndata.read_h5ad(pbmc)
+    matrix = adata.raw.X.toarray()
+    labels = adata.obs["bulk_labels"].cat.codes.to_numpy()
+    scores: dict[str, list[tuple[float, float]]] = {}
+    for seed in range(splits):
+        split = random_split(len(labels), seed=seed)
+        fit_rows = np.concatenate([split.train, split.valid])
+        mean, std = matrix[fit_rows].mean(0), matrix[fit_rows].std(0)
+        rankings = {
+            "dispersion (variance / mean)": std**2 / np.maximum(mean, 1e-12),
+            "variance": std,
+            "mean": mean,
+            "random": np.random.default_rng(seed).random(len(mean)),
+        }
+        chosen = {name: np.argsort(-rank, kind="stable")[:width] for name, rank in rankings.items()}
+        expm1 = np.expm1(matrix[fit_rows])
+        seurat = seurat_hvg(expm1.mean(0), expm1.var(0, ddof=1), n_top=width)
+        chosen["seurat binned dispersion"] = np.flatnonzero(seurat)[:width]
+        chosen["all genes"] = np.arange(len(mean))
+        for name, genes in chosen.items():
+            features = (matrix[:, genes] - mean[genes]) / (std[genes] + 1e-3)
+            scaler = StandardScaler().fit(features[split.train])
+            fitted = LogisticRegression(max_iter=5000).fit(scaler.transform(features[split.train]), labels[split.train])
+            predicted = fitted.predict(scaler.transform(features[split.test]))
+            scores.setdefault(name, []).append(
+                (accuracy_score(labels[split.test], predicted), f1_score(labels[split.test], predicted, average="macro"))
+            )
+    return {name: tuple(np.mean(values, axis=0)) for name, values in scores.items()}
+
+
 def _positions(model: Any, vocab: list[str]) -> int:
     """LLM positions one cell takes (projected tokens of a cell expressing every gene)."""
     import numpy as np
@@ -239,6 +284,8 @@ def main() -> None:
     parser.add_argument("--trace", choices=list(VARIANTS), default=None, help="follow one variant stage by stage")
     parser.add_argument("--saved", type=Path, default=None, help="trace a saved model's cell path instead (its model/ folder)")
     parser.add_argument("--draws", type=int, default=0, help="score --trace's cell encoder alone under this many init seeds")
+    parser.add_argument("--gene-choice", type=int, default=0, metavar="SPLITS",
+                        help="compare gene rankings for a fitted profile token over this many random splits")
     args = parser.parse_args()
 
     import anndata
@@ -250,6 +297,11 @@ def main() -> None:
     torch.set_num_threads(2)
     pbmc = pbmc_path()
     vocab = list(vocab_from_adata(anndata.read_h5ad(pbmc).raw))
+    if args.gene_choice:
+        print("\n| genes kept (576, z-scored) | mean LR accuracy | mean LR macro-F1 |\n| --- | ---: | ---: |")
+        for name, (accuracy, f1) in gene_choices(splits=args.gene_choice, width=576, pbmc=pbmc).items():
+            print(f"| {name} | {accuracy:.3f} | {f1:.3f} |")
+        return
     if args.trace and args.draws:
         print(f"\n| {args.trace}: encoder init seed | LR accuracy | LR macro-F1 |\n| --- | ---: | ---: |")
         for draw, accuracy, f1 in encoder_draws(args.trace, draws=args.draws, seed=args.seed, vocab=vocab, pbmc=pbmc):
