@@ -342,3 +342,32 @@ def test_the_default_model_quickstart_serves_chat_and_its_heads(tmp_path):
             values = http.post("/v1/predict/logp", json={"inputs": ["CCO", "CCCCCCCCCC"]}).json()
     logp = [item["values"]["logP"] for item in values["data"]]
     assert logp[1] > logp[0]  # decane is far more lipophilic than ethanol, and the head learnt logP
+
+
+def test_the_default_models_cell_profile_token_is_fitted_on_the_corpus_cells_only(tmp_path):
+    """The profile statistics in the default model's config are those of the corpus cells (every
+    pbmc68k_reduced cell but the head's test cells), never of all cells.
+    """
+    import anndata
+
+    from kiban.encoders.cell import CellEncoderConfig, CellFeaturizer
+    from kiban.encoders.cell_profile import profile_statistics
+    from kiban.quickstart.corpus import PBMC_FILE, corpus_cell_rows, pbmc_path
+    from kiban.quickstart.run import model_config
+    from kiban.tasks.splits import random_split
+
+    (tmp_path / "corpus").mkdir()
+    shutil.copyfile(pbmc_path(), tmp_path / "corpus" / PBMC_FILE)
+    cell = model_config(tmp_path, "default", seed=3)["encoders"]["cell"]
+    raw = anndata.read_h5ad(pbmc_path()).raw.to_adata()
+    rows = corpus_cell_rows(raw.n_obs, 3)
+    assert not set(rows) & set(random_split(raw.n_obs, seed=3).test.tolist()) and len(rows) == 560
+    featurizer = CellFeaturizer.from_config(
+        CellEncoderConfig(gene_vocab=tuple(raw.var_names), profile_token="only", width=576)
+    )
+    matrix, genes = raw.X.toarray(), list(raw.var_names)
+    expected = profile_statistics(featurizer, ({"genes": genes, "values": matrix[row]} for row in rows))
+    np.testing.assert_allclose(cell["profile_mean"], expected.mean, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(cell["profile_std"], expected.std, rtol=1e-5, atol=1e-8)
+    everything = profile_statistics(featurizer, ({"genes": genes, "values": values} for values in matrix))
+    assert not np.allclose(cell["profile_mean"], everything.mean)
