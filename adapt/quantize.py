@@ -1,16 +1,25 @@
 """Weight-only quantisation of the backbone: ``--quantize int8|int4``.
 
 Every ``nn.Linear`` of the LLM backbone (attention and MLP projections and the LM head) gets
-quantised weights; activations stay float, and the encoders, projectors, embeddings and norms are
-untouched (they are a small part of the compute). LoRA adapters are merged into the weights first
-(quantising the tiny adapter matrices would cost accuracy and buy nothing).
+quantised weights, except those of the decoder layers in ``float_layers`` (default
+``DEFAULT_FLOAT_LAYERS``: the first); activations stay float, and the encoders, projectors,
+embeddings and norms are untouched (they are a small part of the compute). LoRA adapters are merged
+into the weights first (quantising the tiny adapter matrices would cost accuracy and buy nothing).
+
+Why the first layer stays float: on the default model the pooled states of molecule inputs move by
+~4.6x the relative weight error of the backbone's layers (Gaussian weight noise of 0.1 / 0.3 / 0.9%
+moves them 0.5 / 1.4 / 4.1%), and per-row int8 rounds every weight by ~0.9%, so int8 states sit
+~6% from float32's. Of the single layers, decoder layer 0 moves them most (5.0% alone; the next,
+layer 2, 2.5%); kept float it takes the int8 state error to ~4.7% for 1/30 of the decode time. The
+rest is spread over all layers: more float layers buy little per layer and cost speed
+(benchmarks/README.md, "Quantised inference").
 
     int8   symmetric, one scale per output row
     int4   asymmetric, one scale and zero point per group of 128/64/32 input weights (the largest
            that divides the layer's width), tinygemm's convention
 
 On the CPU the layers are kiban's own (``kiban.adapt.qlinear``), calling PyTorch's packed-weight
-kernels (``aten._weight_int8pack_mm``, ``aten._weight_int4pack_mm_for_cpu``, float32 activations):
+kernels (``aten._weight_int8pack_mm``, ``aten._weight_int4pack_mm_for_cpu``, bfloat16 activations):
 torchao 0.18's eager int8 layer de-quantises the whole weight on every call there and is slower
 than float32. On CUDA torchao does it (``Int8WeightOnlyConfig``; ``Int4WeightOnlyConfig`` with the
 tile-packed layout and bfloat16 activations, so the backbone is cast to bfloat16 there).
@@ -28,7 +37,7 @@ import ctypes
 import dataclasses
 import json
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +51,9 @@ __all__ = [
     "QUANTIZE_MODES",
     "load_model",
     "quantize_model",
+    "DEFAULT_FLOAT_LAYERS",
     "save_quantized",
+    "saved_float_layers",
     "saved_quantization",
 ]
 
@@ -89,6 +100,10 @@ _QUANTIZERS: dict[tuple[str, str], Callable[[nn.Linear], nn.Module]] = {
     ("int4", "cuda"): _cuda_int4,
 }
 QUANTIZE_MODES = ("int8", "int4")
+# decoder layers left float by default (0-based; negative: from the last). Layer 0 alone moves the
+# default model's pooled states most when quantised (benchmarks/README.md, "Quantised inference"),
+# and is one layer in 30 of the decode time
+DEFAULT_FLOAT_LAYERS: tuple[int, ...] = (0,)
 # which nn.Linear a mode can quantise: int4's packing needs out_features % 16, groups of >= 32 inputs
 _FITS: dict[str, Callable[[nn.Linear], bool]] = {
     "int8": lambda layer: True,
@@ -102,12 +117,15 @@ _DESCRIPTIONS = {
 }
 
 
-def quantize_model(model: Any, mode: str | None) -> Any:
+def quantize_model(model: Any, mode: str | None, *, float_layers: Sequence[int] | None = None) -> Any:
     """Quantise ``model``'s backbone in place (``mode`` "int8" / "int4"; None: leave it float).
 
     Every ``nn.Linear`` of ``model.llm`` whose shape the mode's kernel takes is replaced by its
-    quantised counterpart on the model's device. Sets ``model.quantization`` to the mode. Raises
-    ValueError for an unknown mode, a device with no kernels, or a model that is quantised already.
+    quantised counterpart on the model's device, except those inside the decoder layers
+    ``float_layers`` (0-based, negative from the last; None: ``DEFAULT_FLOAT_LAYERS``; ``()``:
+    quantise every layer). Sets ``model.quantization`` to the mode. Raises ValueError for an unknown
+    mode, a layer the backbone does not have, a device with no kernels, or a model that is quantised
+    already.
     """
     if mode is None:
         return model
@@ -115,6 +133,7 @@ def quantize_model(model: Any, mode: str | None) -> Any:
         raise ValueError(f"--quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
     if getattr(model, "quantization", None):
         raise ValueError(f"the model is quantised already ({model.quantization})")
+    float_indices = _layer_indices(model, DEFAULT_FLOAT_LAYERS if float_layers is None else float_layers)
     device = model.device
     quantizer = _QUANTIZERS.get((mode, device.type))
     if quantizer is None:
@@ -124,10 +143,11 @@ def quantize_model(model: Any, mode: str | None) -> Any:
         model.config.backbone = dataclasses.replace(model.config.backbone, lora=None)
     if mode == "int4" and device.type == "cuda":
         model.llm.to(torch.bfloat16)  # torchao's CUDA tinygemm takes bfloat16 activations
+    kept = _linears_in_layers(model.llm, float_indices, model.num_layers)
     skipped = 0
     # list first: the walk must not see the layers it is replacing
     for name, module in list(model.llm.named_modules()):
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, nn.Linear) or id(module) in kept:
             continue
         if not _FITS[mode](module):
             skipped += 1
@@ -143,6 +163,32 @@ def quantize_model(model: Any, mode: str | None) -> Any:
     return model
 
 
+def _layer_indices(model: Any, layers: Sequence[int]) -> set[int]:
+    """``layers`` as 0-based decoder layer indices (negative ones count from the last); ValueError
+    for a layer the backbone does not have.
+    """
+    count = model.num_layers
+    chosen = set()
+    for index in layers:
+        if not (type(index) is int and -count <= index < count):  # type(): True is an int, but no layer
+            raise ValueError(
+                f"float_layers: {index!r} is not a decoder layer of this backbone "
+                f"(0..{count - 1}, or -1..-{count})"
+            )
+        chosen.add(index % count)
+    return chosen
+
+
+def _linears_in_layers(llm: nn.Module, indices: set[int], count: int) -> set[int]:
+    """The ids of the ``nn.Linear`` modules inside decoder layers ``indices`` of ``llm``."""
+    if not indices:
+        return set()
+    # the decoder's layers: the backbone's ModuleList of its num_layers blocks (model.layers in
+    # Llama-style models, transformer.h in GPT-2-style ones)
+    blocks = next(m for m in llm.modules() if isinstance(m, nn.ModuleList) and len(m) == count)
+    return {id(m) for i in indices for m in blocks[i].modules() if isinstance(m, nn.Linear)}
+
+
 def _return_freed_memory() -> None:
     """Hand the freed float weights back to the system (glibc keeps freed heap for reuse otherwise,
     so the process's resident memory would not show what quantisation saved).
@@ -153,8 +199,11 @@ def _return_freed_memory() -> None:
         pass
 
 
-def save_quantized(model: Any, directory: str | Path, mode: str) -> Path:
-    """Save a float model to be served ``mode``-quantised: ``save_pretrained`` plus ``quantization.json``.
+def save_quantized(
+    model: Any, directory: str | Path, mode: str, *, float_layers: Sequence[int] = DEFAULT_FLOAT_LAYERS
+) -> Path:
+    """Save a float model to be served ``mode``-quantised: ``save_pretrained`` plus ``quantization.json``
+    (the mode and the decoder layers left float, ``float_layers`` as ``quantize_model`` takes them).
 
     The weights stay the float originals: quantising them on every load gives the same quantised
     model each time, on whichever device it is loaded (the CPU and CUDA kernels pack differently,
@@ -164,6 +213,8 @@ def save_quantized(model: Any, directory: str | Path, mode: str) -> Path:
         raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {mode!r}")
     if getattr(model, "quantization", None):
         raise ValueError("save the float model: quantisation is applied again when it is loaded")
+    float_layers = list(float_layers)
+    _layer_indices(model, float_layers)  # refused before anything is written
     from kiban.atomic import write_json
 
     directory = Path(directory)
@@ -173,7 +224,9 @@ def save_quantized(model: Any, directory: str | Path, mode: str) -> Path:
         {
             "method": mode,
             "scheme": _DESCRIPTIONS[mode],
-            "scope": "every nn.Linear of the LLM backbone whose shape the kernels take (weights only)",
+            "scope": "every nn.Linear of the LLM backbone whose shape the kernels take (weights only), "
+            "except those of the decoder layers in float_layers",
+            "float_layers": float_layers,
             "library": f"torchao=={TORCHAO_VERSION} on CUDA; torch=={torch.__version__.split('+')[0]} kernels on the CPU",
             "weights_on_disk": "float32 originals; quantised when the model is loaded",
         },
@@ -183,22 +236,43 @@ def save_quantized(model: Any, directory: str | Path, mode: str) -> Path:
 
 def saved_quantization(directory: str | Path) -> str | None:
     """The mode a saved model folder was quantised with (its ``quantization.json``), or None."""
+    record = _saved_record(directory)
+    return None if record is None else record["method"]
+
+
+def saved_float_layers(directory: str | Path) -> tuple[int, ...]:
+    """The decoder layers a saved quantised model keeps float (``quantization.json``'s
+    ``float_layers``; ``DEFAULT_FLOAT_LAYERS`` for a record without one, or no record).
+    """
+    record = _saved_record(directory)
+    if record is None or "float_layers" not in record:
+        return DEFAULT_FLOAT_LAYERS
+    layers = record["float_layers"]
+    if not (isinstance(layers, list) and all(type(i) is int for i in layers)):
+        path = Path(directory) / QUANTIZATION_FILE
+        raise ValueError(f"{path}: float_layers must be a list of decoder layer numbers, got {layers!r}")
+    return tuple(layers)
+
+
+def _saved_record(directory: str | Path) -> dict | None:
     path = Path(directory) / QUANTIZATION_FILE
     if not path.is_file():
         return None
     try:
-        mode = json.loads(path.read_text()).get("method")
+        record = json.loads(path.read_text())
+        mode = record.get("method")
     except (json.JSONDecodeError, AttributeError):
         raise ValueError(f"{path}: not a quantisation record (expected a JSON object with 'method')") from None
     if mode not in QUANTIZE_MODES:
         raise ValueError(f"{path}: unknown quantisation method {mode!r} (known: {', '.join(QUANTIZE_MODES)})")
-    return mode
+    return record
 
 
 def load_model(directory: str | Path, *, quantize: str | None = None, placement: Any = None) -> Any:
     """``KibanModel.from_pretrained(directory)`` in eval mode, on ``placement``'s device and dtype
     (``kiban.device.resolve_device``; None: the CPU in float32), then quantised as ``quantize`` says,
-    else as the folder was saved (``quantization.json``), else left float.
+    else as the folder was saved (``quantization.json``), else left float. The decoder layers kept
+    float are the saved record's (``saved_float_layers``), whichever mode quantises.
 
     The model is placed before it is quantised: torchao picks its kernels by the device the weights
     are on (int4: tinygemm's CUDA or CPU packing), and a quantised tensor is not moved or cast after.
@@ -213,4 +287,4 @@ def load_model(directory: str | Path, *, quantize: str | None = None, placement:
         from kiban.device import place_model
 
         model = place_model(model, placement)
-    return quantize_model(model, quantize or saved)
+    return quantize_model(model, quantize or saved, float_layers=saved_float_layers(directory))

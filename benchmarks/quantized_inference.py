@@ -3,11 +3,12 @@ by side in one run: decode tokens/s, memory, and a head's metric.
 
 Model: SmolLM2-135M-Instruct (the GGUF default, de-quantised to float32 on load) with the default
 molecule encoder and an untrained projector (seeded, the same in every process). On the CPU int8
-and int4 are kiban's layers over ``aten._weight_int8pack_mm`` / ``aten._weight_int4pack_mm_for_cpu``.
+and int4 are kiban's layers over ``aten._weight_int8pack_mm`` / ``aten._weight_int4pack_mm_for_cpu``,
+with decoder layer 0 left float (``DEFAULT_FLOAT_LAYERS``); "int8 all" quantises every layer.
 
     tokens/s       greedy decoding of exactly ``--new-tokens`` tokens (no early stop) after each of
                    ``--prompts`` short prompts, batch 1, through the backbone's ``generate``. The
-                   three models live in one process and take turns (every precision on prompt 1,
+                   models live in one process and take turns (every precision on prompt 1,
                    then prompt 2, ..., ``--repeats`` times round), and each (precision, prompt)'s
                    fastest round counts, so a burst of load from other jobs on a shared machine
                    neither falls on one precision alone nor stays in the figures
@@ -43,7 +44,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-PRECISIONS = ("float32", "int8", "int4")
+# row -> (quantize mode, float_layers): "int8" and "int4" keep kiban's default float layers
+# (DEFAULT_FLOAT_LAYERS, decoder layer 0); "int8 all" quantises every decoder layer, as before
+PRECISIONS = {"float32": (None, None), "int8": ("int8", None), "int8 all": ("int8", ()), "int4": ("int4", None)}
 PROMPTS = [
     "What does the enzyme lactase do?",
     "Name three amino acids.",
@@ -100,7 +103,8 @@ def memory(args: argparse.Namespace) -> dict:
     from kiban.adapt.quantize import quantize_model
 
     torch.set_num_threads(args.threads)
-    model = quantize_model(build_model(), None if args.precision == "float32" else args.precision)
+    mode, float_layers = PRECISIONS[args.precision]
+    model = quantize_model(build_model(), mode, float_layers=float_layers)
     rss = psutil.Process().memory_info().rss
     tokens_per_second({"one": model}, tokenizer=model.tokenizer, prompts=1, new_tokens=4, repeats=1)
     return {
@@ -164,8 +168,8 @@ def main() -> None:
         print(precision, rows[precision], file=sys.stderr, flush=True)  # a partial run still says something
     reference = build_model()
     models = {"float32": reference}
-    for precision in PRECISIONS[1:]:
-        models[precision] = quantize_model(copy.deepcopy(reference), precision)
+    for precision, (mode, float_layers) in list(PRECISIONS.items())[1:]:
+        models[precision] = quantize_model(copy.deepcopy(reference), mode, float_layers=float_layers)
     for precision, figures in head_figures(models, train=args.train, test=args.test).items():
         rows[precision].update(figures)
         print(precision, figures, file=sys.stderr, flush=True)

@@ -44,7 +44,7 @@ def embed_file(
     ``placement``: where the model runs (``kiban.device.resolve_device``; None: the CPU in float32);
     it is placed before it is quantised (``quantize``, or as the saved model says).
     """
-    from kiban.adapt.quantize import quantize_model, saved_quantization
+    from kiban.adapt.quantize import quantize_model, saved_float_layers, saved_quantization
     from kiban.data import Rejects, read, read_h5ad
     from kiban.tasks.models import build_model, embed_items
 
@@ -58,7 +58,9 @@ def embed_file(
         raise ValueError("the output must be a new file; the input is never overwritten")
     fused = build_model(model, data, use_raw=use_raw, placement=placement)
     saved = saved_quantization(model) if model != "tiny" else None
-    fused = quantize_model(fused, quantize or saved)  # kiban.adapt.quantize: None leaves it float
+    float_layers = saved_float_layers(model) if model != "tiny" else None
+    # kiban.adapt.quantize: None leaves it float
+    fused = quantize_model(fused, quantize or saved, float_layers=float_layers)
     rejects = Rejects()
     if data.suffix == ".h5ad":
         records = list(
