@@ -26,7 +26,7 @@ from kiban.data.rejects import Rejects
 from kiban.encoders.cell import CellFeaturizer
 from kiban.encoders.cell_profile import ProfileMoments, ProfileStatistics, chosen_genes, profile_statistics
 
-__all__ = ["file_profile_statistics", "fit_profile_config", "fitted_profile_settings"]
+__all__ = ["config_featurizer", "file_profile_statistics", "fit_profile_config", "fitted_profile_settings"]
 
 
 def file_profile_statistics(
@@ -66,6 +66,28 @@ def file_profile_statistics(
     return moments.result()
 
 
+def config_featurizer(config: Mapping[str, Any]) -> tuple[dict[str, Any], Any, int]:
+    """(the cell encoder settings without profile statistics, its featurizer, the token's width) of
+    a training config. ValueError naming the problem when it has no cell encoder with a profile
+    token. Cheap: call it to refuse a config before anything is written.
+    """
+    from kiban.fusion.config import EncoderSpec
+
+    model = config.get("model")
+    encoders = model.get("encoders") if isinstance(model, Mapping) else None
+    settings = encoders.get("cell") if isinstance(encoders, Mapping) else None
+    if not isinstance(settings, Mapping):
+        raise ValueError("the config has no model.encoders.cell to fit a profile token for")
+    plain = {key: value for key, value in settings.items() if key not in ("profile_mean", "profile_std")}
+    encoder_config = EncoderSpec.parse("cell", plain, path="model.encoders.cell").encoder_config("cell")
+    featurizer = CellFeaturizer.from_config(encoder_config)
+    if not featurizer.profile:
+        raise ValueError(
+            "the config's cell encoder has no profile token (profile_token 'first' or 'only') to fit"
+        )
+    return plain, featurizer, encoder_config.width
+
+
 def fit_profile_config(
     config: dict[str, Any],
     paths: Sequence[str | Path],
@@ -77,18 +99,11 @@ def fit_profile_config(
     """(the training config with its cell encoder's profile statistics set, the statistics, how many
     genes the fitted token keeps). ``config`` is the plain YAML mapping ``kiban fit`` reads.
     """
-    from kiban.fusion.config import EncoderSpec
-
-    settings = ((config.get("model") or {}).get("encoders") or {}).get("cell")
-    if not isinstance(settings, dict):
-        raise ValueError("the config has no model.encoders.cell to fit a profile token for")
-    plain = {key: value for key, value in settings.items() if key not in ("profile_mean", "profile_std")}
-    encoder_config = EncoderSpec.parse("cell", plain, path="model.encoders.cell").encoder_config("cell")
-    featurizer = CellFeaturizer.from_config(encoder_config)
+    plain, featurizer, width = config_featurizer(config)
     stats = file_profile_statistics(featurizer, paths, use_raw=use_raw, layer=layer, rejects=rejects)
     fitted = {**plain, "profile_mean": stats.mean.tolist(), "profile_std": stats.std.tolist()}
     out = {**config, "model": {**config["model"], "encoders": {**config["model"]["encoders"], "cell": fitted}}}
-    return out, stats, len(chosen_genes(stats.mean, stats.std, encoder_config.width))
+    return out, stats, len(chosen_genes(stats.mean, stats.std, width))
 
 
 def fitted_profile_settings(

@@ -206,7 +206,7 @@ def fit_profile(args: argparse.Namespace) -> int:
     import yaml
 
     from kiban.atomic import write_atomic
-    from kiban.data.cell_profiles import fit_profile_config
+    from kiban.data.cell_profiles import config_featurizer, fit_profile_config
     from kiban.data.rejects import rejects_log
 
     source, out = Path(args.config), Path(args.out)
@@ -215,6 +215,7 @@ def fit_profile(args: argparse.Namespace) -> int:
     config = yaml.safe_load(source.read_text())
     if not isinstance(config, dict):
         raise ValueError(f"{source}: expected a YAML mapping (a training config)")
+    config_featurizer(config)  # refuses a config it cannot fit before anything is written
     target = Path(args.rejects_dir) if args.rejects_dir else out.with_name(out.stem + ".rejects")
     with rejects_log(target) as rejects:
         fitted, stats, kept = fit_profile_config(

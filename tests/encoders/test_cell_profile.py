@@ -216,4 +216,4 @@ def test_fit_profile_command_refuses_a_config_without_a_cell_profile_token_in_on
     assert "no model.encoders.cell" in errors[0]
     assert "no profile token" in errors[1]
     assert "no such config" in errors[2]
-    assert not (tmp_path / "o.yaml").exists()
+    assert not (tmp_path / "o.yaml").exists() and not (tmp_path / "o.rejects").exists()
