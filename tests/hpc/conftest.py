@@ -141,6 +141,26 @@ def _start(cluster: SlurmCluster, *command: str, log: Path) -> None:
     )
 
 
+def _stop_cluster(cluster: SlurmCluster) -> None:
+    """Cancel the cluster's jobs, let slurmd end their processes (at most 30 s), then stop the
+    daemons this fixture started, last started first.
+    """
+    for job in cluster.jobs:
+        cluster.run("scancel", job, check=False)
+    deadline = time.monotonic() + 30
+    while (
+        cluster.jobs
+        and time.monotonic() < deadline
+        and any(
+            cluster.job(job).get("JobState") in ("RUNNING", "COMPLETING", "CONFIGURING")
+            for job in cluster.jobs
+        )
+    ):
+        time.sleep(0.5)
+    for process in reversed(cluster.processes):
+        _stop(process)
+
+
 def _stop(process: subprocess.Popen) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
@@ -197,20 +217,7 @@ def slurm_cluster(tmp_path_factory):
         )
         yield cluster
     finally:
-        for job in cluster.jobs:
-            cluster.run("scancel", job, check=False)
-        deadline = time.monotonic() + 30  # let slurmd end the jobs' processes before it goes
-        while (
-            cluster.jobs
-            and time.monotonic() < deadline
-            and any(
-                cluster.job(job).get("JobState") in ("RUNNING", "COMPLETING", "CONFIGURING")
-                for job in cluster.jobs
-            )
-        ):
-            time.sleep(0.5)
-        for process in reversed(cluster.processes):
-            _stop(process)
+        _stop_cluster(cluster)
 
 
 def _munge_folder(root: Path) -> Path:
@@ -431,18 +438,5 @@ def slurm_multinode(tmp_path_factory):
         yield cluster
     finally:
         if cluster is not None:
-            for job in cluster.jobs:
-                cluster.run("scancel", job, check=False)
-            deadline = time.monotonic() + 30
-            while (
-                cluster.jobs
-                and time.monotonic() < deadline
-                and any(
-                    cluster.job(job).get("JobState") in ("RUNNING", "COMPLETING", "CONFIGURING")
-                    for job in cluster.jobs
-                )
-            ):
-                time.sleep(0.5)
-            for process in reversed(cluster.processes):
-                _stop(process)
+            _stop_cluster(cluster)
         network.remove()
