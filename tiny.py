@@ -7,7 +7,7 @@ modality with text.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -39,12 +39,20 @@ def tiny_backbone_config(*, lora: bool = False, width: int = 32, layers: int = 2
 
 
 def tiny_config(
-    modalities: Sequence[str] | None = None, *, projector: str = "mlp2", lora: bool = False
+    modalities: Sequence[str] | None = None,
+    *,
+    projector: str = "mlp2",
+    lora: bool = False,
+    encoders: Mapping[str, Any] | None = None,
 ) -> KibanConfig:
-    """A ``KibanConfig`` with tiny presets of ``modalities`` (default: every encoder)."""
-    modalities = list(modalities) if modalities is not None else list_encoders()
+    """A ``KibanConfig`` with tiny presets of ``modalities`` (default: every encoder), or with the
+    encoder entries ``encoders`` (modality -> its file form, e.g. ``{"config": {...}}``) instead.
+    """
+    if encoders is None:
+        modalities = list(modalities) if modalities is not None else list_encoders()
+        encoders = {m: {"preset": "tiny"} for m in modalities}
     return KibanConfig(
-        encoders={m: {"preset": "tiny"} for m in modalities},
+        encoders=dict(encoders),
         backbone=tiny_backbone_config(lora=lora),
         default_projector={"kind": projector, "num_tokens": 4, "depth": 1, "num_heads": 4},
     )

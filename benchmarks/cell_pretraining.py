@@ -40,22 +40,14 @@ def write_set(out: str) -> None:
 
 def write_models(encoder_dir: str, out: str) -> None:
     """Save the pretrained-encoder and random-encoder models under OUT."""
-    import torch
-
-    from kiban.fusion.model import KibanConfig, KibanModel
-    from kiban.tiny import tiny_backbone_config
+    from kiban.tiny import tiny_model
 
     saved = json.loads((Path(encoder_dir) / "config.json").read_text())["config"]
     saved.pop("weights_path", None)
     saved.pop("checkpoint_dir", None)
     for name, weights in (("pretrained", {"weights_path": str(Path(encoder_dir).resolve())}), ("random", saved)):
-        torch.manual_seed(0)
-        config = KibanConfig(
-            encoders={"cell": {"config": weights}},
-            backbone=tiny_backbone_config(),
-            default_projector={"kind": "mlp2", "num_tokens": 4, "depth": 1, "num_heads": 4},
-        )
-        KibanModel.from_config(config).save_pretrained(Path(out) / name)
+        model = tiny_model(encoders={"cell": {"config": weights}}, seed=0)
+        model.save_pretrained(Path(out) / name)
         print(f"saved {Path(out) / name}")
 
 
