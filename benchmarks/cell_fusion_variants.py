@@ -72,12 +72,10 @@ def encoder_settings(name: str, *, seed: int, vocab: list[str], pbmc: Path) -> d
         import anndata
 
         from kiban.data.cell_profiles import fitted_profile_settings
-        from kiban.tasks.splits import random_split
+        from kiban.quickstart.corpus import corpus_cell_rows
 
         adata = anndata.read_h5ad(pbmc)
-        split = random_split(adata.n_obs, seed=seed)
-        test = set(split.test.tolist())
-        rows = [row for row in range(adata.n_obs) if row not in test]
+        rows = corpus_cell_rows(adata.n_obs, seed)
         settings.update(fitted_profile_settings(settings, adata.raw.to_adata(), rows=rows))
     return settings
 
