@@ -23,6 +23,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="a quickstart folder holding corpus/")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument(
+        "--no-prefix-cache", action="store_true", help="run every position through the backbone (no FrozenPrefix)"
+    )
     args = parser.parse_args()
 
     import torch
@@ -31,7 +34,7 @@ def main() -> None:
     from kiban.fusion.merge import merge_modality_tokens
     from kiban.quickstart.run import QuickstartOptions, align_config, plan_for
     from kiban.train.module import KibanLightningModule
-    from kiban.train.objectives import next_token_loss
+    from kiban.train.objectives import FrozenPrefix, next_token_loss
 
     torch.set_num_threads(2)
     config = align_config(args.out, QuickstartOptions(out=args.out), plan_for(10, "default"))
@@ -43,6 +46,7 @@ def main() -> None:
     data.attach(model.processor, rank=0, world_size=1)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     batches = iter(data.loader("train"))
+    prefix = None if args.no_prefix_cache else FrozenPrefix()
 
     def faults() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -59,7 +63,7 @@ def main() -> None:
         text = model.llm.get_input_embeddings()(batch.input_ids.clamp(min=0))
         embeds, mask, labels = merge_modality_tokens(batch.input_ids, batch.attention_mask, batch.labels, text, encoded)
         t2 = time.perf_counter()
-        next_token_loss(model.llm, embeds, mask, labels).backward()
+        next_token_loss(model.llm, embeds, mask, labels, prefix=prefix, input_ids=batch.input_ids).backward()
         t3 = time.perf_counter()
         optimizer.step()
         optimizer.zero_grad()
@@ -70,7 +74,9 @@ def main() -> None:
             shapes.append(tuple(mask.shape))
             paged += faults() - before
     total = sum(spent.values())
-    print(f"{args.steps} align steps, batch {config.data.batch_size}, torch threads {torch.get_num_threads()}")
+    cached = "off" if prefix is None else f"{prefix.misses} computed, {prefix.hits} reused"
+    print(f"{args.steps} align steps, batch {config.data.batch_size}, torch threads {torch.get_num_threads()}, "
+          f"shared prefix cache: {cached}")
     for part, seconds in spent.items():
         print(f"  {part:<30} {seconds / args.steps:8.3f} s/step  {100 * seconds / total:5.1f}%")
     print(f"  step {total / args.steps:.3f} s, {config.data.batch_size * args.steps / total:.2f} samples/s, "

@@ -36,7 +36,7 @@ from kiban.train.checkpoint import (
     verify_checkpoint,
 )
 from kiban.train.config import TrainConfig
-from kiban.train.objectives import fused_losses
+from kiban.train.objectives import FrozenPrefix, fused_losses
 from kiban.train.optim import build_optimizer, build_scheduler
 from kiban.train.weights import load_stage_weights
 from kiban.version import __version__
@@ -111,6 +111,7 @@ def fit_deepspeed_cpu(config: TrainConfig, *, cluster: ClusterEnv, resume: Path 
     checkpoint.last_step = engine.global_steps
     skipped, losses = 0, []
     engine.train()
+    prefix = FrozenPrefix()  # used only while the LLM is frozen and its parameters are whole (not ZeRO-3)
     while engine.global_steps < t.max_steps:
         for batch in data.loader("train"):
             out = fused_losses(
@@ -118,6 +119,7 @@ def fit_deepspeed_cpu(config: TrainConfig, *, cluster: ClusterEnv, resume: Path 
                 batch.inputs,
                 contrastive_weight=config.loss.contrastive_weight,
                 temperature=config.loss.temperature,
+                prefix=prefix,
             )
             loss = float(out.loss.detach())
             bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0])

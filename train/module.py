@@ -21,7 +21,7 @@ import torch
 from kiban.data.resumable import TrainBatch
 from kiban.fusion.model import KibanModel, apply_freeze_policy
 from kiban.train.config import TrainConfig, config_from_dict
-from kiban.train.objectives import fused_losses
+from kiban.train.objectives import FrozenPrefix, fused_losses
 from kiban.train.optim import build_optimizer, build_scheduler
 from kiban.train.weights import load_stage_weights
 
@@ -100,6 +100,7 @@ class KibanLightningModule(StageModule):
         self.stats = StepStats()
         self._stats_step = -1  # the global step self.stats belongs to
         self.init_weights = True  # False when resuming: the checkpoint brings the weights
+        self.prefix = FrozenPrefix()  # the shared text prefix's keys and values while the LLM is frozen
 
     def configure_model(self) -> None:
         """Build the model once, load ``run.init_from`` weights and freeze what the stage does not train."""
@@ -130,6 +131,7 @@ class KibanLightningModule(StageModule):
             batch.inputs,
             contrastive_weight=self.config.loss.contrastive_weight,
             temperature=self.config.loss.temperature,
+            prefix=self.prefix,
         )
         s = self.stats
         s.loss += float(out.loss.detach())
@@ -154,7 +156,7 @@ class KibanLightningModule(StageModule):
         self._eval_step(batch, "test")
 
     def _eval_step(self, batch: TrainBatch, split: str) -> None:
-        out = fused_losses(self.model, batch.inputs)
+        out = fused_losses(self.model, batch.inputs, prefix=self.prefix)
         self.log(f"{split}/loss", out.loss, on_epoch=True, sync_dist=True, batch_size=len(batch.ids))
 
     # -- optimization ----------------------------------------------------------------------------

@@ -8,12 +8,18 @@ contrastive loss   symmetric InfoNCE (CLIP, Radford et al. 2021) between a recor
                    mean-pooled over its last hidden states — exactly what ``KibanModel.embed`` does,
                    so the space this loss shapes is the one cross-modal search queries. In the
                    align stage the LLM is frozen: the gradient reaches the projectors only.
+
+A frozen backbone also makes the text every row starts with (the chat template's system turn and
+user header: 24 of the quickstart's ~60 positions) the same keys and values at every step:
+``FrozenPrefix`` computes them once and the step runs the LLM on the rest of the sequence only.
 """
 
 from __future__ import annotations
 
 import inspect
+from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +30,7 @@ from kiban.fusion.merge import merge_modality_tokens
 from kiban.fusion.model import KibanModel
 from kiban.fusion.prompt import IGNORE_INDEX, FusedBatch
 
-__all__ = ["StepLosses", "contrastive_loss", "fused_losses", "next_token_loss"]
+__all__ = ["FrozenPrefix", "StepLosses", "contrastive_loss", "fused_losses", "next_token_loss"]
 
 
 @dataclass
@@ -38,10 +44,16 @@ class StepLosses:
 
 
 def fused_losses(
-    model: KibanModel, batch: FusedBatch, *, contrastive_weight: float = 0.0, temperature: float = 0.07
+    model: KibanModel,
+    batch: FusedBatch,
+    *,
+    contrastive_weight: float = 0.0,
+    temperature: float = 0.07,
+    prefix: FrozenPrefix | None = None,
 ) -> StepLosses:
     """The training loss of one batch. The model's own ``forward`` gives the next-token loss alone;
     here the merge is spelled out so the encoded tokens serve both losses and the token count.
+    ``prefix``: a cache of the shared text prefix's keys and values, used while the LLM is frozen.
     """
     # Encoders and projectors run outside autocast (in their own dtype): under bf16 autocast the
     # molecule encoder's message passing mixes float32 and bfloat16 in index_add_ and fails. The
@@ -52,7 +64,7 @@ def fused_losses(
     embeds, mask, labels = merge_modality_tokens(
         batch.input_ids, batch.attention_mask, batch.labels, text, encoded
     )
-    lm_loss = next_token_loss(model.llm, embeds, mask, labels)
+    lm_loss = next_token_loss(model.llm, embeds, mask, labels, prefix=prefix, input_ids=batch.input_ids)
     loss, contrastive = lm_loss, None
     if contrastive_weight > 0:
         contrastive = contrastive_loss(model, batch, encoded, temperature=temperature)
@@ -66,7 +78,15 @@ def fused_losses(
     )
 
 
-def next_token_loss(llm: torch.nn.Module, embeds: Tensor, mask: Tensor, labels: Tensor) -> Tensor:
+def next_token_loss(
+    llm: torch.nn.Module,
+    embeds: Tensor,
+    mask: Tensor,
+    labels: Tensor,
+    *,
+    prefix: FrozenPrefix | None = None,
+    input_ids: Tensor | None = None,
+) -> Tensor:
     """Mean cross-entropy of the labelled next tokens: the Hugging Face causal-LM loss, computed lean.
 
     ``llm(..., labels=labels).loss`` projects every position onto the whole vocabulary ([B, L, V]
@@ -75,14 +95,119 @@ def next_token_loss(llm: torch.nn.Module, embeds: Tensor, mask: Tensor, labels: 
     projects just those (its ``logits_to_keep`` mask) and the loss is Hugging Face's own formula
     (float32 logits, labels shifted by one, mean over the labelled tokens). Backbones whose
     forward has no ``logits_to_keep`` get the plain call.
+
+    ``prefix`` with ``input_ids`` (the batch's ids before the merge, placeholders negative): the
+    positions every row shares as the same text and that predict no label come from the cache as
+    keys and values, and the LLM runs on the positions after them (``FrozenPrefix``).
     """
     if not _keeps_logits(llm):
         return llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
     targets = labels[:, 1:]
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = targets != IGNORE_INDEX  # position p predicts token p + 1
-    logits = llm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=keep).logits
+    start, cache = 0, None
+    if prefix is not None and input_ids is not None:
+        start, cache = prefix.lookup(llm, input_ids, mask, keep)
+    logits = llm(
+        inputs_embeds=embeds[:, start:], attention_mask=mask, logits_to_keep=keep[:, start:], cache=cache
+    ).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets[keep[:, :-1]])
+
+
+class FrozenPrefix:
+    """Keys and values of the text that every row of a batch starts with, computed once per text.
+
+    With the backbone frozen (the align stage), the chat template's opening (system turn, user
+    header) gives the same keys and values at every step, and no gradient needs to flow through it
+    (nothing before the first modality token trains). ``lookup`` finds the batch's shared prefix:
+    the longest run of positions where every row holds the same text token, unpadded, predicting no
+    label. Its keys and values are computed once (one row, no gradient) and reused by every later
+    batch with that prefix; the step's forward and backward then run over the other positions only.
+    The loss and the gradient are those of the full forward up to float rounding (the prefix's
+    matrix products have other shapes).
+
+    Used only where that holds: no backbone parameter trains, no dropout is active, no gradient
+    checkpointing (its recomputation would append to the cache twice), and plain tensors (not
+    DeepSpeed ZeRO-3 partitions or DTensors); otherwise ``lookup`` returns (0, None) and the step
+    runs the whole sequence. Cached entries are keyed by the prefix's ids, device, autocast dtype and
+    the parameters' version counters, so a weight changed in place is never served stale.
+    """
+
+    def __init__(self, *, min_length: int = 4, max_entries: int = 16) -> None:
+        """``min_length``: shorter shared prefixes are run with the rest; ``max_entries``: cached texts."""
+        self.min_length, self.max_entries = min_length, max_entries
+        self._entries: OrderedDict[tuple, list[tuple[Tensor, Tensor]]] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def lookup(self, llm: torch.nn.Module, input_ids: Tensor, mask: Tensor, keep: Tensor) -> tuple[int, Any]:
+        """(prefix length P, a cache holding its keys and values for every row), or (0, None)."""
+        length = shared_prefix_length(input_ids, mask, keep)
+        if length < self.min_length or not _frozen(llm):
+            return 0, None
+        ids = input_ids[0, :length]
+        device = ids.device
+        dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+        key = (tuple(ids.tolist()), str(device), dtype, _weights_version(llm))
+        layers = self._entries.get(key)
+        if layers is None:
+            self.misses += 1
+            with torch.no_grad():
+                out = llm(input_ids=ids[None], attention_mask=mask[:1, :length], use_cache=True, logits_to_keep=1)
+            layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+            self._entries[key] = layers
+            while len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        else:
+            self.hits += 1
+            self._entries.move_to_end(key)
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=_base(llm).config)
+        rows = input_ids.shape[0]
+        for index, (keys, values) in enumerate(layers):
+            cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
+        return length, cache
+
+
+def shared_prefix_length(input_ids: Tensor, mask: Tensor, keep: Tensor) -> int:
+    """How many leading positions every row shares: the same text token (not a placeholder), not
+    padding, predicting no label; at least one position is left after them.
+    """
+    if input_ids.shape[0] == 0 or input_ids.shape[1] < 2:
+        return 0
+    limit = min(input_ids.shape[1], keep.shape[1]) - 1
+    same = (input_ids[:, :limit] == input_ids[:1, :limit]).all(0)
+    usable = same & (input_ids[0, :limit] >= 0) & mask[:, :limit].bool().all(0) & ~keep[:, :limit].any(0)
+    bad = (~usable).nonzero()
+    return int(bad[0, 0]) if len(bad) else limit
+
+
+def _base(llm: torch.nn.Module) -> torch.nn.Module:
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+
+
+def _frozen(llm: torch.nn.Module) -> bool:
+    """Whether the backbone's keys and values for a text are the same at every step (``FrozenPrefix``)."""
+    base = _base(llm)
+    checkpointing = getattr(base, "is_activation_checkpointing", None)  # transformers >= 5.2's name
+    if checkpointing is None:
+        checkpointing = getattr(base, "is_gradient_checkpointing", False)
+    if checkpointing:
+        return False
+    for parameter in base.parameters():
+        if parameter.requires_grad or hasattr(parameter, "ds_id") or type(parameter.data) is not torch.Tensor:
+            return False
+    if base.training:
+        if getattr(base.config, "attention_dropout", 0.0):
+            return False
+        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in base.modules()):
+            return False
+    return True
+
+
+def _weights_version(llm: torch.nn.Module) -> int:
+    """Changes whenever a backbone parameter is modified in place (its version counter)."""
+    return sum(p._version for p in _base(llm).parameters())
 
 
 def _keeps_logits(llm: torch.nn.Module) -> bool:
