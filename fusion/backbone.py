@@ -6,12 +6,25 @@ path. The offline default is SmolLM2-135M-Instruct, shipped as a GGUF file insid
 
 Tiny random backbones for tests and debugging come from an inline ``hf_config`` (any causal-LM
 ``model_type``) with ``byte_tokenizer()``, a byte-level tokenizer that needs no files.
+
+De-quantising a GGUF is slow (SmolLM2-135M: ~28 s on a 2-core machine, most of it the ``gguf``
+package parsing the tokenizer's 49k-entry arrays in Python, three times: config, weights,
+tokenizer), and every command that loads a model paid it, the quickstart three times. The first
+load therefore keeps the de-quantised model and its tokenizer as an ordinary Hugging Face folder in
+the cache (``gguf_cache_folder``: keyed by the file's SHA-256, the dtype and the transformers
+version), and later loads read that folder (~2 s). ``KIBAN_CACHE_DIR`` moves the cache;
+``KIBAN_CACHE_DIR=off`` turns it off. A cache that cannot be written or read is skipped with a
+warning; the GGUF is then loaded as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +37,7 @@ __all__ = [
     "LoraSettings",
     "apply_lora",
     "byte_tokenizer",
+    "gguf_cache_folder",
     "load_backbone",
     "smollm2_gguf",
 ]
@@ -98,7 +112,7 @@ def byte_tokenizer():
 
 def load_backbone(config: BackboneConfig) -> tuple[nn.Module, Any]:
     """Build (causal LM, tokenizer) from a BackboneConfig; LoRA is applied when configured."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     sources = [name for name in ("path", "gguf", "hf_config") if getattr(config, name) is not None]
     if len(sources) != 1:
@@ -113,19 +127,9 @@ def load_backbone(config: BackboneConfig) -> tuple[nn.Module, Any]:
         gguf = Path(config.gguf)
         if not gguf.is_file():
             raise FileNotFoundError(f"backbone GGUF file not found: {gguf}")
-        model = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=dtype, local_files_only=True
-        )
+        model, tokenizer = _gguf_backbone(gguf, dtype)
         if config.tokenizer_path:
             tokenizer = _tokenizer(config.tokenizer_path)
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
-        # The GGUF carries its quantisation settings; the weights are de-quantised float now, so a
-        # save_pretrained of this model must not claim to be a GGUF checkpoint.
-        model.config.quantization_config = None
-        if hasattr(model, "hf_quantizer"):
-            model.hf_quantizer = None
-        model.is_quantized = False
     else:
         path = Path(config.path)
         if not path.is_dir():
@@ -139,6 +143,89 @@ def load_backbone(config: BackboneConfig) -> tuple[nn.Module, Any]:
     if config.lora is not None:
         model = apply_lora(model, config.lora)
     return model, tokenizer
+
+
+def gguf_cache_folder(gguf: str | Path, dtype: torch.dtype) -> Path | None:
+    """The cache folder for ``gguf`` de-quantised to ``dtype``, or None when the cache is off.
+
+    ``$KIBAN_CACHE_DIR/gguf/`` (default ``$XDG_CACHE_HOME/kiban``, else ``~/.cache/kiban``); the
+    name holds the file's SHA-256, the dtype and the transformers version (its GGUF conversion may
+    change between versions), so an edited file or another library never reads a stale folder.
+    """
+    import transformers
+
+    root = os.environ.get("KIBAN_CACHE_DIR")
+    if root is not None and root.strip().lower() in ("", "off", "0", "none"):
+        return None
+    if root is None:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kiban"
+    digest = _sha256(Path(gguf))
+    return Path(root) / "gguf" / f"{digest[:24]}-{str(dtype).removeprefix('torch.')}-transformers{transformers.__version__}"
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
+
+
+_CACHE_RECORD = "kiban-gguf-cache.json"  # written last: a folder without it is incomplete
+
+
+def _gguf_backbone(gguf: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
+    """(causal LM, tokenizer) of a GGUF file, de-quantised to ``dtype``: from the cache when it holds them."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = gguf_cache_folder(gguf, dtype)
+    if folder is not None and (folder / _CACHE_RECORD).is_file():
+        try:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+            return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as error:
+            log.warning("the GGUF cache %s could not be read (%s); loading %s again", folder, error, gguf)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, local_files_only=True)
+    # The GGUF carries its quantisation settings; the weights are de-quantised float now, so a
+    # save_pretrained of this model must not claim to be a GGUF checkpoint.
+    model.config.quantization_config = None
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    model.is_quantized = False
+    if folder is not None:
+        _write_cache(folder, model, tokenizer, gguf)
+    return model, tokenizer
+
+
+def _write_cache(folder: Path, model: nn.Module, tokenizer: Any, gguf: Path) -> None:
+    """Save the de-quantised backbone into ``folder`` (a private folder renamed into place, so
+    concurrent loads never read a half-written one); a failure is a warning, not an error.
+    """
+    partial = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
+    try:
+        model.save_pretrained(partial)
+        tokenizer.save_pretrained(partial)
+        record = {"gguf": str(gguf.resolve()), "sha256": _sha256(gguf), "dtype": str(model.dtype)}
+        (partial / _CACHE_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        try:
+            partial.rename(folder)
+        except OSError:  # another process cached it first (or a broken folder is in the way)
+            if not (folder / _CACHE_RECORD).is_file():
+                shutil.rmtree(folder, ignore_errors=True)
+                partial.rename(folder)
+    except OSError as error:
+        log.warning("could not cache the de-quantised %s in %s (%s); the next load de-quantises it again",
+                    gguf.name, folder, error)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
 
 
 def _tokenizer(path: str | Path):

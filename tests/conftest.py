@@ -1,9 +1,19 @@
-"""Shared test settings: nothing may reach a hub, and torch stays on two threads."""
+"""Shared test settings: nothing may reach a hub, torch stays on two threads, and the de-quantised
+GGUF backbone is cached for this session only (the first test that loads it writes the cache, the
+rest, subprocesses and Slurm jobs included, read it; the folder is removed at exit).
+"""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
+if "KIBAN_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="kiban-test-cache-")
+    os.environ["KIBAN_CACHE_DIR"] = _cache
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
