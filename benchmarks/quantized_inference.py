@@ -6,8 +6,10 @@ molecule encoder and an untrained projector (seeded, the same in every process).
 and int4 are kiban's layers over ``aten._weight_int8pack_mm`` / ``aten._weight_int4pack_mm_for_cpu``,
 with decoder layer 0 left float (``DEFAULT_FLOAT_LAYERS``); "int8 all" quantises every layer.
 
-    tokens/s       greedy decoding of exactly ``--new-tokens`` tokens (no early stop) after each of
-                   ``--prompts`` short prompts, batch 1, through the backbone's ``generate``. The
+    tokens/s       greedy decoding of exactly ``--new-tokens`` tokens (end of turn forbidden) after
+                   each of ``--prompts`` short prompts, batch 1, through kiban's own decode loop
+                   (``KibanModel.complete``: what ``kiban serve`` and ``kiban chat`` run), and
+                   through the backbone's Hugging Face ``generate`` (``--hf-generate``). The
                    models live in one process and take turns (every precision on prompt 1,
                    then prompt 2, ..., ``--repeats`` times round), and each (precision, prompt)'s
                    fastest round counts, so a burst of load from other jobs on a shared machine
@@ -17,7 +19,8 @@ with decoder layer 0 left float (``DEFAULT_FLOAT_LAYERS``); "int8 all" quantises
                    before they are quantised)
     head           a linear probe for BBBP (../shared/data/molecules/bbbp.csv; RDKit's NCI set with
                    a size label when absent) fitted once on float32 states of ``--train`` molecules,
-                   then scored on ``--test`` others with each precision's states: accuracy, ROC-AUC,
+                   at layer 2 (``kiban finetune``'s default ``--layer``) and on the final states (all
+                   30 layers), then scored on ``--test`` others with each precision's states: accuracy, ROC-AUC,
                    the share of predicted labels equal to float32's, the largest difference of a
                    class probability from float32's, and (head-independent) the median of
                    ``|h_q - h_float| / |h_float|`` over the test molecules' pooled states
@@ -69,27 +72,56 @@ def build_model():
     return KibanModel.from_config(config).eval()
 
 
-def states(model, smiles: list[str]) -> torch.Tensor:
+# kiban finetune's default --layer: its heads read the output of decoder layer 2
+HEAD_LAYERS = {"layer 2": 2, "final": None}
+
+
+def states(model, smiles: list[str], *, layer: int | None = None) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([model.embed([("molecule", s) for s in smiles[i : i + 32]]).float() for i in range(0, len(smiles), 32)])
+        return torch.cat(
+            [model.embed([("molecule", s) for s in smiles[i : i + 32]], layer=layer).float() for i in range(0, len(smiles), 32)]
+        )
 
 
-def tokens_per_second(models: dict, *, tokenizer, prompts: int, new_tokens: int, repeats: int) -> dict[str, float]:
+def _kiban_decode(model, text: str, new_tokens: int) -> int:
+    """Greedy decode through ``KibanModel.complete`` with the end of turn forbidden: exactly ``new_tokens``."""
+    from kiban.fusion.generation import GenerationSettings, RowHooks
+
+    eos = model.tokenizer.eos_token_id
+
+    def no_end(ids, logits):
+        logits[eos] = float("-inf")
+        return logits
+
+    record = {"messages": [{"role": "user", "content": text}]}
+    completion = model.complete([record], [GenerationSettings(max_tokens=new_tokens)], [RowHooks(process_logits=no_end)])
+    return completion[0].completion_tokens
+
+
+def _hf_decode(model, text: str, new_tokens: int) -> int:
+    """Greedy decode through the backbone's Hugging Face ``generate``: exactly ``new_tokens``."""
+    tokenizer = model.tokenizer
+    ids = tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )["input_ids"]
+    with torch.no_grad():
+        out = model.llm.generate(
+            ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+    return out.shape[1] - ids.shape[1]
+
+
+def tokens_per_second(
+    models: dict, *, prompts: int, new_tokens: int, repeats: int, hf_generate: bool = False
+) -> dict[str, float]:
     """Greedy decode tokens/s of each model, the models taking turns prompt by prompt."""
+    decode = _hf_decode if hf_generate else _kiban_decode
     best = {(name, text): float("inf") for name in models for text in PROMPTS[:prompts]}
     for _ in range(repeats):
         for text in PROMPTS[:prompts]:
-            ids = tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt", return_dict=True
-            )["input_ids"]
             for name, model in models.items():
                 started = time.perf_counter()
-                with torch.no_grad():
-                    out = model.llm.generate(
-                        ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                        pad_token_id=tokenizer.pad_token_id,
-                    )
-                assert out.shape[1] - ids.shape[1] == new_tokens
+                assert decode(model, text, new_tokens) == new_tokens
                 best[name, text] = min(best[name, text], time.perf_counter() - started)
     return {name: prompts * new_tokens / sum(best[name, t] for t in PROMPTS[:prompts]) for name in models}
 
@@ -106,7 +138,7 @@ def memory(args: argparse.Namespace) -> dict:
     mode, float_layers = PRECISIONS[args.precision]
     model = quantize_model(build_model(), mode, float_layers=float_layers)
     rss = psutil.Process().memory_info().rss
-    tokens_per_second({"one": model}, tokenizer=model.tokenizer, prompts=1, new_tokens=4, repeats=1)
+    tokens_per_second({"one": model}, prompts=1, new_tokens=4, repeats=1)
     return {
         "rss_gib": rss / 2**30,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
@@ -114,30 +146,31 @@ def memory(args: argparse.Namespace) -> dict:
 
 
 def head_figures(models: dict, *, train: int, test: int) -> dict[str, dict]:
-    """The BBBP probe fitted on float32 states, scored with each model's states."""
+    """The BBBP probe fitted on float32 states (at each of ``HEAD_LAYERS``), scored with each model's states."""
     from heads_vs_generation import fit_probe, load_molecules
 
     smiles, labels = load_molecules(train + test)
-    head = fit_probe("bbbp", states(models["float32"], smiles[:train]), labels[:train], layer=None)
-    figures, reference, reference_states = {}, None, None
-    for name, model in models.items():
-        started = time.perf_counter()
-        test = states(model, smiles[train:])
-        with torch.no_grad():
-            probabilities = head(test).softmax(-1).numpy()
-        metrics = head.metrics(probabilities, labels[train:])
-        if reference is None:
-            reference, reference_states = probabilities, test
-        figures[name] = {
-            "accuracy": metrics["accuracy"],
-            "roc_auc": metrics.get("roc_auc"),
-            "agreement": float((probabilities.argmax(1) == reference.argmax(1)).mean()),
-            "max_dp": float(np.abs(probabilities - reference).max()),
-            # head-independent: how far the pooled states moved, relative to their length (median)
-            "state_error": float(((test - reference_states).norm(dim=1) / reference_states.norm(dim=1)).median()),
-            "embed_s": time.perf_counter() - started,
-            "n": len(smiles) - train,
-        }
+    figures: dict[str, dict] = {name: {"n": len(smiles) - train} for name in models}
+    for where, layer in HEAD_LAYERS.items():
+        head = fit_probe("bbbp", states(models["float32"], smiles[:train], layer=layer), labels[:train], layer=layer)
+        reference, reference_states = None, None
+        for name, model in models.items():
+            test_states = states(model, smiles[train:], layer=layer)
+            with torch.no_grad():
+                probabilities = head(test_states).softmax(-1).numpy()
+            metrics = head.metrics(probabilities, labels[train:])
+            if reference is None:
+                reference, reference_states = probabilities, test_states
+            figures[name][where] = {
+                "accuracy": metrics["accuracy"],
+                "roc_auc": metrics.get("roc_auc"),
+                "agreement": float((probabilities.argmax(1) == reference.argmax(1)).mean()),
+                "max_dp": float(np.abs(probabilities - reference).max()),
+                # head-independent: how far the pooled states moved, relative to their length (median)
+                "state_error": float(
+                    ((test_states - reference_states).norm(dim=1) / reference_states.norm(dim=1)).median()
+                ),
+            }
     return figures
 
 
@@ -149,6 +182,9 @@ def main() -> None:
     parser.add_argument("--train", type=int, default=300)
     parser.add_argument("--test", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--hf-generate", action="store_true", help="time Hugging Face generate instead of kiban's decode loop"
+    )
     parser.add_argument("--precision", default=None, help=argparse.SUPPRESS)  # internal: one memory child
     args = parser.parse_args()
     if args.precision:
@@ -174,7 +210,7 @@ def main() -> None:
         rows[precision].update(figures)
         print(precision, figures, file=sys.stderr, flush=True)
     speeds = tokens_per_second(
-        models, tokenizer=reference.tokenizer, prompts=args.prompts, new_tokens=args.new_tokens, repeats=args.repeats
+        models, prompts=args.prompts, new_tokens=args.new_tokens, repeats=args.repeats, hf_generate=args.hf_generate
     )
     for precision, speed in speeds.items():
         rows[precision]["tokens_per_s"] = speed
@@ -182,18 +218,23 @@ def main() -> None:
     print(f"load average (1/5/15 min) before: {' '.join(f'{v:.1f}' for v in load_before)}; "
           f"after: {' '.join(f'{v:.1f}' for v in os.getloadavg())}; {time.time() - started:.0f} s; "
           f"{args.threads} threads, {os.cpu_count()} CPUs, torch {torch.__version__}")
-    print(f"head: BBBP probe, {base['n']} test molecules (one molecule = {100 / base['n']:.2f}% accuracy)")
-    print("| precision | decode tokens/s | × float32 | RSS after load | peak RSS | BBBP accuracy | ROC-AUC "
-          "| labels as float32 | max \\|Δp\\| | state error |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    loop = "Hugging Face generate" if args.hf_generate else "kiban's decode loop (KibanModel.complete)"
+    print(f"decode: {loop}; head: BBBP probe, {base['n']} test molecules (one molecule = {100 / base['n']:.2f}% accuracy)")
+    heads = " | ".join(f"BBBP {where}: accuracy / ROC-AUC / labels as float32 / state error" for where in HEAD_LAYERS)
+    print(f"| precision | decode tokens/s | × float32 | RSS after load | peak RSS | {heads} |")
+    print("| --- " * (5 + len(HEAD_LAYERS)) + "|")
     for precision, row in rows.items():
-        auc = "n/a" if row["roc_auc"] is None else f"{row['roc_auc']:.4f}"
+        cells = []
+        for where in HEAD_LAYERS:
+            head = row[where]
+            auc = "n/a" if head["roc_auc"] is None else f"{head['roc_auc']:.4f}"
+            cells.append(f"{head['accuracy']:.4f} / {auc} / {head['agreement']:.4f} / {head['state_error']:.3f}")
         print(
             f"| {precision} | {row['tokens_per_s']:.2f} | ×{row['tokens_per_s'] / base['tokens_per_s']:.2f} | "
             f"{row['rss_gib']:.2f} GiB (×{row['rss_gib'] / base['rss_gib']:.2f}) | "
-            f"{row['peak_rss_gib']:.2f} GiB | {row['accuracy']:.4f} | {auc} | {row['agreement']:.4f} | "
-            f"{row['max_dp']:.4f} | {row['state_error']:.3f} |"
+            f"{row['peak_rss_gib']:.2f} GiB | " + " | ".join(cells) + " |"
         )
+
 
 if __name__ == "__main__":
     main()

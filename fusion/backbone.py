@@ -189,7 +189,9 @@ def _gguf_backbone(gguf: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     if folder is not None and (folder / _CACHE_RECORD).is_file():
         try:
             model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
-            return model, AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+            _own_memory(model)
+            return model, tokenizer
         except (OSError, ValueError) as error:
             log.warning("the GGUF cache %s could not be read (%s); loading %s again", folder, error, gguf)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype, local_files_only=True)
@@ -203,6 +205,16 @@ def _gguf_backbone(gguf: Path, dtype: torch.dtype) -> tuple[nn.Module, Any]:
     if folder is not None:
         _write_cache(folder, model, tokenizer, gguf)
     return model, tokenizer
+
+
+def _own_memory(model: nn.Module) -> None:
+    """Copy tensors that still view the cache file's memory map into memory of their own, as the
+    GGUF path's are: otherwise every page a forward touched stays resident as part of the mapping
+    after the float weights are replaced (``--quantize``), and quantising would save no memory.
+    """
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:  # tied weights: one Parameter, copied once
+            tensor.data = tensor.data.clone()
 
 
 def _write_cache(folder: Path, model: nn.Module, tokenizer: Any, gguf: Path) -> None:
