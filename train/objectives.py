@@ -129,8 +129,9 @@ class FrozenPrefix:
     Used only where that holds: no backbone parameter trains, no dropout is active, no gradient
     checkpointing (its recomputation would append to the cache twice), and plain tensors (not
     DeepSpeed ZeRO-3 partitions or DTensors); otherwise ``lookup`` returns (0, None) and the step
-    runs the whole sequence. Cached entries are keyed by the prefix's ids, device, autocast dtype and
-    the parameters' version counters, so a weight changed in place is never served stale.
+    runs the whole sequence. Cached entries are keyed by the prefix's ids, device, autocast dtype,
+    inference mode (Lightning validates under it) and the parameters' version counters, so a weight
+    changed in place is never served stale.
     """
 
     def __init__(self, *, min_length: int = 4, max_entries: int = 16) -> None:
@@ -147,7 +148,9 @@ class FrozenPrefix:
         ids = input_ids[0, :length]
         device = ids.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
-        key = (tuple(ids.tolist()), str(device), dtype, _weights_version(llm))
+        # inference mode apart: an inference tensor that an op of a training step saves for backward
+        # is an error (Hugging Face's SDPA path saves the concatenated keys, not these, but others may)
+        key = (tuple(ids.tolist()), str(device), dtype, torch.is_inference_mode_enabled(), _weights_version(llm))
         layers = self._entries.get(key)
         if layers is None:
             self.misses += 1

@@ -70,11 +70,18 @@ def test_a_frozen_backbones_shared_prefix_is_computed_once_and_gives_the_full_fo
     input_ids, embeds, mask, labels = _chat_like_batch(llm)
     want_loss, want_grad = _loss_and_gradient(llm, embeds, mask, labels)
     prefix = FrozenPrefix()
+    with torch.inference_mode():  # a validation step first (Lightning validates in inference mode)
+        torch.testing.assert_close(
+            next_token_loss(llm, embeds, mask, labels, prefix=prefix, input_ids=input_ids),
+            next_token_loss(llm, embeds, mask, labels),
+            rtol=1e-5,
+            atol=1e-6,
+        )
     for step in range(2):  # the second batch takes the keys and values from the cache
         got_loss, got_grad = _loss_and_gradient(llm, embeds, mask, labels, prefix=prefix, input_ids=input_ids)
         torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got_grad, want_grad, rtol=1e-4, atol=1e-6)
-    assert (prefix.misses, prefix.hits) == (1, 1)
+    assert (prefix.misses, prefix.hits) == (2, 1)  # the inference-mode entry is its own
     keep = torch.zeros_like(labels, dtype=torch.bool)
     keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
     assert shared_prefix_length(input_ids, mask, keep) == 7  # stops at the placeholder
