@@ -36,6 +36,7 @@ __all__ = [
     "BackboneConfig",
     "LoraSettings",
     "apply_lora",
+    "base_model",
     "byte_tokenizer",
     "gguf_cache_folder",
     "load_backbone",
@@ -244,6 +245,11 @@ def _tokenizer(path: str | Path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def base_model(llm: nn.Module) -> nn.Module:
+    """The Hugging Face model under ``llm``'s LoRA wrapper (``apply_lora``), or ``llm`` itself."""
+    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
 
 
 def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from kiban.atomic import staged_file, write_json
 from kiban.config import ConfigError
 from kiban.encoders.base import Encoder, InvalidInput, ModalityTokens, create_encoder
-from kiban.fusion.backbone import BackboneConfig, load_backbone, smollm2_gguf
+from kiban.fusion.backbone import BackboneConfig, base_model, load_backbone, smollm2_gguf
 from kiban.fusion.config import EncoderSpec, KibanConfig
 from kiban.fusion.generation import Completion, GenerationSettings, RowHooks, generate_completions
 from kiban.fusion.merge import merge_modality_tokens
@@ -289,7 +289,7 @@ class KibanModel(nn.Module):
         """The config with every outside path replaced by the architecture it named, or by a copy
         of the files it named under ``directory/encoders/<modality>`` (stored relative).
         """
-        llm = self.llm.get_base_model() if hasattr(self.llm, "get_base_model") else self.llm
+        llm = base_model(self.llm)
         hf_config = llm.config.to_dict()
         hf_config.pop("quantization_config", None)
         backbone = self.config.backbone if self.config else BackboneConfig(hf_config={})
@@ -326,8 +326,7 @@ def _decoder(llm: nn.Module) -> nn.Module:
     """The backbone's decoder stack (embeddings, ``layers``, final norm; no LM head), under LoRA too:
     peft injects its adapters into the base model's modules, so calling the decoder keeps them.
     """
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    return base.get_decoder()
+    return base_model(llm).get_decoder()
 
 
 def _layers(decoder: nn.Module) -> nn.ModuleList:

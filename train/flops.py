@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from kiban.fusion.backbone import base_model
+
 __all__ = ["FORMULA", "ModelFlops", "model_flops", "peak_flops"]
 
 FORMULA = "MFU = (6·N·tokens + 12·L·d·Σ tokens·T) / (seconds · devices · peak)"
@@ -41,7 +43,7 @@ class ModelFlops:
 
 def model_flops(llm: nn.Module) -> ModelFlops:
     """N, L, d of a Hugging Face causal LM (peft-wrapped or not)."""
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
+    base = base_model(llm)
     config = base.config
     embedding = base.get_input_embeddings().weight
     head = base.get_output_embeddings()

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kiban.encoders.base import ModalityTokens
+from kiban.fusion.backbone import base_model
 from kiban.fusion.merge import merge_modality_tokens
 from kiban.fusion.model import KibanModel
 from kiban.fusion.prompt import IGNORE_INDEX, FusedBatch
@@ -143,14 +144,15 @@ class FrozenPrefix:
     def lookup(self, llm: torch.nn.Module, input_ids: Tensor, mask: Tensor, keep: Tensor) -> tuple[int, Any]:
         """(prefix length P, a cache holding its keys and values for every row), or (0, None)."""
         length = shared_prefix_length(input_ids, mask, keep)
-        if length < self.min_length or not _frozen(llm):
+        version = _frozen_version(llm) if length >= self.min_length else None
+        if version is None:
             return 0, None
         ids = input_ids[0, :length]
         device = ids.device
         dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
         # inference mode apart: an inference tensor that an op of a training step saves for backward
         # is an error (Hugging Face's SDPA path saves the concatenated keys, not these, but others may)
-        key = (tuple(ids.tolist()), str(device), dtype, torch.is_inference_mode_enabled(), _weights_version(llm))
+        key = (tuple(ids.tolist()), str(device), dtype, torch.is_inference_mode_enabled(), version)
         layers = self._entries.get(key)
         if layers is None:
             self.misses += 1
@@ -165,7 +167,7 @@ class FrozenPrefix:
             self._entries.move_to_end(key)
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=_base(llm).config)
+        cache = DynamicCache(config=base_model(llm).config)
         rows = input_ids.shape[0]
         for index, (keys, values) in enumerate(layers):
             cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), index)
@@ -185,38 +187,33 @@ def shared_prefix_length(input_ids: Tensor, mask: Tensor, keep: Tensor) -> int:
     return int(bad[0, 0]) if len(bad) else limit
 
 
-def _base(llm: torch.nn.Module) -> torch.nn.Module:
-    return llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-
-
-def _frozen(llm: torch.nn.Module) -> bool:
-    """Whether the backbone's keys and values for a text are the same at every step (``FrozenPrefix``)."""
-    base = _base(llm)
+def _frozen_version(llm: torch.nn.Module) -> int | None:
+    """None unless the backbone's keys and values for a text are the same at every step
+    (``FrozenPrefix``); then the sum of its parameters' version counters, which changes whenever a
+    parameter is modified in place. One pass over the parameters: this runs every step.
+    """
+    base = base_model(llm)
     checkpointing = getattr(base, "is_activation_checkpointing", None)  # transformers >= 5.2's name
     if checkpointing is None:
         checkpointing = getattr(base, "is_gradient_checkpointing", False)
     if checkpointing:
-        return False
-    for parameter in base.parameters():
-        if parameter.requires_grad or hasattr(parameter, "ds_id") or type(parameter.data) is not torch.Tensor:
-            return False
+        return None
     if base.training:
         if getattr(base.config, "attention_dropout", 0.0):
-            return False
+            return None
         if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in base.modules()):
-            return False
-    return True
-
-
-def _weights_version(llm: torch.nn.Module) -> int:
-    """Changes whenever a backbone parameter is modified in place (its version counter)."""
-    return sum(p._version for p in _base(llm).parameters())
+            return None
+    version = 0
+    for parameter in base.parameters():
+        if parameter.requires_grad or hasattr(parameter, "ds_id") or type(parameter.data) is not torch.Tensor:
+            return None
+        version += parameter._version
+    return version
 
 
 def _keeps_logits(llm: torch.nn.Module) -> bool:
     """Whether the (possibly PEFT-wrapped) causal LM's forward takes a ``logits_to_keep`` mask."""
-    base = llm.get_base_model() if hasattr(llm, "get_base_model") else llm
-    return "logits_to_keep" in inspect.signature(base.forward).parameters
+    return "logits_to_keep" in inspect.signature(base_model(llm).forward).parameters
 
 
 def contrastive_loss(
