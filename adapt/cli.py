@@ -98,7 +98,8 @@ def run_merge(recipe, out: Path) -> dict:
         copy_heads(heads, stage)
         if recipe.quantize:
             # what serving it costs: the same figures from the model as kiban serve will load it
-            quantize_model(model, recipe.quantize)
+            layers = [getattr(head.config, "layer", None) for head in heads.values()]
+            quantize_model(model, recipe.quantize, head_layers=layers)
             quantized = language_figures(model, texts=texts, instructions=records)
             quantized["heads"] = {task: head_metrics(model, loaded[task], file) for task, file in evaluate.heads.items()}
             metrics[f"after_{recipe.quantize}"] = quantized
@@ -145,10 +146,9 @@ def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
 def evaluate_command(args: argparse.Namespace) -> int:
     """``kiban evaluate``: print (and optionally write) the model's forgetting report as JSON."""
     from kiban.adapt.evaluation import evaluate_model
-    from kiban.adapt.quantize import load_model
     from kiban.atomic import dumps_json, write_json
     from kiban.device import resolve_device
-    from kiban.tasks.predict import load_model_heads
+    from kiban.tasks.predict import load_model_with_heads
 
     placement = resolve_device(args.device)  # a missing GPU: one line, before the model is read
     head_data = {}
@@ -157,8 +157,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         if not mark or not task or not file:
             raise ValueError(f"--head-data takes TASK=FILE, got {value!r}")
         head_data[task] = file
-    model = load_model(args.model, quantize=args.quantize, placement=placement)
-    heads = load_model_heads(args.model, model)
+    model, heads = load_model_with_heads(args.model, quantize=args.quantize, placement=placement)
     report = evaluate_model(
         model, heads, lm_data=args.lm_data, instructions=args.instructions, head_data=head_data
     )

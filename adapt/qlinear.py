@@ -6,12 +6,13 @@ layer it replaces; these layers call the fused ATen kernels instead, which read 
 and scale inside the matmul:
 
     Int8Linear   int8 weights [out, in], one symmetric scale per output row (``max|w| / 127``);
-                 ``aten._weight_int8pack_mm``
+                 ``aten._weight_int8pack_mm``, or for decode steps (up to 16 float32 rows) kiban's
+                 AVX-512 kernel ``kiban.adapt.int8_gemv`` where it builds
     Int4Linear   int4 weights, one scale and zero point per group of ``group_size`` inputs
                  (asymmetric, tinygemm's convention ``w ≈ (q - 8) * scale + zero``, ``q`` in 0..15);
                  ``aten._weight_int4pack_mm_for_cpu``
 
-The kernels run in bfloat16: in torch 2.14 both take float32 activations only on a scalar path
+ATen's kernels run in bfloat16: in torch 2.14 both take float32 activations only on a scalar path
 (50-100x slower than the float32 layer, benchmarks/quantized_kernels.py), while bfloat16 takes the
 vectorised one (AVX512 / AVX2). So the input is rounded to bfloat16 for the product, the scales are
 kept in bfloat16 (the integers are chosen against the rounded scales, so they absorb that rounding),
@@ -23,6 +24,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from kiban.adapt.int8_gemv import MAX_ROWS, int8_gemv
 
 __all__ = ["Int4Linear", "Int8Linear"]
 
@@ -42,11 +45,20 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features, dtype=COMPUTE_DTYPE))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
+    @staticmethod
+    def fits(in_features: int) -> bool:
+        """Whether ATen's kernel takes the layer: torch 2.14's ``_weight_int8pack_mm`` crashes the
+        process (a segmentation fault, no error) for an input width that is not a multiple of 16.
+        """
+        return in_features % 16 == 0
+
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         """Quantise ``linear``'s weight: per output row, ``scale = max|w| / 127`` (rounded to bfloat16),
         ``q = round(w / scale)`` clamped to -127..127.
         """
+        if not cls.fits(linear.in_features):
+            raise ValueError(f"int8 needs in_features divisible by 16 (ATen's kernel), got {linear.in_features}")
         layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None)
         # a block of rows at a time: the float temporaries of the LM head (49152 rows) would
         # otherwise add hundreds of MB to the process's peak memory
@@ -65,12 +77,36 @@ class Int8Linear(nn.Module):
         return self.weight.float() * self.scale.float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` [..., in] float -> [..., out] in ``x``'s dtype."""
-        flat = x.reshape(-1, self.in_features).to(COMPUTE_DTYPE).contiguous()
-        y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale).to(x.dtype)
+        """``x`` [..., in] float -> [..., out] in ``x``'s dtype.
+
+        Up to ``MAX_ROWS`` rows (a decode step): ``kiban.adapt.int8_gemv`` where it is built
+        (float32 activations), else ATen's kernel (bfloat16 activations). More rows (a prefill, a
+        batch of inputs to embed): the weight de-quantised a block of rows at a time and multiplied
+        in ``x``'s dtype by the float matmul, which there is about as fast as float32's and up to
+        twice ATen's int8 kernel (benchmarks/README.md, "Quantised inference").
+        """
+        flat = x.reshape(-1, self.in_features)
+        if flat.shape[0] > MAX_ROWS:
+            y = self._dequantized_product(flat)
+        else:
+            y = int8_gemv(flat, self.weight, self.scale.float())
+            if y is None:
+                flat = flat.to(COMPUTE_DTYPE).contiguous()
+                y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _dequantized_product(self, flat: torch.Tensor) -> torch.Tensor:
+        """``flat @ (q * scale[:, None]).T`` in ``flat``'s dtype, de-quantising ``_ROWS`` output rows
+        at a time (bounded temporaries: the LM head's float weight would be 113 MB at once).
+        """
+        out = flat.new_empty(flat.shape[0], self.out_features)
+        for start in range(0, self.out_features, _ROWS):
+            rows = slice(start, start + _ROWS)
+            weight = self.weight[rows].to(flat.dtype).mul_(self.scale[rows, None].to(flat.dtype))
+            torch.matmul(flat, weight.T, out=out[:, rows])
+        return out
 
     def extra_repr(self) -> str:
         """Shape and scheme, as ``print(model)`` shows them."""

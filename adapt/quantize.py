@@ -18,8 +18,14 @@ rest is spread over all layers: more float layers buy little per layer and cost 
     int4   asymmetric, one scale and zero point per group of 128/64/32 input weights (the largest
            that divides the layer's width), tinygemm's convention
 
+The decoder layers under the states a head reads (``head_layers``: a head on ``hidden_states[k]``
+reads layers ``0..k-1``) stay float as well when the model is loaded with its heads
+(``kiban.tasks.predict.load_model_with_heads``, ``model_for_head``): such a head then sees exactly
+float32's states, whatever the mode.
+
 On the CPU the layers are kiban's own (``kiban.adapt.qlinear``), calling PyTorch's packed-weight
-kernels (``aten._weight_int8pack_mm``, ``aten._weight_int4pack_mm_for_cpu``, bfloat16 activations):
+kernels (``aten._weight_int8pack_mm``, ``aten._weight_int4pack_mm_for_cpu``, bfloat16 activations;
+int8 decode steps: kiban's AVX-512 kernel ``kiban.adapt.int8_gemv``, float32 activations):
 torchao 0.18's eager int8 layer de-quantises the whole weight on every call there and is slower
 than float32. On CUDA torchao does it (``Int8WeightOnlyConfig``; ``Int4WeightOnlyConfig`` with the
 tile-packed layout and bfloat16 activations, so the backbone is cast to bfloat16 there).
@@ -37,18 +43,20 @@ import ctypes
 import dataclasses
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from kiban.adapt.int8_gemv import kernel_available
 from kiban.adapt.qlinear import Int4Linear, Int8Linear
 
 __all__ = [
     "QUANTIZATION_FILE",
     "QUANTIZE_MODES",
+    "below_heads",
     "load_model",
     "quantize_model",
     "DEFAULT_FLOAT_LAYERS",
@@ -104,9 +112,10 @@ QUANTIZE_MODES = ("int8", "int4")
 # default model's pooled states most when quantised (benchmarks/README.md, "Quantised inference"),
 # and is one layer in 30 of the decode time
 DEFAULT_FLOAT_LAYERS: tuple[int, ...] = (0,)
-# which nn.Linear a mode can quantise: int4's packing needs out_features % 16, groups of >= 32 inputs
+# which nn.Linear a mode can quantise: int8's kernel needs in_features % 16 (else it crashes); int4's
+# packing out_features % 16 and groups of >= 32 inputs
 _FITS: dict[str, Callable[[nn.Linear], bool]] = {
-    "int8": lambda layer: True,
+    "int8": lambda layer: Int8Linear.fits(layer.in_features),
     "int4": lambda layer: layer.in_features % 32 == 0 and layer.out_features % 16 == 0,
 }
 _DESCRIPTIONS = {
@@ -117,15 +126,23 @@ _DESCRIPTIONS = {
 }
 
 
-def quantize_model(model: Any, mode: str | None, *, float_layers: Sequence[int] | None = None) -> Any:
+def quantize_model(
+    model: Any,
+    mode: str | None,
+    *,
+    float_layers: Sequence[int] | None = None,
+    head_layers: Iterable[int | None] = (),
+) -> Any:
     """Quantise ``model``'s backbone in place (``mode`` "int8" / "int4"; None: leave it float).
 
     Every ``nn.Linear`` of ``model.llm`` whose shape the mode's kernel takes is replaced by its
     quantised counterpart on the model's device, except those inside the decoder layers
     ``float_layers`` (0-based, negative from the last; None: ``DEFAULT_FLOAT_LAYERS``; ``()``:
-    quantise every layer). Sets ``model.quantization`` to the mode. Raises ValueError for an unknown
-    mode, a layer the backbone does not have, a device with no kernels, or a model that is quantised
-    already.
+    quantise every layer) and those below the hidden states a head reads: for each ``k`` in
+    ``head_layers`` (``hidden_states[k]``, as ``KibanModel.embed(layer=k)``; None, the final states,
+    keeps nothing) decoder layers ``0..k-1`` stay float, so that head sees exactly float32's states.
+    Sets ``model.quantization`` to the mode. Raises ValueError for an unknown mode, a layer the
+    backbone does not have, a device with no kernels, or a model that is quantised already.
     """
     if mode is None:
         return model
@@ -134,6 +151,7 @@ def quantize_model(model: Any, mode: str | None, *, float_layers: Sequence[int] 
     if getattr(model, "quantization", None):
         raise ValueError(f"the model is quantised already ({model.quantization})")
     float_indices = _layer_indices(model, DEFAULT_FLOAT_LAYERS if float_layers is None else float_layers)
+    float_indices |= below_heads(head_layers, model.num_layers)
     device = model.device
     quantizer = _QUANTIZERS.get((mode, device.type))
     if quantizer is None:
@@ -143,6 +161,8 @@ def quantize_model(model: Any, mode: str | None, *, float_layers: Sequence[int] 
         model.config.backbone = dataclasses.replace(model.config.backbone, lora=None)
     if mode == "int4" and device.type == "cuda":
         model.llm.to(torch.bfloat16)  # torchao's CUDA tinygemm takes bfloat16 activations
+    if (mode, device.type) == ("int8", "cpu"):
+        kernel_available()  # build (or load) the decode kernel now, not inside the first request
     kept = _linears_in_layers(model.llm, float_indices, model.num_layers)
     skipped = 0
     # list first: the walk must not see the layers it is replacing
@@ -161,6 +181,15 @@ def quantize_model(model: Any, mode: str | None, *, float_layers: Sequence[int] 
     _return_freed_memory()
     model.quantization = mode
     return model
+
+
+def below_heads(head_layers: Iterable[int | None], num_layers: int) -> set[int]:
+    """The decoder layers (0-based) whose outputs the heads reading ``hidden_states[k]`` for ``k`` in
+    ``head_layers`` depend on: ``0..k-1`` for each ``k`` below ``num_layers``. A head on the final
+    states (None, or ``num_layers``) reads every layer; keeping them all float would undo the
+    quantisation, so it adds none (its metric moves: benchmarks/README.md, "Quantised inference").
+    """
+    return {i for k in head_layers if k is not None and 0 < k < num_layers for i in range(k)}
 
 
 def _layer_indices(model: Any, layers: Sequence[int]) -> set[int]:
@@ -268,11 +297,18 @@ def _saved_record(directory: str | Path) -> dict | None:
     return record
 
 
-def load_model(directory: str | Path, *, quantize: str | None = None, placement: Any = None) -> Any:
+def load_model(
+    directory: str | Path,
+    *,
+    quantize: str | None = None,
+    placement: Any = None,
+    head_layers: Iterable[int | None] = (),
+) -> Any:
     """``KibanModel.from_pretrained(directory)`` in eval mode, on ``placement``'s device and dtype
     (``kiban.device.resolve_device``; None: the CPU in float32), then quantised as ``quantize`` says,
     else as the folder was saved (``quantization.json``), else left float. The decoder layers kept
-    float are the saved record's (``saved_float_layers``), whichever mode quantises.
+    float are the saved record's (``saved_float_layers``), whichever mode quantises, and those below
+    ``head_layers`` (the layers of the heads that will read the model; see ``quantize_model``).
 
     The model is placed before it is quantised: torchao picks its kernels by the device the weights
     are on (int4: tinygemm's CUDA or CPU packing), and a quantised tensor is not moved or cast after.
@@ -287,4 +323,6 @@ def load_model(directory: str | Path, *, quantize: str | None = None, placement:
         from kiban.device import place_model
 
         model = place_model(model, placement)
-    return quantize_model(model, quantize or saved, float_layers=saved_float_layers(directory))
+    return quantize_model(
+        model, quantize or saved, float_layers=saved_float_layers(directory), head_layers=head_layers
+    )

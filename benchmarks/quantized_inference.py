@@ -3,8 +3,11 @@ by side in one run: decode tokens/s, memory, and a head's metric.
 
 Model: SmolLM2-135M-Instruct (the GGUF default, de-quantised to float32 on load) with the default
 molecule encoder and an untrained projector (seeded, the same in every process). On the CPU int8
-and int4 are kiban's layers over ``aten._weight_int8pack_mm`` / ``aten._weight_int4pack_mm_for_cpu``,
-with decoder layer 0 left float (``DEFAULT_FLOAT_LAYERS``); "int8 all" quantises every layer.
+and int4 are kiban's layers over ``aten._weight_int8pack_mm`` / ``aten._weight_int4pack_mm_for_cpu``
+(int8 decode steps: kiban's AVX-512 kernel, ``kiban.adapt.int8_gemv``, where it builds;
+``KIBAN_INT8_KERNEL=off`` times ATen's instead), with decoder layer 0 left float
+(``DEFAULT_FLOAT_LAYERS``); "int8 all" quantises every layer; "int8, layer-2 head" also keeps
+float the layers under a layer-2 head's states, as ``kiban serve`` / ``predict`` load such a model.
 
     tokens/s       greedy decoding of exactly ``--new-tokens`` tokens (end of turn forbidden) after
                    each of ``--prompts`` short prompts, batch 1, through kiban's own decode loop
@@ -47,9 +50,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# row -> (quantize mode, float_layers): "int8" and "int4" keep kiban's default float layers
-# (DEFAULT_FLOAT_LAYERS, decoder layer 0); "int8 all" quantises every decoder layer, as before
-PRECISIONS = {"float32": (None, None), "int8": ("int8", None), "int8 all": ("int8", ()), "int4": ("int4", None)}
+# row -> (quantize mode, float_layers, head_layers): "int8" and "int4" keep kiban's default float
+# layers (DEFAULT_FLOAT_LAYERS, decoder layer 0); "int8 all" quantises every decoder layer; "int8,
+# layer-2 head" is what kiban serve / predict load for a model whose head reads layer 2 (kiban
+# finetune's default): the decoder layers under it (0 and 1) stay float
+PRECISIONS = {
+    "float32": (None, None, ()),
+    "int8": ("int8", None, ()),
+    "int8, layer-2 head": ("int8", None, (2,)),
+    "int8 all": ("int8", (), ()),
+    "int4": ("int4", None, ()),
+}
 PROMPTS = [
     "What does the enzyme lactase do?",
     "Name three amino acids.",
@@ -135,8 +146,8 @@ def memory(args: argparse.Namespace) -> dict:
     from kiban.adapt.quantize import quantize_model
 
     torch.set_num_threads(args.threads)
-    mode, float_layers = PRECISIONS[args.precision]
-    model = quantize_model(build_model(), mode, float_layers=float_layers)
+    mode, float_layers, head_layers = PRECISIONS[args.precision]
+    model = quantize_model(build_model(), mode, float_layers=float_layers, head_layers=head_layers)
     rss = psutil.Process().memory_info().rss
     tokens_per_second({"one": model}, prompts=1, new_tokens=4, repeats=1)
     return {
@@ -204,8 +215,10 @@ def main() -> None:
         print(precision, rows[precision], file=sys.stderr, flush=True)  # a partial run still says something
     reference = build_model()
     models = {"float32": reference}
-    for precision, (mode, float_layers) in list(PRECISIONS.items())[1:]:
-        models[precision] = quantize_model(copy.deepcopy(reference), mode, float_layers=float_layers)
+    for precision, (mode, float_layers, head_layers) in list(PRECISIONS.items())[1:]:
+        models[precision] = quantize_model(
+            copy.deepcopy(reference), mode, float_layers=float_layers, head_layers=head_layers
+        )
     for precision, figures in head_figures(models, train=args.train, test=args.test).items():
         rows[precision].update(figures)
         print(precision, figures, file=sys.stderr, flush=True)

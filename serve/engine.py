@@ -622,14 +622,12 @@ def _load_model_dir(
     each checked against the model by its own rule (a pooled head: the model's width; a
     per-residue or contact head: the protein encoder's width; a pair head: both encoders).
     """
-    from kiban.adapt.quantize import load_model
     from kiban.serve.loading import check_model_dir
-    from kiban.tasks.predict import load_model_heads
+    from kiban.tasks.predict import load_model_with_heads
 
     root = check_model_dir(model_dir)
     # on the device first, then quantised for it; float32 on the CPU unless asked or saved quantised
-    model = load_model(root, quantize=quantize, placement=placement)
-    return model, load_model_heads(root, model)
+    return load_model_with_heads(root, quantize=quantize, placement=placement)
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop) -> bool:

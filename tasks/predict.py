@@ -36,6 +36,7 @@ __all__ = [
     "check_head_fits",
     "input_modalities",
     "load_model_heads",
+    "load_model_with_heads",
     "model_for_head",
     "predict_file",
     "read_inputs",
@@ -83,6 +84,23 @@ def load_model_heads(model_dir: str | Path, model: Any) -> dict[str, Any]:
     return heads
 
 
+def load_model_with_heads(
+    model_dir: str | Path, *, quantize: str | None = None, placement: Any = None
+) -> tuple[Any, dict[str, Any]]:
+    """(model, task -> head) of a saved model folder: the model as ``kiban.adapt.quantize.load_model``
+    loads it, quantised keeping float the decoder layers under the states its heads read (so they
+    read float32's states), and every head under ``heads/``, each checked against the model.
+    """
+    from kiban.adapt.quantize import load_model
+
+    heads = load_heads(model_dir)
+    layers = [getattr(head.config, "layer", None) for head in heads.values()]
+    model = load_model(model_dir, quantize=quantize, placement=placement, head_layers=layers)
+    for head in heads.values():
+        check_head_fits(head, model)
+    return model, heads
+
+
 def model_for_head(
     head_dir: Path,
     head: PooledHead,
@@ -102,7 +120,8 @@ def model_for_head(
         raise ValueError(f"{head_dir}/head.json names no model; pass --model")
     if not model:
         spec = str(resolve_model_reference(spec, head_dir))
-    return load_model(spec, quantize=quantize, placement=placement)
+    # quantised, the decoder layers under the head's states stay float: the head reads float32's
+    return load_model(spec, quantize=quantize, placement=placement, head_layers=[getattr(head.config, "layer", None)])
 
 
 _SEQUENCE_READERS = ("fasta", "genbank", "sequence-table")

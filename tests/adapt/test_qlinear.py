@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kiban.adapt.qlinear import Int4Linear, Int8Linear
-from kiban.adapt.quantize import load_model, quantize_model, save_quantized, saved_float_layers
+from kiban.adapt.quantize import below_heads, load_model, quantize_model, save_quantized, saved_float_layers
 from kiban.tiny import tiny_model
 
 
@@ -147,3 +147,36 @@ def test_saved_quantised_model_records_and_restores_its_float_layers(tiny, tmp_p
     with pytest.raises(ValueError, match="not a decoder layer"):
         save_quantized(tiny, tmp_path / "bad", "int8", float_layers=(5,))
     assert not (tmp_path / "bad").exists()
+
+
+def test_below_heads_names_the_decoder_layers_under_each_heads_states():
+    assert below_heads([2], 30) == {0, 1}
+    assert below_heads([None, 1, 3], 30) == {0, 1, 2}
+    assert below_heads([None, 30], 30) == set()  # final states: keeping every layer would undo it
+    assert below_heads([], 30) == set()
+
+
+def test_quantised_model_keeps_float_the_layers_its_heads_read(tiny, tmp_path):
+    # a head on hidden_states[1] reads decoder layer 0's output: loaded for serving or predicting,
+    # quantised, that layer stays float even when the saved record quantises every layer, so the
+    # head sees exactly float32's states and gives exactly its float predictions
+    from kiban.tasks.heads import HeadConfig, create_head
+    from kiban.tasks.predict import load_model_with_heads
+
+    width = tiny.llm.get_input_embeddings().embedding_dim
+    config = HeadConfig(task="size", modality="molecule", kind="regression", labels=["y"], input_dim=width, layer=1)
+    torch.manual_seed(0)
+    head = create_head(config).eval()
+    save_quantized(tiny, tmp_path / "m", "int8", float_layers=())
+    head.save(tmp_path / "m" / "heads" / "size")
+    model, heads = load_model_with_heads(tmp_path / "m")
+    assert model.quantization == "int8"
+    assert {name.split(".", 3)[2] for name in _float_linears(model)} == {"0"}  # layer 0 only
+    items = ["CCO", "c1ccccc1O", "CC(=O)Nc1ccc(O)cc1"]
+    assert heads["size"].predict(model, items) == head.predict(tiny, items)
+    # without the head, the record's every-layer quantisation applies, and the states move
+    plain = load_model(tmp_path / "m")
+    assert _float_linears(plain) == []
+    with torch.no_grad():
+        moved = plain.embed([("molecule", s) for s in items], layer=1)
+        assert not torch.equal(moved, tiny.embed([("molecule", s) for s in items], layer=1))
