@@ -2,12 +2,14 @@
 
 A decode step multiplies a few rows of activations (one per sequence in the batch) by every weight
 of the backbone, so its cost is reading the weights. PyTorch's ``aten._weight_int8pack_mm`` (the
-layer's general path) rounds the activations to bfloat16, and for 2-16 rows used one thread here
-(benchmarks/README.md, "Quantised inference"). This kernel keeps the activations in float32: per
-pass it turns 4 output rows of int8 weights into float32 in AVX-512 registers, 16 at a time, and
-multiplies them with up to 4 activation rows (more rows: more passes); the output rows are split
-over PyTorch's intra-op threads (``at::parallel_for`` with OpenMP). It computes exactly
-``x @ (q * scale[:, None]).T`` in float32 (summation order aside).
+layer's path without this kernel) rounds the activations to bfloat16, and for 2-16 rows used one
+thread here (benchmarks/README.md, "Quantised inference"). This kernel keeps the activations in
+float32: per pass it turns 4 output rows of int8 weights into float32 in AVX-512 registers, 16 at a
+time, and multiplies them with up to 4 activation rows (more rows: more passes); the output rows
+are split over PyTorch's intra-op threads (``at::parallel_for`` with OpenMP). It computes exactly
+``x @ (q * scale[:, None]).T + bias`` in float32 (summation order aside). Up to ``MAX_ROWS`` rows
+(decode steps, the prefill of a short prompt) it beats both ATen's int8 kernel and a de-quantised
+float matmul on SmolLM2-135M's shapes; above, the float matmul wins (``Int8Linear`` switches).
 
 It is built on first use with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and
 ``ninja``; about 40 s once, then loaded from ``TORCH_EXTENSIONS_DIR``, default
@@ -32,7 +34,7 @@ __all__ = ["MAX_ROWS", "int8_gemv", "kernel_available"]
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 16  # activation rows the kernel takes; more (a prefill, a batch of states) go to ATen's kernel
+MAX_ROWS = 64  # activation rows the kernel takes (a decode step, a short prefill): above, a float matmul is faster
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -88,15 +90,21 @@ static void pass(const float* x, const int8_t* w, const float* s, float* y, int6
   });
 }
 
-torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous float32 [rows, in]");
-  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous() && w.size(1) == x.size(1),
+torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s, c10::optional<torch::Tensor> bias) {
+  // x [..., in] float32 -> [..., out]: the leading dimensions are flattened into rows here, and
+  // the bias added here, so that a decode step costs the layer one call
+  TORCH_CHECK(x.scalar_type() == at::kFloat && x.dim() >= 1, "x: float32 [..., in]");
+  TORCH_CHECK(w.dim() == 2 && w.scalar_type() == at::kChar && w.is_contiguous() && w.size(1) == x.size(-1),
               "w: contiguous int8 [out, in]");
   TORCH_CHECK(s.dim() == 1 && s.scalar_type() == at::kFloat && s.is_contiguous() && s.size(0) == w.size(0),
               "s: contiguous float32 [out]");
-  const int64_t R = x.size(0), I = x.size(1), O = w.size(0);
-  auto y = torch::empty({R, O}, x.options());
-  const float* xp = x.data_ptr<float>();
+  const int64_t I = w.size(1), O = w.size(0);
+  auto xc = x.contiguous();
+  const int64_t R = I == 0 ? 0 : xc.numel() / I;
+  auto shape = x.sizes().vec();
+  shape.back() = O;
+  auto y = torch::empty(shape, x.options());
+  const float* xp = xc.data_ptr<float>();
   const int8_t* wp = w.data_ptr<int8_t>();
   const float* sp = s.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -107,6 +115,7 @@ torch::Tensor int8_gemv(torch::Tensor x, torch::Tensor w, torch::Tensor s) {
     case 2: pass<2>(xp + r * I, wp, sp, yp + r * O, I, O); break;
     case 1: pass<1>(xp + r * I, wp, sp, yp + r * O, I, O); break;
   }
+  if (bias.has_value()) y.add_(*bias);
   return y;
 }
 """
@@ -153,14 +162,20 @@ def kernel_available() -> bool:
     return _extension() is not None
 
 
-def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor | None:
-    """``x @ (weight * scale[:, None]).T`` for float32 ``x`` [rows, in] on the CPU with at most
-    ``MAX_ROWS`` rows, int8 ``weight`` [out, in] and float32 ``scale`` [out]; None where the kernel
-    does not apply (too many rows, another dtype or device, or no kernel on this machine).
+def int8_gemv(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """``x @ (weight * scale[:, None]).T + bias`` for float32 ``x`` [..., in] on the CPU with at most
+    ``MAX_ROWS`` rows, int8 ``weight`` [out, in], float32 ``scale`` [out] and float32 ``bias``
+    [out] or None; [..., out], or None where the kernel does not apply (too many rows, another
+    dtype or device, a tensor that needs a gradient, or no kernel on this machine).
     """
-    if x.shape[0] > MAX_ROWS or x.dtype != torch.float32 or x.device.type != "cpu" or x.requires_grad:
+    if (
+        x.dtype != torch.float32
+        or x.numel() > MAX_ROWS * weight.shape[1]
+        or x.device.type != "cpu"
+        or x.requires_grad
+    ):
         return None
     extension = _extension()
-    if extension is None:
-        return None
-    return extension.int8_gemv(x.contiguous(), weight, scale)
+    return None if extension is None else extension.int8_gemv(x, weight, scale, bias)

@@ -6,8 +6,9 @@ layer it replaces; these layers call the fused ATen kernels instead, which read 
 and scale inside the matmul:
 
     Int8Linear   int8 weights [out, in], one symmetric scale per output row (``max|w| / 127``);
-                 ``aten._weight_int8pack_mm``, or for decode steps (up to 16 float32 rows) kiban's
-                 AVX-512 kernel ``kiban.adapt.int8_gemv`` where it builds
+                 ``aten._weight_int8pack_mm``; where it builds, kiban's AVX-512 kernel
+                 ``kiban.adapt.int8_gemv`` for up to 64 float32 rows (decode steps), and a
+                 de-quantised float matmul above
     Int4Linear   int4 weights, one scale and zero point per group of ``group_size`` inputs
                  (asymmetric, tinygemm's convention ``w ≈ (q - 8) * scale + zero``, ``q`` in 0..15);
                  ``aten._weight_int4pack_mm_for_cpu``
@@ -35,14 +36,17 @@ _ROWS = 4096  # output rows quantised at a time
 
 
 class Int8Linear(nn.Module):
-    """``y = x @ (q * scale[:, None]).T + bias`` with int8 ``q`` [out, in] and bfloat16 ``scale`` [out]."""
+    """``y = x @ (q * scale[:, None]).T + bias`` with int8 ``q`` [out, in] and ``scale`` [out] (float32
+    holding bfloat16-rounded values).
+    """
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool = False) -> None:
         """Empty int8 weights (fill them with ``from_linear`` or a state dict)."""
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scale", torch.ones(out_features, dtype=COMPUTE_DTYPE))
+        # float32 holding bfloat16-rounded values: exact in either kernel's dtype
+        self.register_buffer("scale", torch.ones(out_features))
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @staticmethod
@@ -67,7 +71,7 @@ class Int8Linear(nn.Module):
             # an all-zero row keeps scale > 0; q is chosen against the rounded scale the kernel uses
             scale = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).to(COMPUTE_DTYPE)
             layer.weight[rows] = torch.round(weight / scale.float()[:, None]).clamp(-127, 127).to(torch.int8)
-            layer.scale[rows] = scale
+            layer.scale[rows] = scale.float()
         if linear.bias is not None:
             layer.bias.copy_(linear.bias.detach())
         return layer.to(linear.weight.device)
@@ -79,20 +83,23 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` [..., in] float -> [..., out] in ``x``'s dtype.
 
-        Up to ``MAX_ROWS`` rows (a decode step): ``kiban.adapt.int8_gemv`` where it is built
-        (float32 activations), else ATen's kernel (bfloat16 activations). More rows (a prefill, a
-        batch of inputs to embed): the weight de-quantised a block of rows at a time and multiplied
-        in ``x``'s dtype by the float matmul, which there is about as fast as float32's and up to
-        twice ATen's int8 kernel (benchmarks/README.md, "Quantised inference").
+        Up to ``MAX_ROWS`` (64) rows (a decode step, a short prefill): ``kiban.adapt.int8_gemv``
+        where it is built (float32 activations), else ATen's kernel (bfloat16 activations). More
+        rows (a long prefill, a batch of inputs to embed): the weight de-quantised a block of rows
+        at a time and multiplied in ``x``'s dtype by the float matmul, which there is nearly as fast
+        as float32's and up to twice ATen's int8 kernel (benchmarks/README.md, "Quantised
+        inference").
         """
+        y = int8_gemv(x, self.weight, self.scale, self.bias)  # the common case, in one call
+        if y is not None:
+            return y
         flat = x.reshape(-1, self.in_features)
         if flat.shape[0] > MAX_ROWS:
             y = self._dequantized_product(flat)
         else:
-            y = int8_gemv(flat, self.weight, self.scale.float())
-            if y is None:
-                flat = flat.to(COMPUTE_DTYPE).contiguous()
-                y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, self.scale).to(x.dtype)
+            flat = flat.to(COMPUTE_DTYPE).contiguous()
+            scale = self.scale.to(COMPUTE_DTYPE)
+            y = torch.ops.aten._weight_int8pack_mm(flat, self.weight, scale).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias.to(x.dtype)
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -59,7 +59,7 @@ def test_kernel_output_does_not_depend_on_the_thread_count():
 def test_kernel_declines_what_it_does_not_take():
     weight = torch.randint(-127, 128, (8, 16), dtype=torch.int8)
     scale = torch.rand(8)
-    assert int8_gemv(torch.randn(MAX_ROWS + 1, 16), weight, scale) is None  # a prefill: ATen's kernel
+    assert int8_gemv(torch.randn(MAX_ROWS + 1, 16), weight, scale) is None  # a long prefill: the float matmul
     assert int8_gemv(torch.randn(2, 16, dtype=torch.bfloat16), weight, scale) is None
     assert int8_gemv(torch.randn(2, 16, requires_grad=True), weight, scale) is None
 
@@ -73,8 +73,8 @@ def test_kernel_is_switched_off_by_the_environment():
 
 @needs_kernel
 def test_int8_linear_multiplies_float32_activations_at_every_batch_size():
-    # decode steps (<= MAX_ROWS rows) take the kernel; prefills and batches of inputs to embed
-    # the de-quantised weight through the float matmul, a block of output rows at a time
+    # decode steps and short prefills (<= MAX_ROWS rows) take the kernel; long prefills and batches
+    # of inputs to embed the de-quantised weight through the float matmul, a block of rows at a time
     torch.manual_seed(0)
     linear = nn.Linear(208, 70, bias=True).eval()
     layer = Int8Linear.from_linear(linear)
@@ -87,7 +87,7 @@ def test_int8_linear_multiplies_float32_activations_at_every_batch_size():
             assert y.shape == (*shape[:-1], 70) and y.dtype == torch.float32
             assert float((y - by_hand).abs().max() / by_hand.abs().max()) < 1e-5, shape
         # so a row's output does not depend on how many rows came with it (to float32 rounding)
-        x = torch.randn(40, 208)
+        x = torch.randn(MAX_ROWS + 36, 208)  # the kernel for 3 rows, the float matmul for 100
         assert torch.allclose(layer(x[:3]), layer(x)[:3], rtol=1e-5, atol=1e-6)
 
 
@@ -97,7 +97,7 @@ def test_int8_linear_dequantizes_large_batches_in_blocks_of_output_rows(monkeypa
     linear = nn.Linear(64, 70).eval()
     layer = Int8Linear.from_linear(linear)
     with torch.no_grad():
-        x = torch.randn(50, 64)
+        x = torch.randn(MAX_ROWS + 36, 64)
         assert torch.allclose(layer(x), x @ layer.dequantized().T + linear.bias, rtol=1e-5, atol=1e-6)
         wide = layer(x.bfloat16())  # bfloat16 in, bfloat16 out, through the same path
         assert wide.dtype == torch.bfloat16 and float((wide.float() - layer(x)).abs().max()) < 0.05
