@@ -172,6 +172,7 @@ def int8_gemv(
     """
     if (
         x.dtype != torch.float32
+        or scale.dtype != torch.float32  # a layer cast after quantisation (model.to(bfloat16))
         or x.numel() > MAX_ROWS * weight.shape[1]
         or x.device.type != "cpu"
         or x.requires_grad

@@ -22,7 +22,7 @@ float the layers under a layer-2 head's states, as ``kiban serve`` / ``predict``
                    before they are quantised)
     head           a linear probe for BBBP (../shared/data/molecules/bbbp.csv; RDKit's NCI set with
                    a size label when absent) fitted once on float32 states of ``--train`` molecules,
-                   at layer 2 (``kiban finetune``'s default ``--layer``) and on the final states (all
+                   at layer 2 (the quickstart's heads' layer, ``kiban finetune --layer 2``) and on the final states (all
                    30 layers), then scored on ``--test`` others with each precision's states: accuracy, ROC-AUC,
                    the share of predicted labels equal to float32's, the largest difference of a
                    class probability from float32's, and (head-independent) the median of
@@ -52,8 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # row -> (quantize mode, float_layers, head_layers): "int8" and "int4" keep kiban's default float
 # layers (DEFAULT_FLOAT_LAYERS, decoder layer 0); "int8 all" quantises every decoder layer; "int8,
-# layer-2 head" is what kiban serve / predict load for a model whose head reads layer 2 (kiban
-# finetune's default): the decoder layers under it (0 and 1) stay float
+# layer-2 head" is what kiban serve / predict load for a model whose head reads layer 2 (the
+# quickstart's heads, kiban finetune --layer 2): the decoder layers under it (0 and 1) stay float
 PRECISIONS = {
     "float32": (None, None, ()),
     "int8": ("int8", None, ()),
@@ -83,7 +83,8 @@ def build_model():
     return KibanModel.from_config(config).eval()
 
 
-# kiban finetune's default --layer: its heads read the output of decoder layer 2
+# the quickstart's heads (HEAD_LAYER) read the output of decoder layer 2; the final states are
+# kiban finetune's default
 HEAD_LAYERS = {"layer 2": 2, "final": None}
 
 
