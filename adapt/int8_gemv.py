@@ -14,8 +14,8 @@ float matmul on SmolLM2-135M's shapes; above, the float matmul wins (``Int8Linea
 It is built on first use with ``torch.utils.cpp_extension.load_inline`` (a C++ compiler and
 ``ninja``; about 40 s once, then loaded from ``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``) with ``-march=native``, under a name keyed by the source, the torch
-version and the CPU's model and flags, so that a cache folder shared by a cluster's nodes never hands
-one CPU's build to another. ``int8_gemv`` returns None, and the layer uses ATen's kernel, where the
+version and location and the CPU's model and flags, so that a cache folder shared by a cluster's
+nodes never hands one CPU's build to another, and virtualenvs do not rebuild each other's. ``int8_gemv`` returns None, and the layer uses ATen's kernel, where the
 CPU has no AVX-512F, the build fails (one warning, once per process) or ``KIBAN_INT8_KERNEL=off``.
 """
 
@@ -140,7 +140,10 @@ def _extension() -> ModuleType | None:
     model, flags = _cpu_identity()
     if "avx512f" not in flags:
         return None
-    key = hashlib.sha256("\n".join([_SOURCE, torch.__version__, model, " ".join(sorted(flags))]).encode())
+    # torch's location too: its headers are the build's inputs, and two virtualenvs sharing one
+    # build folder would otherwise rebuild it in turn (ninja sees the other's headers change)
+    identity = [_SOURCE, torch.__version__, str(Path(torch.__file__).parent), model, " ".join(sorted(flags))]
+    key = hashlib.sha256("\n".join(identity).encode())
     from torch.utils.cpp_extension import load_inline
 
     try:
