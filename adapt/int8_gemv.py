@@ -15,8 +15,9 @@ It is built on first use with ``torch.utils.cpp_extension.load_inline`` (a C++ c
 ``ninja``; about 40 s once, then loaded from ``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``) with ``-march=native``, under a name keyed by the source, the torch
 version and location and the CPU's model and flags, so that a cache folder shared by a cluster's
-nodes never hands one CPU's build to another, and virtualenvs do not rebuild each other's. ``int8_gemv`` returns None, and the layer uses ATen's kernel, where the
-CPU has no AVX-512F, the build fails (one warning, once per process) or ``KIBAN_INT8_KERNEL=off``.
+nodes never hands one CPU's build to another, and virtualenvs do not rebuild each other's.
+``int8_gemv`` returns None, and the layer uses ATen's kernel, where the CPU has no AVX-512F, the
+build fails (one warning, once per process) or ``KIBAN_INT8_KERNEL=off``.
 """
 
 from __future__ import annotations
