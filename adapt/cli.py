@@ -98,7 +98,7 @@ def run_merge(recipe, out: Path) -> dict:
         copy_heads(heads, stage)
         if recipe.quantize:
             # what serving it costs: the same figures from the model as kiban serve will load it
-            layers = [getattr(head.config, "layer", None) for head in heads.values()]
+            layers = [head.config.layer for head in heads.values()]
             quantize_model(model, recipe.quantize, head_layers=layers)
             quantized = language_figures(model, texts=texts, instructions=records)
             quantized["heads"] = {task: head_metrics(model, loaded[task], file) for task, file in evaluate.heads.items()}

@@ -94,7 +94,7 @@ def load_model_with_heads(
     from kiban.adapt.quantize import load_model
 
     heads = load_heads(model_dir)
-    layers = [getattr(head.config, "layer", None) for head in heads.values()]
+    layers = [head.config.layer for head in heads.values()]
     model = load_model(model_dir, quantize=quantize, placement=placement, head_layers=layers)
     for head in heads.values():
         check_head_fits(head, model)
@@ -121,7 +121,7 @@ def model_for_head(
     if not model:
         spec = str(resolve_model_reference(spec, head_dir))
     # quantised, the decoder layers under the head's states stay float: the head reads float32's
-    return load_model(spec, quantize=quantize, placement=placement, head_layers=[getattr(head.config, "layer", None)])
+    return load_model(spec, quantize=quantize, placement=placement, head_layers=[head.config.layer])
 
 
 _SEQUENCE_READERS = ("fasta", "genbank", "sequence-table")
