@@ -64,7 +64,9 @@ def test_whole_molecule_features_equal_the_per_atom_features(molecules):
             assert got[key].shape == want[key].shape, (text, key)
             assert torch.equal(got[key], want[key]), (text, key)
         checked += 1
-    assert checked > 5000
+    # RDKit parses 4,991 of the NCI set; BBBP's 800, read only where ../shared/data is present, add more
+    with_bbbp = len(molecules) > 5100
+    assert checked > (5000 if with_bbbp else 4990)
 
 
 def test_features_are_identical_across_runs_and_batches_collate(molecules):
