@@ -25,11 +25,14 @@ nothing but its per-file index, so it runs in DataLoader workers.
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
+from kiban.data import cell_kernel
 from kiban.data.cells import CellRows
 from kiban.data.datasets import register_batch_featurizer
 from kiban.data.rejects import Reject
@@ -37,6 +40,8 @@ from kiban.encoders.base import InvalidInput
 from kiban.encoders.cell import CellFeaturizer
 
 __all__ = ["CellBatchFeaturizer", "row_sums"]
+
+REFUSED = 5  # the kernel's code for a cell the featurizer refuses (no matched gene, a zero total)
 
 
 def row_sums(values: np.ndarray, indptr: np.ndarray) -> np.ndarray:
@@ -83,24 +88,91 @@ class CellBatchFeaturizer:
         self.featurizer = featurizer
         # (file key, vocabulary index per column, columns whose vocabulary gene another column names too)
         self._index: tuple[Any, np.ndarray, np.ndarray] | None = None
+        self._maps: tuple[Any, cell_kernel.ColumnMaps] | None = None  # (the _index it was made from, maps)
+        self.numpy_batches = 0  # batches read_pool's compiled path sent back to the numpy path
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"featurizer": self.featurizer, "_index": None}
+        return {
+            "featurizer": self.featurizer,
+            "_index": None,
+            "_maps": None,
+            "numpy_batches": 0,
+        }
 
     def column_index(self, rows: CellRows) -> np.ndarray:
         """Vocabulary index of each column of the batch's file (-1: no match), looked up once per file."""
-        return self._columns(rows)[0]
+        return self._columns(rows.reader)[0]
 
-    def _columns(self, rows: CellRows) -> tuple[np.ndarray, np.ndarray]:
-        """(vocabulary index per column, whether another column names the same vocabulary gene)."""
-        reader = rows.reader
+    def _columns(self, reader: Any) -> tuple[np.ndarray, np.ndarray]:
+        """(vocabulary index per reader column, whether another column names the same vocabulary gene)."""
         key = (str(reader.path), reader.gene_key, len(reader.columns), hash(reader.columns.tobytes()))
         if self._index is None or self._index[0] != key:
-            index = self.featurizer.lookup(list(rows.gene_names))
+            index = self.featurizer.lookup(list(reader.gene_names[reader.columns]))
             named = index[index >= 0]
             repeated = np.bincount(named, minlength=self.featurizer.vocab_size) > 1
             self._index = (key, index, (index >= 0) & repeated[np.maximum(index, 0)])
         return self._index[1], self._index[2]
+
+    def read_pool(
+        self, reader: Any, pool: Sequence[Sequence[int]]
+    ) -> Iterator[tuple[list[str], dict[str, torch.Tensor] | None, list[Reject]]]:
+        """(ids, padded batch or None, rejects) of each batch of ``pool``, reading the pool's rows at once.
+
+        The compiled path (``kiban.data.cell_kernel``: two calls for the whole pool) where it applies;
+        the numpy path (``read_batch`` and ``__call__``) otherwise, and for any batch the kernel sends
+        back. Both give the same output.
+        """
+        library = cell_kernel.kernel() if self._native_applies() else None
+        flat = [i for batch in pool for i in batch]
+        entries = (
+            reader.read_entries(flat) if library is not None and hasattr(reader, "read_entries") else None
+        )
+        if entries is None:
+            rows = reader.read_batch(flat)
+            start = 0
+            for batch in pool:
+                yield self(rows.take(start, start + len(batch)))
+                start += len(batch)
+            return
+        bounds = np.concatenate([[0], np.cumsum([len(batch) for batch in pool])]).tolist()
+        done = cell_kernel.featurize(library, entries, self._file_maps(reader), self.featurizer, bounds)
+        code = done.code
+        for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+            if i in done.sent_back:  # a row only the numpy path can vouch for
+                self.numpy_batches += 1
+                yield self(reader.read_batch(pool[i]))
+                continue
+            problems: dict[int, Reject] = {}
+            for offset in np.flatnonzero(code[lo:hi]).tolist():
+                row = int(entries.rows[lo + offset])
+                if code[lo + offset] == REFUSED:  # the featurizer's refusal, in its own words
+                    problems[offset] = self._refusal(reader.read_batch([row]), 0)
+                else:
+                    problems[offset] = reader.problem_reject(row, int(code[lo + offset]))
+            rejects = [problems[offset] for offset in sorted(problems)]
+            batch = done.batches[i]
+            if batch is None:
+                yield [], None, rejects
+                continue
+            good = np.flatnonzero(code[lo:hi] == 0) + lo
+            yield [str(name) for name in reader.obs_names[entries.rows[good]]], batch, rejects
+
+    def _native_applies(self) -> bool:
+        f = self.featurizer
+        return not f.include_zeros and f.tokenization in ("binning", "rank")
+
+    def _file_maps(self, reader: Any) -> cell_kernel.ColumnMaps:
+        """The kernel's per-column arrays over the file's raw columns (made with the column index)."""
+        index, repeated = self._columns(reader)
+        if self._maps is None or self._maps[0] is not self._index:
+            gene = np.full(reader.n_vars, -2, dtype=np.int32)
+            gene[reader.columns] = index
+            flags = np.zeros(reader.n_vars, dtype=np.uint8)
+            flags[reader.columns] = repeated
+            useful = np.zeros(reader.n_vars, dtype=np.uint8)
+            useful[reader.columns] = reader.matched[reader.columns]
+            self._maps = (self._index, cell_kernel.ColumnMaps(gene, flags, useful))
+        return self._maps[1]
 
     def __call__(self, rows: CellRows) -> tuple[list[str], dict[str, torch.Tensor] | None, list[Reject]]:
         """(ids, padded batch or None, rejects in batch order) of one batch of cells."""
@@ -110,7 +182,7 @@ class CellBatchFeaturizer:
         lengths = np.diff(matrix.indptr).astype(np.int64)
         row_of = np.repeat(np.arange(n), lengths)
         values = matrix.data.astype(np.float64)
-        index, repeated = self._columns(rows)
+        index, repeated = self._columns(rows.reader)
         hit = index[matrix.indices] if matrix.nnz else np.zeros(0, dtype=np.int64)
 
         # a vocabulary gene named by several columns: the cell's first entry for it counts, the others
@@ -131,7 +203,9 @@ class CellBatchFeaturizer:
 
         # cells the per-cell featurizer refuses: let it say why, in its own words
         refused = (rows.code == 0) & ((n_matched == 0) | (totals <= 0) | (n_kept == 0))
-        problems: dict[int, Reject] = dict(zip(np.flatnonzero(rows.code).tolist(), rows.rejects(), strict=True))
+        problems: dict[int, Reject] = dict(
+            zip(np.flatnonzero(rows.code).tolist(), rows.rejects(), strict=True)
+        )
         for offset in np.flatnonzero(refused).tolist():
             problems[offset] = self._refusal(rows, offset)
         ok = np.ones(n, dtype=bool)

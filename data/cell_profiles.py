@@ -102,7 +102,10 @@ def fit_profile_config(
     plain, featurizer, width = config_featurizer(config)
     stats = file_profile_statistics(featurizer, paths, use_raw=use_raw, layer=layer, rejects=rejects)
     fitted = {**plain, "profile_mean": stats.mean.tolist(), "profile_std": stats.std.tolist()}
-    out = {**config, "model": {**config["model"], "encoders": {**config["model"]["encoders"], "cell": fitted}}}
+    out = {
+        **config,
+        "model": {**config["model"], "encoders": {**config["model"]["encoders"], "cell": fitted}},
+    }
     return out, stats, len(chosen_genes(stats.mean, stats.std, width))
 
 

@@ -31,7 +31,7 @@ import logging
 import os
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,8 @@ from typing import Any
 import numpy as np
 import scipy.sparse
 
+from kiban.data.cell_kernel import CellEntries
+from kiban.data.h5direct import DirectArray
 from kiban.data.readers import collector, register_reader
 from kiban.data.rejects import Record, Reject, Rejects
 
@@ -284,11 +286,16 @@ class H5adReader:
             return np.full(len(self), self.n_vars)
         return np.diff(np.asarray(indptr[:]))
 
-    def _csr_datasets(self) -> tuple[Any, Any, np.ndarray] | None:
-        """(data, indices) HDF5 datasets and the whole index pointer of a CSR matrix; None for others.
+    def _csr_datasets(
+        self,
+    ) -> tuple[Callable[[int, int], np.ndarray], Callable[[int, int], np.ndarray], np.ndarray] | None:
+        """Readers of a CSR matrix's data (as float32) and indices by element range, and its whole index
+        pointer; None for other matrices.
 
         Kept per process: looking the datasets up through anndata costs ~1 ms of attribute reads,
         which every shuffled minibatch would pay, and the index pointer (8 bytes a cell) is read once.
+        Datasets stored without filters are read by file offset (``kiban.data.h5direct``), others
+        through h5py.
         """
         if self._csr is None or self._csr[0] != os.getpid():
             matrix = self._matrix()
@@ -296,7 +303,12 @@ class H5adReader:
             if group is None or getattr(matrix, "format", None) != "csr":
                 return None
             indptr = np.asarray(group["indptr"][:], dtype=np.int64)
-            self._csr = (os.getpid(), group["data"], group["indices"], indptr)
+            self._csr = (
+                os.getpid(),
+                _range_reader(group["data"], np.float32),
+                _range_reader(group["indices"]),
+                indptr,
+            )
         return self._csr[1:]
 
     def read_rows(self, start: int, stop: int) -> scipy.sparse.csr_matrix:
@@ -307,12 +319,12 @@ class H5adReader:
         """
         csr = self._csr_datasets()
         if csr is not None:
-            data_set, indices_set, row_starts = csr
+            read_data, read_indices, row_starts = csr
             indptr = row_starts[start : stop + 1]
             lo, hi = int(indptr[0]), int(indptr[-1])
-            data = np.asarray(data_set[lo:hi], dtype=np.float32)
-            indices = np.asarray(indices_set[lo:hi])
-            return scipy.sparse.csr_matrix((data, indices, indptr - lo), shape=(stop - start, self.n_vars))
+            return scipy.sparse.csr_matrix(
+                (read_data(lo, hi), read_indices(lo, hi), indptr - lo), shape=(stop - start, self.n_vars)
+            )
         matrix = self._matrix()
         group = getattr(matrix, "group", None)
         if group is not None and not self._warned_csc:
@@ -464,15 +476,15 @@ class H5adReader:
         not one per row.
         """
         wanted = np.unique(np.asarray(indices, dtype=np.int64))
-        first = 0
-        for i in range(1, len(wanted) + 1):
-            if (
-                i == len(wanted)
-                or wanted[i] - wanted[i - 1] > self.chunk_size
-                or wanted[i] - wanted[first] >= 4 * self.chunk_size
-            ):
-                yield wanted[first:i]
-                first = i
+        if not len(wanted):
+            return
+        # a new span where the gap to the previous row exceeds chunk_size, or where a run of close rows
+        # reaches another 4 * chunk_size rows from its first (so that no span grows without bound)
+        run = np.concatenate([[0], np.cumsum(np.diff(wanted) > self.chunk_size)])
+        run_first = wanted[np.concatenate([[0], np.flatnonzero(np.diff(run)) + 1])][run]
+        part = (wanted - run_first) // (4 * self.chunk_size)
+        breaks = np.flatnonzero((np.diff(run) > 0) | (np.diff(part) != 0)) + 1
+        yield from np.split(wanted, breaks)
 
     def read_batch(self, indices: Sequence[int]) -> CellRows:
         """Rows at ``indices``, in that order, as one CSR batch (``CellRows``): no record per cell.
@@ -495,6 +507,43 @@ class H5adReader:
             matrix, code = matrix[where], code[where]
         return CellRows(self, indices, matrix, code)
 
+    def read_entries(self, indices: Sequence[int]) -> CellEntries | None:
+        """Rows at ``indices`` as spans of their raw CSR entries (``CellEntries``), for compiled featurizers.
+
+        Nothing is checked or preprocessed: the featurizer applies the reader's checks itself. None
+        where that does not hold: a matrix that is not CSR, a file without gene names, or
+        preprocessing that transforms values (normalize_total, log1p); highly variable genes are
+        fine (columns outside them are the featurizer's to skip).
+        """
+        steps = self.preprocessing
+        if self.problem or steps.normalize_total or steps.log1p:
+            return None
+        csr = self._csr_datasets()
+        if csr is None:
+            return None
+        self.prepare()
+        read_data, read_indices, row_starts = csr
+        indices = np.asarray(indices, dtype=np.int64)
+        if not len(indices):
+            return None
+        spans = list(self._spans(indices))
+        wanted = np.concatenate(spans)  # sorted, distinct
+        lengths = np.diff(row_starts)[wanted]
+        bounds = [(int(row_starts[rows[0]]), int(row_starts[rows[-1] + 1])) for rows in spans]
+        size = sum(hi - lo for lo, hi in bounds)
+        data = np.empty(size, dtype=np.float32)
+        kind = read_indices.dtype  # type: ignore[attr-defined]
+        column = np.empty(size, dtype=kind if kind in (np.int32, np.int64) else np.int64)
+        starts, base = [], 0
+        for rows, (lo, hi) in zip(spans, bounds, strict=True):  # one read per span (rows between are skipped)
+            read_data(lo, hi, out=data[base : base + hi - lo])
+            read_indices(lo, hi, out=column[base : base + hi - lo])
+            starts.append(row_starts[rows] - lo + base)
+            base += hi - lo
+        first = np.concatenate(starts)
+        where = np.searchsorted(wanted, indices)
+        return CellEntries(indices, data, column, first[where], (first + lengths)[where])
+
     def read_many(self, indices: Sequence[int]) -> list[Record | Reject]:
         """Records of arbitrary rows, in the order given (read in spans, see ``_spans``)."""
         found: dict[int, Record | Reject] = {}
@@ -508,6 +557,25 @@ class H5adReader:
     def __iter__(self) -> Iterator[Record | Reject]:
         for start in range(0, len(self), self.chunk_size):
             yield from self.read_block(start, min(start + self.chunk_size, len(self)))
+
+
+def _range_reader(dataset: Any, dtype: Any = None) -> Callable[..., np.ndarray]:
+    """``(lo, hi, out=None) -> elements [lo, hi)`` of a 1-D HDF5 dataset (as ``dtype``; into ``out``
+    when given): by file offset where it can (``DirectArray``), else through h5py.
+    """
+    direct = DirectArray.of(dataset)
+
+    def read(lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+        if direct is not None:
+            return direct.read(lo, hi, dtype, out=out)
+        values = np.asarray(dataset[lo:hi], dtype=dtype)
+        if out is None:
+            return values
+        out[...] = values
+        return out
+
+    read.dtype = np.dtype(dtype) if dtype is not None else dataset.dtype.newbyteorder("=")  # type: ignore[attr-defined]
+    return read
 
 
 def _choose_gene_key(var: Any, *, gene_key: str, vocab: Sequence[str] | None) -> tuple[str, list[str]]:

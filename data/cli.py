@@ -101,7 +101,9 @@ def _check_arguments(parser: argparse.ArgumentParser) -> None:
     fit.add_argument("--layer", help="read this layer instead of X")
     fit.add_argument("--use-raw", action="store_true", help="read raw.X")
     fit.add_argument(
-        "--rejects-dir", metavar="DIR", help="rejects.jsonl and counts.json go here (default: OUT.rejects/ beside OUT)"
+        "--rejects-dir",
+        metavar="DIR",
+        help="rejects.jsonl and counts.json go here (default: OUT.rejects/ beside OUT)",
     )
 
 

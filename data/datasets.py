@@ -141,6 +141,8 @@ class FeaturizerTransform:
         if self.batched is None or not hasattr(source, "read_batch"):
             return None
         batched = self.batched
+        if hasattr(batched, "read_pool"):  # reads and featurizes a pool its own way (a compiled path)
+            return lambda pool: batched.read_pool(source, pool)
 
         def read(pool: Sequence[Sequence[int]]) -> Iterator[tuple[list[str], Any, list[Reject]]]:
             rows = source.read_batch([i for batch in pool for i in batch])
@@ -374,7 +376,9 @@ class ShardedStream(IterableDataset):
         if read_batch is not None:
             for batch, (ids, collated, refused) in zip(pool, read_batch(pool), strict=True):
                 for reject in refused:
-                    rejects.reject(id=reject.id, location=reject.location, reason=reject.reason, detail=reject.detail)
+                    rejects.reject(
+                        id=reject.id, location=reject.location, reason=reject.reason, detail=reject.detail
+                    )
                 rejects.accept(len(ids))
                 yield batch, list(refused), ((ids, collated) if ids else None)
             return

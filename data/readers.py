@@ -37,6 +37,7 @@ __all__ = [
 @dataclass(frozen=True)
 class ReaderSpec:
     """A registered reader: its kind, the function that reads, and how files are recognised."""
+
     kind: str
     suffixes: tuple[str, ...]
     read: Callable[..., Iterator[Record]]

@@ -74,7 +74,9 @@ def _to(value: Any, device: torch.device | str) -> Any:
     return value
 
 
-def open_source(source: Any, *, modalities: Sequence[str] = (), tiny_records: int = 8, root: Any = None) -> Any:
+def open_source(
+    source: Any, *, modalities: Sequence[str] = (), tiny_records: int = 8, root: Any = None
+) -> Any:
     """Random access to a split's records (a ``Source``: ``len``, ``read_many``, optionally ``lengths``).
 
     source: an instruction JSONL path (read through ``InstructionSource``: file references resolved
@@ -164,14 +166,22 @@ class SeededRecords(Dataset):
         for _, reject, _ in items:
             if isinstance(reject, Reject):
                 log.warning(
-                    "rejected record %s (%s): %s: %s", reject.id, reject.location, reject.reason, reject.detail
+                    "rejected record %s (%s): %s: %s",
+                    reject.id,
+                    reject.location,
+                    reject.reason,
+                    reject.detail,
                 )
         if not kept:
             rejected = ", ".join(f"{r.id} ({r.location})" for _, r, _ in items)
             raise DataError(
-                Reject(None, rejected, "no usable record in a batch", f"every record was rejected: {rejected}")
+                Reject(
+                    None, rejected, "no usable record in a batch", f"every record was rejected: {rejected}"
+                )
             )
-        return TrainBatch(self.transform.collate([v for _, v in kept]), [r.id for r, _ in kept], epoch, batch_index)
+        return TrainBatch(
+            self.transform.collate([v for _, v in kept]), [r.id for r, _ in kept], epoch, batch_index
+        )
 
 
 class ResumableBatches(Sampler):
@@ -194,7 +204,12 @@ class ResumableBatches(Sampler):
         pool_batches: int = 50,
         even: bool = True,
     ) -> None:
-        self.lengths, self.batch_size, self.rank, self.world_size = list(lengths), batch_size, rank, world_size
+        self.lengths, self.batch_size, self.rank, self.world_size = (
+            list(lengths),
+            batch_size,
+            rank,
+            world_size,
+        )
         self.seed, self.shuffle, self.pool_batches, self.even = seed, shuffle, pool_batches, even
         self.epoch, self._start = 0, 0
         total = self._batches_per_epoch()

@@ -15,7 +15,7 @@ import scipy.sparse
 import torch
 from torch.utils.data import DataLoader
 
-from kiban.data import CellBatchFeaturizer, FeaturizerTransform, H5adReader, ShardedStream
+from kiban.data import CellBatchFeaturizer, FeaturizerTransform, H5adReader, ShardedStream, cell_kernel
 from kiban.data.cell_batches import row_sums
 from kiban.encoders.base import InvalidInput
 from kiban.encoders.cell import CellFeaturizer, geneformer, scgpt, tiny
@@ -141,6 +141,33 @@ def test_the_batch_featurizer_equals_the_per_record_one_on_real_files(awkward, v
     assert "no expressed genes" in seen_reasons
     if not vocab_in_reader:
         assert "invalid cell input" in seen_reasons
+
+
+@pytest.mark.parametrize("vocab_in_reader", [True, False], ids=["reader-vocab", "no-reader-vocab"])
+def test_the_compiled_path_equals_the_per_record_one_on_real_files(awkward, vocab_in_reader):
+    """The kernel (``kiban.data.cell_kernel``) straight from the file's entries, batch by batch."""
+    library = cell_kernel.kernel()
+    if library is None:
+        pytest.skip("no C++ compiler here: the numpy path is the one in use")
+    path, names, vocab = awkward
+    reader = H5adReader(path, vocab=vocab if vocab_in_reader else None, chunk_size=256)
+    batches = _batches(len(reader), seed=1)
+    for name, featurizer in _presets(vocab).items():
+        batched = CellBatchFeaturizer(featurizer)
+        native = batched._native_applies()
+        assert native == (name != "binning-zeros")  # keeping zeros is the numpy path's
+        for indices, (ids, got, rejects) in zip(batches, batched.read_pool(reader, batches), strict=True):
+            want_ids, want, want_rejects = _per_record(reader, featurizer, indices)
+            assert ids == want_ids, name
+            assert [(r.id, r.location, r.reason, r.detail) for r in rejects] == want_rejects, name
+            if want is None:
+                assert got is None
+                continue
+            assert got.keys() == want.keys(), name
+            for key in want:
+                assert got[key].dtype == want[key].dtype, (name, key)
+                assert torch.equal(got[key], want[key]), (name, key)
+        assert batched.numpy_batches == 0, name  # the kernel gave every batch itself
 
 
 def test_repeated_names_and_stored_zeros_were_exercised(awkward):
