@@ -7,7 +7,9 @@
    resident memory right after imports, so the data's share is visible):
      kiban       ShardedStream over H5adReader (chunk-shuffled plan), records as the model takes them;
                  and the same through the cell featurizer (scGPT-style tokens, padded tensors): per
-                 record, and vectorised over CSR batches (kiban.data.cell_batches), 0 and 2 workers
+                 record; vectorised over CSR batches (kiban.data.cell_batches) by numpy
+                 (KIBAN_NATIVE=off) and by the compiled kernel (kiban.data.cell_kernel), the latter
+                 with 0 and 2 DataLoader workers
      anndata     backed mode, one sorted fancy-index read per shuffled batch
      in-memory   anndata.read_h5ad into memory (load time reported), then batches by fancy index
      annbatch    annbatch.Loader (chunk_size 256, shuffle) over the file converted to its sharded zarr
@@ -298,7 +300,14 @@ def _install(python: Path, package: str, module: str) -> Path | str:
     return python
 
 
-def _run(python: Path | str, name: str, data: Path, args: argparse.Namespace, variant: str = "") -> dict:
+def _run(
+    python: Path | str,
+    name: str,
+    data: Path,
+    args: argparse.Namespace,
+    variant: str = "",
+    env: dict | None = None,
+) -> dict:
     command = [
         str(python),
         str(HERE),
@@ -313,7 +322,7 @@ def _run(python: Path | str, name: str, data: Path, args: argparse.Namespace, va
         "--variant",
         variant,
     ]
-    done = subprocess.run(command, capture_output=True, text=True)
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})})
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
     if done.returncode or not lines:
         return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1][:160]}
@@ -348,7 +357,9 @@ def main() -> None:
     if not data.exists():
         started = time.perf_counter()
         with staged_file(data) as staged:
-            write_sparse_h5ad(staged, n_cells=args.cells, n_genes=args.genes, genes_per_cell=args.genes_per_cell)
+            write_sparse_h5ad(
+                staged, n_cells=args.cells, n_genes=args.genes, genes_per_cell=args.genes_per_cell
+            )
         print(f"generated {data} in {time.perf_counter() - started:.0f}s", file=sys.stderr)
     nnz = args.cells * args.genes_per_cell
     print(
@@ -362,10 +373,17 @@ def main() -> None:
     peers = {} if args.skip_peers else _peers(args.peers_dir)
     rows = [
         ("kiban stream, records", _run(sys.executable, "kiban", data, args, "records")),
-        ("kiban stream + featurizer per record", _run(sys.executable, "kiban", data, args, "tokens per record")),
-        ("kiban stream + batch featurizer", _run(sys.executable, "kiban", data, args, "tokens")),
         (
-            "kiban stream + batch featurizer, 2 workers",
+            "kiban stream + featurizer per record",
+            _run(sys.executable, "kiban", data, args, "tokens per record"),
+        ),
+        (
+            "kiban stream + batch featurizer, numpy",
+            _run(sys.executable, "kiban", data, args, "tokens", env={"KIBAN_NATIVE": "off"}),
+        ),
+        ("kiban stream + batch featurizer, compiled", _run(sys.executable, "kiban", data, args, "tokens")),
+        (
+            "kiban ... compiled, 2 workers",
             _run(sys.executable, "kiban", data, args, "tokens, 2 workers"),
         ),
         ("anndata backed rows", _run(sys.executable, "anndata-backed", data, args)),
@@ -380,16 +398,18 @@ def main() -> None:
         loaded = _run(where, name, data, args, "load") if "error" not in converted else converted
         rows.append((name, {**loaded, "setup_s": converted.get("setup_s", "")}))
 
+    annbatch = dict(rows).get("annbatch", {}).get("per_s")
     print(
-        f"{'loader':<38} {'cells/s':>10} {'cells':>9} {'setup s':>8} {'peak RSS MiB':>13} "
+        f"{'loader':<41} {'cells/s':>10} {'x annbatch':>10} {'cells':>9} {'setup s':>8} {'peak RSS MiB':>13} "
         f"{'after imports':>14}"
     )
     for name, result in rows:
         if "error" in result:
-            print(f"{name:<38} {result['error']}")
+            print(f"{name:<41} {result['error']}")
             continue
+        ratio = f"{result['per_s'] / annbatch:.2f}" if annbatch else ""
         print(
-            f"{name:<38} {result['per_s']:>10,.0f} {result['cells']:>9,} {result.get('setup_s', ''):>8} "
+            f"{name:<41} {result['per_s']:>10,.0f} {ratio:>10} {result['cells']:>9,} {result.get('setup_s', ''):>8} "
             f"{result['peak_mib']:>13,.0f} {result['baseline_mib']:>14,.0f}"
         )
 
