@@ -110,6 +110,20 @@ def _per_record(reader, featurizer, indices):
     return ids, (featurizer.collate(features) if features else None), rejects
 
 
+def _assert_same(got, want, name):
+    """(ids, batch, rejects) of the batch path equal ``_per_record``'s, tensor for tensor."""
+    (ids, batch, rejects), (want_ids, want_batch, want_rejects) = got, want
+    assert ids == want_ids, name
+    assert [(r.id, r.location, r.reason, r.detail) for r in rejects] == want_rejects, name
+    if want_batch is None:
+        assert batch is None, name
+        return
+    assert batch.keys() == want_batch.keys(), name
+    for key in want_batch:
+        assert batch[key].dtype == want_batch[key].dtype, (name, key)
+        assert torch.equal(batch[key], want_batch[key]), (name, key)
+
+
 def _batches(n, *, seed):
     """Shuffled batches of 64, a sorted one and a one-cell batch."""
     order = np.random.default_rng(seed).permutation(n)
@@ -125,18 +139,9 @@ def test_the_batch_featurizer_equals_the_per_record_one_on_real_files(awkward, v
     for name, featurizer in _presets(vocab).items():
         batched = CellBatchFeaturizer(featurizer)
         for indices in batches:
-            want_ids, want, want_rejects = _per_record(reader, featurizer, indices)
-            ids, got, rejects = batched(reader.read_batch(indices))
-            assert ids == want_ids, name
-            assert [(r.id, r.location, r.reason, r.detail) for r in rejects] == want_rejects, name
-            seen_reasons.update(r[2] for r in want_rejects)
-            if want is None:
-                assert got is None
-                continue
-            assert got.keys() == want.keys(), name
-            for key in want:
-                assert got[key].dtype == want[key].dtype, (name, key)
-                assert torch.equal(got[key], want[key]), (name, key)
+            want = _per_record(reader, featurizer, indices)
+            _assert_same(batched(reader.read_batch(indices)), want, name)
+            seen_reasons.update(r[2] for r in want[2])
     # the awkward cells were there: empty ones, and (without the reader's vocabulary) unknown-only ones
     assert "no expressed genes" in seen_reasons
     if not vocab_in_reader:
@@ -156,17 +161,8 @@ def test_the_compiled_path_equals_the_per_record_one_on_real_files(awkward, voca
         batched = CellBatchFeaturizer(featurizer)
         native = batched._native_applies()
         assert native == (name != "binning-zeros")  # keeping zeros is the numpy path's
-        for indices, (ids, got, rejects) in zip(batches, batched.read_pool(reader, batches), strict=True):
-            want_ids, want, want_rejects = _per_record(reader, featurizer, indices)
-            assert ids == want_ids, name
-            assert [(r.id, r.location, r.reason, r.detail) for r in rejects] == want_rejects, name
-            if want is None:
-                assert got is None
-                continue
-            assert got.keys() == want.keys(), name
-            for key in want:
-                assert got[key].dtype == want[key].dtype, (name, key)
-                assert torch.equal(got[key], want[key]), (name, key)
+        for indices, got in zip(batches, batched.read_pool(reader, batches), strict=True):
+            _assert_same(got, _per_record(reader, featurizer, indices), name)
         assert batched.numpy_batches == 0, name  # the kernel gave every batch itself
 
 
