@@ -50,9 +50,15 @@ def file_profile_statistics(
         reader = H5adReader(path, vocab=featurizer.vocab, gene_key=gene_key, layer=layer, use_raw=use_raw)
         try:
             reader.prepare()
-            for start in range(0, len(reader), batch_size):
-                rows = reader.read_batch(range(start, min(start + batch_size, len(reader))))
-                _, batch, refused = batches(rows)
+            n = len(reader)
+            pools = [  # 16 batches read at once (the compiled path's unit of work)
+                [
+                    range(s, min(s + batch_size, n))
+                    for s in range(start, min(start + 16 * batch_size, n), batch_size)
+                ]
+                for start in range(0, n, 16 * batch_size)
+            ]
+            for _, batch, refused in (result for pool in pools for result in batches.read_pool(reader, pool)):
                 if batch is not None:
                     moments.add_batch(batch)
                 for reject in refused:
