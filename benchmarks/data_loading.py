@@ -196,16 +196,19 @@ def child_molecules_kiban(path: str, batch_size: int, max_seconds: float, varian
     from kiban.encoders.base import InvalidInput
     from kiban.encoders.molecule import MoleculeFeaturizer
 
-    featurizer, smiles, done = MoleculeFeaturizer(), _nci_smiles(path), 0
-    started = time.perf_counter()
-    for text in smiles:
-        try:
-            featurizer(text)
-            done += 1
-        except InvalidInput:
-            pass
-    seconds = time.perf_counter() - started
-    return {"molecules": done, "seconds": round(seconds, 2), "per_s": done / seconds}
+    featurizer, smiles = MoleculeFeaturizer(), _nci_smiles(path)
+
+    def one_pass() -> int:
+        done = 0
+        for text in smiles:
+            try:
+                featurizer(text)
+                done += 1
+            except InvalidInput:
+                pass
+        return done
+
+    return _best_pass(one_pass)
 
 
 def child_molecules_chemprop(path: str, batch_size: int, max_seconds: float, variant: str) -> dict:
@@ -214,18 +217,33 @@ def child_molecules_chemprop(path: str, batch_size: int, max_seconds: float, var
     from rdkit import RDLogger
 
     RDLogger.DisableLog("rdApp.*")
-    featurizer, smiles, done = SimpleMoleculeMolGraphFeaturizer(), _nci_smiles(path), 0
-    started = time.perf_counter()
-    for text in smiles:
-        try:
-            mol = make_mol(text, keep_h=False, add_h=False)
-        except Exception:  # chemprop raises on SMILES RDKit cannot sanitize
-            continue
-        if mol is not None:
-            featurizer(mol)
-            done += 1
-    seconds = time.perf_counter() - started
-    return {"molecules": done, "seconds": round(seconds, 2), "per_s": done / seconds}
+    featurizer, smiles = SimpleMoleculeMolGraphFeaturizer(), _nci_smiles(path)
+
+    def one_pass() -> int:
+        done = 0
+        for text in smiles:
+            try:
+                mol = make_mol(text, keep_h=False, add_h=False)
+            except Exception:  # chemprop raises on SMILES RDKit cannot sanitize
+                continue
+            if mol is not None:
+                featurizer(mol)
+                done += 1
+        return done
+
+    return _best_pass(one_pass)
+
+
+def _best_pass(one_pass, passes: int = 3) -> dict:
+    """The fastest of ``passes`` passes over the file (one pass takes seconds: a stall skews it)."""
+    best = None
+    for _ in range(passes):
+        started = time.perf_counter()
+        done = one_pass()
+        seconds = time.perf_counter() - started
+        if best is None or seconds < best["seconds"]:
+            best = {"molecules": done, "seconds": round(seconds, 2), "per_s": done / seconds}
+    return {**best, "passes": passes}
 
 
 CHILDREN = {
@@ -432,7 +450,7 @@ def main() -> None:
         else:
             print(
                 f"  {name:<44} {result['per_s']:>8,.0f} molecules/s "
-                f"({result['molecules']:,} in {result['seconds']}s)"
+                f"({result['molecules']:,} in {result['seconds']}s, best of {result['passes']} passes)"
             )
 
 
