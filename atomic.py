@@ -198,3 +198,16 @@ def _non_finite(value: Any, where: str = "value") -> tuple[str, float] | None:
         if found:
             return found
     return None
+
+
+def cache_root() -> Path | None:
+    """The cache folder: ``$KIBAN_CACHE_DIR``, else ``$XDG_CACHE_HOME/kiban``, else ``~/.cache/kiban``.
+
+    None when ``KIBAN_CACHE_DIR`` turns the cache off ("off", "0", "none" or empty).
+    """
+    root = os.environ.get("KIBAN_CACHE_DIR")
+    if root is not None and root.strip().lower() in ("", "off", "0", "none"):
+        return None
+    if root is None:
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kiban"
+    return Path(root)

@@ -26,21 +26,14 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from kiban.atomic import cache_root, staged_file
+
 __all__ = ["load"]
 
 log = logging.getLogger(__name__)
 
 # -ffp-contract=off: no fused multiply-adds, so every operation rounds as numpy's does
 FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-math-errno")
-
-
-def _cache_root() -> Path | None:
-    root = os.environ.get("KIBAN_CACHE_DIR")
-    if root is not None and root.strip().lower() in ("", "off", "0", "none"):
-        return None
-    if root is None:
-        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kiban"
-    return Path(root)
 
 
 def _compiler() -> str | None:
@@ -60,24 +53,21 @@ def load(source: Path) -> ctypes.CDLL | None:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
         identity = "\n".join([source.read_text(), compiler, version, platform.machine(), " ".join(FLAGS)])
         name = f"{source.stem}-{hashlib.sha256(identity.encode()).hexdigest()[:16]}.so"
-        root = _cache_root()
+        root = cache_root()
         folder = root / "native" if root is not None else Path(tempfile.mkdtemp(prefix="kiban-native-"))
         library = folder / name
         if not library.is_file():
-            folder.mkdir(parents=True, exist_ok=True)
-            # built beside under a private name, then renamed: a concurrent process never loads half a file
-            partial = folder / f".{name}.{os.getpid()}.partial"
-            done = subprocess.run(
-                [compiler, *FLAGS, "-o", str(partial), str(source)],
-                capture_output=True,
-                text=True,
-                timeout=600,
-            )
-            if done.returncode:
-                partial.unlink(missing_ok=True)
-                first = (done.stderr.strip().splitlines() or ["no output"])[0]
-                raise RuntimeError(f"{compiler} failed: {first}")
-            os.replace(partial, library)
+            # built under a temporary sibling name, then renamed: a concurrent process never loads half a file
+            with staged_file(library) as staged:
+                done = subprocess.run(
+                    [compiler, *FLAGS, "-o", str(staged), str(source)],
+                    capture_output=True,
+                    text=True,
+                    timeout=600,
+                )
+                if done.returncode:
+                    first = (done.stderr.strip().splitlines() or ["no output"])[0]
+                    raise RuntimeError(f"{compiler} failed: {first}")
         return ctypes.CDLL(str(library))
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         log.warning("%s not built (%s): its numpy path is used", source.name, error)

@@ -34,7 +34,7 @@ import torch
 
 from kiban.data import cell_kernel
 from kiban.data.cells import CellRows
-from kiban.data.datasets import register_batch_featurizer
+from kiban.data.datasets import featurize_pool, register_batch_featurizer
 from kiban.data.rejects import Reject
 from kiban.encoders.base import InvalidInput
 from kiban.encoders.cell import CellFeaturizer
@@ -128,11 +128,7 @@ class CellBatchFeaturizer:
             reader.read_entries(flat) if library is not None and hasattr(reader, "read_entries") else None
         )
         if entries is None:
-            rows = reader.read_batch(flat)
-            start = 0
-            for batch in pool:
-                yield self(rows.take(start, start + len(batch)))
-                start += len(batch)
+            yield from featurize_pool(self, reader, pool)
             return
         bounds = np.concatenate([[0], np.cumsum([len(batch) for batch in pool])]).tolist()
         done = cell_kernel.featurize(library, entries, self._file_maps(reader), self.featurizer, bounds)

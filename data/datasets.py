@@ -116,6 +116,19 @@ def register_batch_featurizer(modality: str) -> Callable[[Any], Any]:
     return add
 
 
+def featurize_pool(
+    batched: Any, source: Any, pool: Sequence[Sequence[int]]
+) -> Iterator[tuple[list[str], Any, list[Reject]]]:
+    """(ids, collated batch or None, rejects) of each batch of ``pool``: the pool's rows read at once
+    (``source.read_batch``), then each batch featurized whole by ``batched``.
+    """
+    rows = source.read_batch([i for batch in pool for i in batch])
+    start = 0
+    for batch in pool:
+        yield batched(rows.take(start, start + len(batch)))
+        start += len(batch)
+
+
 class FeaturizerTransform:
     """Single-modality records through their encoder's featurizer.
 
@@ -143,15 +156,7 @@ class FeaturizerTransform:
         batched = self.batched
         if hasattr(batched, "read_pool"):  # reads and featurizes a pool its own way (a compiled path)
             return lambda pool: batched.read_pool(source, pool)
-
-        def read(pool: Sequence[Sequence[int]]) -> Iterator[tuple[list[str], Any, list[Reject]]]:
-            rows = source.read_batch([i for batch in pool for i in batch])
-            start = 0
-            for batch in pool:
-                yield batched(rows.take(start, start + len(batch)))
-                start += len(batch)
-
-        return read
+        return lambda pool: featurize_pool(batched, source, pool)
 
     def __call__(self, record: Record) -> Any:
         """The item's feature dict."""

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kiban.atomic import cache_root
+
 __all__ = [
     "BackboneConfig",
     "LoraSettings",
@@ -155,13 +157,11 @@ def gguf_cache_folder(gguf: str | Path, dtype: torch.dtype) -> Path | None:
     """
     import transformers
 
-    root = os.environ.get("KIBAN_CACHE_DIR")
-    if root is not None and root.strip().lower() in ("", "off", "0", "none"):
-        return None
+    root = cache_root()
     if root is None:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "kiban"
+        return None
     digest = _sha256(Path(gguf))
-    return Path(root) / "gguf" / f"{digest[:24]}-{str(dtype).removeprefix('torch.')}-transformers{transformers.__version__}"
+    return root / "gguf" / f"{digest[:24]}-{str(dtype).removeprefix('torch.')}-transformers{transformers.__version__}"
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}
