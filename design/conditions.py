@@ -42,6 +42,7 @@ class Property:
     """One molecular property: its name, RDKit function, its resolution, whether it is a count, its unit.
 
     step: how finely conditions on it are written; ``logP 2`` means 2 ± step / 2.
+    floor, ceiling: the least and greatest value it can take (None: unbounded).
     """
 
     name: str
@@ -49,15 +50,17 @@ class Property:
     step: float = 1.0
     integer: bool = False
     unit: str = ""
+    floor: float | None = 0.0
+    ceiling: float | None = None
 
 
 def _descriptors() -> dict[str, Property]:
     return {
         p.name.lower(): p
         for p in (
-            Property("logP", Crippen.MolLogP, step=0.5),
+            Property("logP", Crippen.MolLogP, step=0.5, floor=None),
             Property("MW", Descriptors.MolWt, step=10.0, unit="Da"),
-            Property("QED", QED.qed, step=0.05),
+            Property("QED", QED.qed, step=0.05, ceiling=1.0),
             Property("TPSA", rdMolDescriptors.CalcTPSA, step=5.0, unit="Å²"),
             Property("HBD", Lipinski.NumHDonors, integer=True),
             Property("HBA", Lipinski.NumHAcceptors, integer=True),

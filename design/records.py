@@ -41,20 +41,33 @@ BINDERS = {"davis_pairs.csv": ("pKd", 7.0), "kiba_pairs.csv": ("kiba_score", 12.
 
 
 def random_conditions(values: dict[str, float], rng: random.Random) -> list[Condition]:
-    """1-3 conditions, each an interval or bound rounded outward, that ``values`` all meet."""
+    """1-3 conditions, each an interval or bound rounded outward, that ``values`` all meet.
+
+    Bounds stay within what the property can take, and a bound every molecule meets ("TPSA at
+    least 0", "QED at most 1") is never written: its side of the interval is dropped, or the
+    condition becomes the other bound.
+    """
     out = []
     for name in rng.sample(sorted(_DRAW), rng.randint(1, 3)):
-        step, width = PROPERTIES[name.lower()].step, _DRAW[name]
+        prop, width = PROPERTIES[name.lower()], _DRAW[name]
         value = values[name]
         kind = rng.choice(("range", "at most", "at least"))
-        low = math.floor((value - rng.uniform(0, width)) / step) * step
-        high = math.ceil((value + rng.uniform(0, width)) / step) * step
-        if name == "QED":
-            low, high = max(low, 0.0), min(high, 1.0)
+        low = math.floor((value - rng.uniform(0, width)) / prop.step) * prop.step
+        high = math.ceil((value + rng.uniform(0, width)) / prop.step) * prop.step
+        low_vacuous = prop.floor is not None and low <= prop.floor
+        high_vacuous = prop.ceiling is not None and high >= prop.ceiling
+        if low_vacuous and high_vacuous:
+            continue
+        if low_vacuous or (kind == "at most" and not high_vacuous):
+            kind = "at most"
+        elif high_vacuous or kind == "at least":
+            kind = "at least"
         low, high = round(low, 3), round(high, 3)
         out.append(
             Condition(name, low if kind != "at most" else -math.inf, high if kind != "at least" else math.inf)
         )
+    if not out:  # the one property drawn (QED) was bounded on both sides by its own limits: draw again
+        return random_conditions(values, rng)
     order = list(PROPERTIES)
     return sorted(out, key=lambda c: order.index(c.name.lower()))
 

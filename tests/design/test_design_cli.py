@@ -104,3 +104,27 @@ def test_records_split_by_molecule_and_counts_add_up(tmp_path, capsys):
     assert len(test_molecules) == 2 and len((out / "train.smi").read_text().split()) == 4
     assert not {encode_selfies(s) for s in test_molecules} & answers  # no test molecule is a training answer
     assert all(r["messages"][0]["content"].startswith("Design a drug-like molecule") for r in train)
+
+
+def test_drawn_conditions_hold_and_none_is_vacuous():
+    # "TPSA at least -5" or "QED at most 1" says nothing a molecule could fail: the records must
+    # teach only bounds that separate molecules, and each record's conditions hold for its answer.
+    import math
+    import random
+
+    from kiban.design.conditions import PROPERTIES, compute_properties, meets
+    from kiban.design.records import random_conditions
+
+    rng = random.Random(0)
+    molecules = [Chem.MolFromSmiles(s) for s in SMILES[:5] + ["C", "O=C=O", "CCCCCCCCCCCCCCCC"]]
+    drawn = 0
+    for mol in molecules * 60:
+        values = compute_properties(mol)
+        conditions = random_conditions(values, rng)
+        assert 1 <= len(conditions) <= 3 and meets(values, conditions)
+        for condition in conditions:
+            prop = PROPERTIES[condition.name.lower()]
+            assert prop.floor is None or (math.isinf(condition.low) or condition.low > prop.floor), condition.text()
+            assert prop.ceiling is None or (math.isinf(condition.high) or condition.high < prop.ceiling), condition.text()
+            drawn += 1
+    assert drawn > 480
