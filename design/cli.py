@@ -37,7 +37,8 @@ def _molecule_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-tokens", type=int, default=120, help="backbone tokens per molecule (default 120)")
+    parser.add_argument("--max-symbols", type=int, default=100, help="SELFIES symbols per molecule at most (default 100)")
+    parser.add_argument("--max-tokens", type=int, help="backbone tokens per molecule at most (default: enough for --max-symbols)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", required=True, help="output CSV (every sampled molecule, with its flags)")
 
@@ -131,7 +132,8 @@ def _molecules(args: argparse.Namespace) -> int:
         seed=args.seed,
         temperature=args.temperature,
         top_p=args.top_p,
-        max_symbols=args.max_tokens,
+        max_symbols=args.max_symbols,
+        max_tokens=args.max_tokens,
         budget=args.budget,
         batch_size=args.batch_size,
     )

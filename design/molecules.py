@@ -22,7 +22,7 @@ from typing import Any
 
 from kiban.design.conditions import Condition, check_reachable, compute_properties, meets
 from kiban.design.selfies_decoding import SelfiesConstraint, decode_selfies, default_alphabet
-from kiban.fusion.generation import GenerationSettings, RowHooks, generate_completions
+from kiban.fusion.generation import GenerationSettings, PromptTooLong, RowHooks, generate_completions
 
 __all__ = [
     "Design",
@@ -192,7 +192,8 @@ def design_molecules(
     seed: int = 0,
     temperature: float = 1.0,
     top_p: float = 1.0,
-    max_symbols: int = 80,
+    max_symbols: int = 100,
+    max_tokens: int | None = None,
     budget: int | None = None,
     batch_size: int = 16,
     should_stop: Callable[[], bool] | None = None,
@@ -203,7 +204,10 @@ def design_molecules(
     set (novelty, copies, the ranges impossible conditions are refused against). budget: the most
     molecules sampled (default ``20 * n``); the loop never runs past it, so a condition too hard for
     the model ends with fewer than ``n`` designs and says so in the counts. max_symbols bounds each
-    molecule's length in backbone tokens (SELFIES symbols are one or more tokens each).
+    molecule's length in SELFIES symbols (the default, 100, is above the longest training molecule
+    of ``kiban design records``: 95 symbols at 50 heavy atoms). max_tokens caps the backbone tokens
+    per molecule (default: enough for max_symbols, within the backbone's context); a row cut by it
+    keeps its finished symbols, with finish_reason "length".
     Raises ``ConditionError`` (refused before sampling) and the model's ``InvalidInput`` for a bad target.
     """
     if n < 1:
@@ -216,7 +220,8 @@ def design_molecules(
     if target is not None and "protein" not in model.encoders:
         raise ValueError(f"--target: this model has no protein encoder to read a target with ({', '.join(model.encoders)})")
     alphabet = default_alphabet(reference.symbols if reference is not None else ())
-    constraint = SelfiesConstraint(model.tokenizer, alphabet)
+    constraint = SelfiesConstraint(model.tokenizer, alphabet, max_symbols=max_symbols)
+    tokens = max_tokens if max_tokens is not None else constraint.max_tokens()
     record: dict[str, Any] = {"id": "design", "messages": [{"role": "user", "content": design_prompt(conditions, target=target is not None)}]}
     if target is not None:
         record["inputs"] = {"protein": [target]}
@@ -228,13 +233,23 @@ def design_molecules(
         rows = min(batch_size, budget - report.sampled)
         start = report.sampled
         settings = [
-            GenerationSettings(max_tokens=max_symbols, temperature=temperature, top_p=top_p, seed=seed + start + r)
+            GenerationSettings(max_tokens=tokens, temperature=temperature, top_p=top_p, seed=seed + start + r)
             for r in range(rows)
         ]
         hooks = [RowHooks(process_logits=constraint, should_stop=should_stop) for _ in range(rows)]
-        completions = generate_completions(model, [record] * rows, settings, hooks)
+        try:
+            completions = generate_completions(model, [record] * rows, settings, hooks)
+        except PromptTooLong as error:
+            if max_tokens is not None or error.context - error.prompt_tokens < 1:
+                raise  # the caller's own cap, or no room at all: the error names the numbers
+            tokens = error.context - error.prompt_tokens  # the derived budget shrinks to the context
+            continue
         for r, completion in enumerate(completions):
-            report.designs.append(_judge(start + r, constraint.text_of(completion.text), completion.finish_reason, conditions, reference, seen))
+            selfies = constraint.text_of(completion.text)
+            reason = completion.finish_reason
+            if reason == "stop" and selfies.count("]") >= max_symbols:
+                reason = "length"  # ended because max_symbols allowed nothing else
+            report.designs.append(_judge(start + r, selfies, reason, conditions, reference, seen))
     return report
 
 

@@ -73,14 +73,20 @@ class SelfiesConstraint:
     ``constraint(ids, logits)`` is a ``RowHooks.process_logits``: ids are the row's generated token
     ids so far, logits [V]; disallowed tokens become -inf. ``text_of(ids)`` gives the finished
     symbols only (a row cut by its token budget halfway through a symbol loses that half).
+    max_symbols: after that many finished symbols only end-of-sequence is allowed, so a molecule's
+    length is bounded in symbols whatever the tokenizer (a byte-level backbone spends one token per
+    character, a BPE one far fewer); None leaves the length to the token budget.
     """
 
-    def __init__(self, tokenizer: Any, alphabet: Sequence[str] | None = None) -> None:
+    def __init__(self, tokenizer: Any, alphabet: Sequence[str] | None = None, *, max_symbols: int | None = None) -> None:
         """Index the tokenizer's vocabulary by the characters each token spells."""
         self.tokenizer = tokenizer
         self.alphabet = frozenset(alphabet if alphabet is not None else default_alphabet())
         if not self.alphabet:
             raise ValueError("the SELFIES alphabet is empty")
+        if max_symbols is not None and max_symbols < 1:
+            raise ValueError(f"max_symbols must be at least 1, got {max_symbols}")
+        self.max_symbols = max_symbols
         self.first = frozenset(s for s in self.alphabet if not s.startswith(_NOT_FIRST))
         if not self.first:
             raise ValueError("the SELFIES alphabet holds no atom symbol to start a molecule with")
@@ -141,10 +147,20 @@ class SelfiesConstraint:
             self._allowed[key] = torch.tensor(sorted(ids), dtype=torch.long)
         return self._allowed[key]
 
+    def max_tokens(self) -> int | None:
+        """Backbone tokens enough for ``max_symbols`` of the longest symbol, and the end (None: unbounded)."""
+        if self.max_symbols is None:
+            return None
+        return self.max_symbols * max(len(s) for s in self.alphabet) + 1
+
     def __call__(self, ids: Sequence[int], logits: Tensor) -> Tensor:
         """Logits [V] with every token that would leave the SELFIES language set to -inf."""
-        pending, started = self.state("".join(self.token_text[int(i)] for i in ids))
-        allowed = self._allowed_ids(pending, started).to(logits.device)
+        text = "".join(self.token_text[int(i)] for i in ids)
+        pending, started = self.state(text)
+        if self.max_symbols is not None and self.eos is not None and not pending and text.count("]") >= self.max_symbols:
+            allowed = torch.tensor([self.eos], device=logits.device)
+        else:
+            allowed = self._allowed_ids(pending, started).to(logits.device)
         out = torch.full_like(logits, -torch.inf)
         out[allowed] = logits[allowed]
         return out

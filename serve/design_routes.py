@@ -57,7 +57,10 @@ class MoleculeDesignRequest(BaseModel):
     seed: int = Field(0, ge=0, le=2**63 - 1)
     temperature: float = Field(1.0, gt=0.0, le=5.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    max_tokens: int = Field(120, ge=4, le=512, description="backbone tokens per molecule")
+    max_symbols: int = Field(100, ge=1, le=200, description="SELFIES symbols per molecule at most")
+    max_tokens: int | None = Field(
+        None, ge=4, le=4096, description="backbone tokens per molecule at most (default: enough for max_symbols)"
+    )
 
 
 class MoleculeOut(BaseModel):
@@ -159,7 +162,8 @@ def add_design_routes(app: FastAPI, engine: InferenceEngine, settings: ServeSett
                 raise RequestError("target: this model has no protein encoder", param="target")
             return design_molecules(
                 model, n=body.n, conditions=conditions, target=body.target, reference=references.get(),
-                seed=body.seed, temperature=body.temperature, top_p=body.top_p, max_symbols=body.max_tokens,
+                seed=body.seed, temperature=body.temperature, top_p=body.top_p, max_symbols=body.max_symbols,
+                max_tokens=body.max_tokens,
                 budget=body.budget, should_stop=should_stop,
             )
 

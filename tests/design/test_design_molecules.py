@@ -23,6 +23,7 @@ from kiban.design import (
 )
 from kiban.design.selfies_decoding import default_alphabet, split_symbols
 from kiban.encoders.base import InvalidInput
+from kiban.fusion.generation import PromptTooLong
 from kiban.tiny import tiny_model
 
 REFERENCE = ["CCO", "c1ccccc1O", "CC(=O)Oc1ccccc1C(=O)O", "CN1CCC[C@H]1c1cccnc1", "O=C(O)CCc1ccccc1"]
@@ -64,9 +65,47 @@ def test_every_sample_parses_in_rdkit_unconditioned_and_under_hard_conditions(mo
 
 
 def test_rows_cut_by_their_token_budget_still_decode(model):
-    report = design_molecules(model, n=8, seed=3, max_symbols=5, budget=8, batch_size=8, temperature=2.0)
+    report = design_molecules(model, n=8, seed=3, max_tokens=5, budget=8, batch_size=8, temperature=2.0)
     assert any(d.finish_reason == "length" for d in report.designs)
     _assert_valid(report)
+
+
+def test_max_symbols_bounds_length_in_symbols_not_tokens(model):
+    # a byte-level backbone spends one token per character: a token budget of 80 would cut most
+    # training molecules (median 38 symbols, about 180 characters); the bound is in symbols
+    # (a backbone that never wants to stop: end-of-sequence far down, so only the bound ends a row)
+    eos = model.tokenizer.eos_token_id
+    constraint = SelfiesConstraint(model.tokenizer, max_symbols=7)
+    rng = random.Random(1)
+    for _ in range(10):
+        ids: list[int] = []
+        while len(ids) < constraint.max_tokens():
+            logits = torch.tensor([rng.gauss(0, 3) for _ in range(len(model.tokenizer))])
+            logits[eos] = -1e4
+            token = int(constraint(ids, logits).argmax())
+            if token == eos:
+                break
+            ids.append(token)
+        assert token == eos, "the row ran to its token budget instead of ending at max_symbols"
+        assert len(split_symbols(model.tokenizer.decode(ids))) == 7
+    short = design_molecules(model, n=8, seed=3, max_symbols=2, budget=8, batch_size=8, temperature=2.0)
+    assert all(d.selfies.count("]") <= 2 for d in short.designs)
+    assert all(d.finish_reason == ("length" if d.selfies.count("]") == 2 else "stop") for d in short.designs)
+    _assert_valid(short)
+
+
+def test_the_derived_token_budget_shrinks_to_the_context_and_a_given_one_is_refused(model):
+    config = model.llm.config
+    context = config.max_position_embeddings
+    config.max_position_embeddings = 160  # a short context: 100 symbols' worth of tokens do not fit
+    try:
+        report = design_molecules(model, n=4, seed=3, budget=4, batch_size=4)
+        assert report.sampled == 4
+        _assert_valid(report)
+        with pytest.raises(PromptTooLong, match="max_tokens=400"):
+            design_molecules(model, n=4, seed=3, budget=4, batch_size=4, max_tokens=400)
+    finally:
+        config.max_position_embeddings = context
 
 
 def test_the_same_seed_gives_the_same_designs_whatever_the_batch_size(model):

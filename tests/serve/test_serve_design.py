@@ -44,11 +44,16 @@ def test_molecules_route_returns_valid_molecules_and_counts(design_server):
     assert [m["selfies"] for m in again["molecules"]] == [m["selfies"] for m in answer["molecules"]]
 
 
-def test_molecules_route_refuses_impossible_and_unreadable_conditions(design_server):
+def test_molecules_route_refuses_bad_requests_and_bounds_length_in_symbols(design_server):
     with design_server.client() as client:
         far = client.post("/v1/design/molecules", json={"n": 2, "condition": "logP 50"})
         typo = client.post("/v1/design/molecules", json={"n": 2, "condition": "logP fifty"})
         target = client.post("/v1/design/molecules", json={"n": 1, "target": "MKT1AY"})
+        short = client.post("/v1/design/molecules", json={"n": 3, "budget": 3, "max_symbols": 2, "temperature": 2.0})
+        zero = client.post("/v1/design/molecules", json={"n": 1, "max_symbols": 0})
+    assert short.status_code == 200, short.text
+    assert all(m["selfies"].count("]") <= 2 for m in short.json()["molecules"])
+    assert zero.status_code == 422 and zero.json()["error"]["param"] == "max_symbols"
     assert far.status_code == 422 and far.json()["error"]["param"] == "condition"
     assert "'logP 50' is outside what the training set reaches" in far.json()["error"]["message"]
     assert typo.status_code == 422 and "'logP fifty' is not written like" in typo.json()["error"]["message"]
