@@ -10,6 +10,7 @@ molecules. Columns: validity, uniqueness, novelty, internal diversity (MOSES), F
 GuacaMol KL score against the held-out test molecules, and the share of samples inside the asked
 ranges (for every row, so the conditioned model reads against the unconditioned one and the data),
 with its Wilson 95% interval, and a second table with the share meeting each condition alone.
+The same model decoded without the SELFIES constraint: how many of its answers parse, and why not.
 Proteins: Gibbs designs of a template beside random mutants with as many changes, by PLL.
 Prints a Markdown table and writes the numbers as JSON (``--out``).
 """
@@ -49,6 +50,43 @@ def _shares(smiles: list[str | None], conditions) -> dict:
         "in_ranges_95": _wilson(hits, len(values)),
         "each": {c.text(): sum(meets(v, [c]) for v in values) / len(values) for c in conditions},
     }
+
+
+def _unconstrained_validity(model, n: int, seed: int, symbols) -> dict:
+    """The same model and prompt decoded without the SELFIES constraint: how many answers parse."""
+    from kiban.design.molecules import design_prompt
+    from kiban.design.selfies_decoding import (
+        SelfiesConstraint,
+        decode_selfies,
+        default_alphabet,
+        split_symbols,
+    )
+    from kiban.fusion.generation import GenerationSettings, context_length, generate_completions
+
+    alphabet = set(default_alphabet(symbols))
+    tokens = SelfiesConstraint(model.tokenizer, sorted(alphabet), max_symbols=100).max_tokens()
+    tokens = min(tokens, (context_length(model.llm) or tokens + 128) - 128)
+    record = {"id": "design", "messages": [{"role": "user", "content": design_prompt()}]}
+    texts: list[str] = []
+    for start in range(0, n, 16):
+        rows = min(16, n - start)
+        settings = [GenerationSettings(max_tokens=tokens, temperature=1.0, seed=seed + start + r) for r in range(rows)]
+        texts += [c.text.strip() for c in generate_completions(model, [record] * rows, settings)]
+    reasons = {"valid": 0, "not SELFIES symbols": 0, "symbol outside the alphabet": 0, "no molecule": 0}
+    for text in texts:
+        try:
+            parts = split_symbols(text)
+        except ValueError:  # a hanging "["
+            parts = []
+        if not parts or "".join(parts) != text:
+            reasons["not SELFIES symbols"] += 1
+        elif not set(parts) <= alphabet:
+            reasons["symbol outside the alphabet"] += 1
+        elif canonical_smiles(decode_selfies(text)) is None:
+            reasons["no molecule"] += 1
+        else:
+            reasons["valid"] += 1
+    return {"n": n, "validity": reasons["valid"] / n, **reasons}
 
 
 def _wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
@@ -94,6 +132,8 @@ def main() -> None:
     rows[f"model, asked {args.condition}"] |= _shares(asked_smiles, conditions)
     rows[f"model, asked {args.condition}"]["seconds"] = time.perf_counter() - started
 
+    unconstrained = _unconstrained_validity(model, args.n, args.seed, reference.symbols)
+
     copies = sample_training(train, args.n, seed=args.seed)
     rows["baseline: training set sampled"] = molecule_scores(copies, training=training, reference=test)
     rows["baseline: training set sampled"] |= _shares(copies, conditions)
@@ -118,6 +158,7 @@ def main() -> None:
     print(f"machine: {platform.node()}, {platform.machine()}, torch threads {args.threads}; n = {args.n} per row")
     print(f"model counts (unconditioned): {free.summary()}")
     print(f"model counts (asked {args.condition}): {asked.summary()}")
+    print(f"the same model without the SELFIES constraint (unconditioned, n = {args.n}): {unconstrained}")
     print("\n| samples | validity | uniqueness | novelty | IntDiv | FCD (lower better) | KL score | in asked ranges (95%) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
@@ -137,7 +178,7 @@ def main() -> None:
         f"identity {proteins['identity']:.3f}, {proteins['changes']:.1f} changes"
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "proteins": proteins, "n": args.n}, indent=2))
+    Path(args.out).write_text(json.dumps({"rows": rows, "unconstrained": unconstrained, "proteins": proteins, "n": args.n}, indent=2))
 
 
 if __name__ == "__main__":

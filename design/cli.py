@@ -63,6 +63,7 @@ def _records_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, default=0.05)
     parser.add_argument("--test-fraction", type=float, default=0.05)
     parser.add_argument("--max-target-records", type=int, default=2000)
+    parser.add_argument("--conditioned", type=int, default=1, help="records with conditions per molecule, each its own draw (default 1)")
 
 
 def _design_arguments(parser: argparse.ArgumentParser) -> None:
@@ -200,6 +201,7 @@ def _records(args: argparse.Namespace) -> int:
         val_fraction=args.val_fraction,
         test_fraction=args.test_fraction,
         max_target_records=args.max_target_records,
+        conditioned=args.conditioned,
     )
     _say(counts.line())
     _say("wrote " + ", ".join(f"{name} ({k})" for name, k in counts.records.items()) + f" in {args.out}")

@@ -110,8 +110,11 @@ def write_design_records(
     max_molecules: int | None = None,
     max_target_records: int = 2000,
     max_atoms: int = 50,
+    conditioned: int = 1,
 ) -> RecipeCounts:
     """Write the design records into the new folder ``out`` (see the module docstring).
+
+    conditioned: records with conditions per molecule (each its own draw), beside the one without.
 
     max_atoms: molecules with more heavy atoms are left out (counted), which keeps SELFIES answers
     short enough to learn on a CPU. max_target_records: the most drug–target records (a random
@@ -123,6 +126,8 @@ def write_design_records(
     out = Path(out)
     if out.exists():
         raise ValueError(f"--out {out} already exists; choose a new folder")
+    if conditioned < 0:
+        raise ValueError(f"--conditioned must be 0 or more, got {conditioned}")
     rng = random.Random(seed)
     counts = RecipeCounts()
     molecules: dict[str, tuple[str, dict[str, float]]] = {}  # canonical SMILES -> (SELFIES, properties)
@@ -170,7 +175,9 @@ def write_design_records(
         for k, smiles in enumerate(split[part]):
             selfies, values = molecules[smiles]
             records[part].append(_record(f"{part}-{k}", [], selfies))
-            records[part].append(_record(f"{part}-{k}-c", random_conditions(values, rng), selfies))
+            for c in range(conditioned):
+                suffix = "c" if c == 0 else f"c{c + 1}"
+                records[part].append(_record(f"{part}-{k}-{suffix}", random_conditions(values, rng), selfies))
     if dti_dir is not None:
         for part, items in _target_records(dti_dir, where, molecules, rng, max_target_records).items():
             records[part].extend(items)

@@ -104,6 +104,16 @@ def test_records_split_by_molecule_and_counts_add_up(tmp_path, capsys):
     assert len(test_molecules) == 2 and len((out / "train.smi").read_text().split()) == 4
     assert not {encode_selfies(s) for s in test_molecules} & answers  # no test molecule is a training answer
     assert all(r["messages"][0]["content"].startswith("Design a drug-like molecule") for r in train)
+    assert len(train) == 4 * 2  # per training molecule: one record without conditions, one with
+
+    more = tmp_path / "records3"
+    assert main(["design", "records", "--molecules", str(source), "--out", str(more), "--test-fraction", "0.25",
+                 "--val-fraction", "0.25", "--conditioned", "3"]) == 0
+    train3 = [json.loads(line) for line in (more / "train.jsonl").open()]
+    assert len(train3) == 4 * 4 and len({r["id"] for r in train3}) == 16
+    assert (more / "train.smi").read_text() == (out / "train.smi").read_text()  # the same split
+    asked = [r for r in train3 if " with " in r["messages"][0]["content"]]
+    assert len(asked) == 12 and len({r["messages"][0]["content"] for r in asked}) > 4  # draws differ
 
 
 def test_drawn_conditions_hold_and_none_is_vacuous():
