@@ -2,7 +2,7 @@
 
     kiban design records --molecules ../shared/data/molecules/*.csv --dti ../shared/data/dti --out runs/design-data
     kiban fit --config configs/design_cpu.yaml
-    python benchmarks/design_scores.py --model runs/design-cpu/model --data runs/design-data --n 200
+    python benchmarks/design_scores.py --model runs/design-cpu/model --data runs/design-data --n 300
 
 Rows: the model unconditioned, the model asked for ``--condition``, the training set sampled (the
 copy-the-data baseline), and a character-level SMILES 6-gram model fitted on the same training
