@@ -247,7 +247,7 @@ def design_molecules(
         for r, completion in enumerate(completions):
             selfies = constraint.text_of(completion.text)
             reason = completion.finish_reason
-            if reason == "stop" and selfies.count("]") >= max_symbols:
+            if reason == "stop" and constraint.at_max_symbols(selfies):
                 reason = "length"  # ended because max_symbols allowed nothing else
             report.designs.append(_judge(start + r, selfies, reason, conditions, reference, seen))
     return report

@@ -153,11 +153,15 @@ class SelfiesConstraint:
             return None
         return self.max_symbols * max(len(s) for s in self.alphabet) + 1
 
+    def at_max_symbols(self, text: str) -> bool:
+        """True when ``text`` holds ``max_symbols`` finished symbols: only the end may follow."""
+        return self.max_symbols is not None and text.count("]") >= self.max_symbols
+
     def __call__(self, ids: Sequence[int], logits: Tensor) -> Tensor:
         """Logits [V] with every token that would leave the SELFIES language set to -inf."""
         text = "".join(self.token_text[int(i)] for i in ids)
         pending, started = self.state(text)
-        if self.max_symbols is not None and self.eos is not None and not pending and text.count("]") >= self.max_symbols:
+        if self.eos is not None and not pending and self.at_max_symbols(text):
             allowed = torch.tensor([self.eos], device=logits.device)
         else:
             allowed = self._allowed_ids(pending, started).to(logits.device)
