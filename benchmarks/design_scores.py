@@ -4,13 +4,16 @@
     kiban fit --config configs/design_cpu.yaml
     python benchmarks/design_scores.py --model runs/design-cpu/model --data runs/design-data --n 300
 
-Rows: the model unconditioned, the model asked for ``--condition``, the training set sampled (the
+Rows: the model unconditioned, the model asked for ``--condition`` (plain, and with classifier-free
+guidance at each ``--guidance`` scale), the training set sampled (the
 copy-the-data baseline), and a character-level SMILES 6-gram model fitted on the same training
 molecules. Columns: validity, uniqueness, novelty, internal diversity (MOSES), FCD and the
 GuacaMol KL score against the held-out test molecules, and the share of samples inside the asked
 ranges (for every row, so the conditioned model reads against the unconditioned one and the data),
 with its Wilson 95% interval, and a second table with the share meeting each condition alone.
 The same model decoded without the SELFIES constraint: how many of its answers parse, and why not.
+Probes (``--probe``): one extreme condition at a time, the share meeting it when asked (plain and
+guided) against the unconditioned model and the data: does the model follow what it is asked?
 Proteins: Gibbs designs of a template beside random mutants with as many changes, by PLL.
 Prints a Markdown table and writes the numbers as JSON (``--out``).
 """
@@ -105,6 +108,11 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=200)
     parser.add_argument("--condition", default="logP 1-3, MW < 450, QED > 0.6")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--guidance", type=float, nargs="*", default=[3.0], help="classifier-free guidance scales to add rows for")
+    parser.add_argument(
+        "--probe", nargs="*", default=["MW < 250", "MW > 450", "logP < 1", "logP > 4", "TPSA > 100"],
+        help="single conditions asked one at a time (the probe table)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/design_scores.json")
     args = parser.parse_args()
@@ -131,12 +139,32 @@ def main() -> None:
     rows[f"model, asked {args.condition}"] = molecule_scores(asked_smiles, training=training, reference=test)
     rows[f"model, asked {args.condition}"] |= _shares(asked_smiles, conditions)
     rows[f"model, asked {args.condition}"]["seconds"] = time.perf_counter() - started
+    for scale in args.guidance:
+        started, name = time.perf_counter(), f"model, asked {args.condition}, guidance {scale:g}"
+        guided = design_molecules(
+            model, n=args.n, budget=args.n, seed=args.seed, conditions=conditions, reference=reference, guidance=scale
+        )
+        guided_smiles = [d.smiles for d in guided.designs]
+        rows[name] = molecule_scores(guided_smiles, training=training, reference=test) | _shares(guided_smiles, conditions)
+        rows[name]["seconds"] = time.perf_counter() - started
 
     unconstrained = _unconstrained_validity(model, args.n, args.seed, reference.symbols)
 
     copies = sample_training(train, args.n, seed=args.seed)
     rows["baseline: training set sampled"] = molecule_scores(copies, training=training, reference=test)
     rows["baseline: training set sampled"] |= _shares(copies, conditions)
+
+    probes: dict[str, dict] = {}
+    for text in args.probe:
+        probe = parse_conditions(text, what="--probe")
+        shares = {"model, unconditioned": _shares(free_smiles, probe)["in_ranges"]}
+        for scale in [1.0, *args.guidance]:
+            report = design_molecules(
+                model, n=args.n, budget=args.n, seed=args.seed, conditions=probe, reference=reference, guidance=scale
+            )
+            shares[f"asked, guidance {scale:g}"] = _shares([d.smiles for d in report.designs], probe)["in_ranges"]
+        shares["training set sampled"] = _shares(copies, probe)["in_ranges"]
+        probes[probe[0].text()] = shares
 
     ngram = NgramSmiles(order=6).fit(train).sample(args.n, seed=args.seed)
     ngram = [canonical_smiles(s) for s in ngram]
@@ -171,6 +199,12 @@ def main() -> None:
     print("|---|" + "---|" * len(conditions))
     for name, r in rows.items():
         print(f"| {name} | " + " | ".join(f"{r['each'].get(c.text(), float('nan')):.3f}" for c in conditions) + " |")
+    if probes:
+        columns = list(next(iter(probes.values())))
+        print(f"\nprobes: the share of {args.n} samples meeting one condition\n\n| asked | " + " | ".join(columns) + " |")
+        print("|---|" + "---|" * len(columns))
+        for name, shares in probes.items():
+            print(f"| {name} | " + " | ".join(f"{shares[c]:.3f}" for c in columns) + " |")
     print(
         f"\nproteins ({len(TEMPLATE)}-residue template, 8 designs x 60 Gibbs steps): PLL/residue designs "
         f"{proteins['designs_pll_per_residue']:.4f}, random mutants with as many changes "
@@ -178,7 +212,7 @@ def main() -> None:
         f"identity {proteins['identity']:.3f}, {proteins['changes']:.1f} changes"
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "unconstrained": unconstrained, "proteins": proteins, "n": args.n}, indent=2))
+    Path(args.out).write_text(json.dumps({"rows": rows, "probes": probes, "unconstrained": unconstrained, "proteins": proteins, "n": args.n}, indent=2))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def _molecule_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-symbols", type=int, default=100, help="SELFIES symbols per molecule at most (default 100)")
     parser.add_argument("--max-tokens", type=int, help="backbone tokens per molecule at most (default: enough for --max-symbols)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (default 1: none; above 1 follows conditions harder)")
     parser.add_argument("--out", required=True, help="output CSV (every sampled molecule, with its flags)")
 
 
@@ -118,6 +119,8 @@ def _molecules(args: argparse.Namespace) -> int:
     torch.set_num_threads(min(torch.get_num_threads(), 4))
     out = _new_file(args.out)
     conditions = parse_conditions(args.condition)  # a typo costs a second, not a model load
+    if not 0 <= args.guidance < float("inf"):
+        raise ValueError(f"--guidance must be a finite number at least 0, got {args.guidance}")
     target = _protein(args.target, "--target") if args.target else None
     reference = Reference.from_smiles(read_smiles_file(args.reference)) if args.reference else None
     model_dir = Path(args.model).expanduser()
@@ -137,6 +140,7 @@ def _molecules(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         budget=args.budget,
         batch_size=args.batch_size,
+        guidance=args.guidance,
     )
     write_atomic(out, molecule_table(report))
     s = report.summary()

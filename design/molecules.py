@@ -15,6 +15,7 @@ same seed gives the same designs whatever the batch size.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,13 @@ from typing import Any
 
 from kiban.design.conditions import Condition, check_reachable, compute_properties, meets
 from kiban.design.selfies_decoding import SelfiesConstraint, decode_selfies, default_alphabet
-from kiban.fusion.generation import GenerationSettings, PromptTooLong, RowHooks, generate_completions
+from kiban.fusion.generation import (
+    GenerationSettings,
+    Guidance,
+    PromptTooLong,
+    RowHooks,
+    generate_completions,
+)
 
 __all__ = [
     "Design",
@@ -196,6 +203,7 @@ def design_molecules(
     max_tokens: int | None = None,
     budget: int | None = None,
     batch_size: int = 16,
+    guidance: float = 1.0,
     should_stop: Callable[[], bool] | None = None,
 ) -> DesignReport:
     """Sample molecules from ``model`` (a ``KibanModel``) until ``n`` distinct ones meet ``conditions``.
@@ -207,7 +215,9 @@ def design_molecules(
     molecule's length in SELFIES symbols (the default, 100, is above the longest training molecule
     of ``kiban design records``: 95 symbols at 50 heavy atoms). max_tokens caps the backbone tokens
     per molecule (default: enough for max_symbols, within the backbone's context); a row cut by it
-    keeps its finished symbols, with finish_reason "length".
+    keeps its finished symbols, with finish_reason "length". guidance: the classifier-free guidance
+    scale (``kiban.fusion.generation.Guidance``) against the same request without conditions or
+    target; 1 (the default) samples the model as it is, above 1 follows the request more strongly.
     Raises ``ConditionError`` (refused before sampling) and the model's ``InvalidInput`` for a bad target.
     """
     if n < 1:
@@ -215,6 +225,8 @@ def design_molecules(
     budget = budget if budget is not None else 20 * n
     if budget < n:
         raise ValueError(f"--budget {budget} is smaller than --n {n}")
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise ValueError(f"--guidance must be a finite number at least 0, got {guidance}")
     if reference is not None:
         check_reachable(conditions, reference.ranges, size=reference.size)
     if target is not None and "protein" not in model.encoders:
@@ -225,6 +237,10 @@ def design_molecules(
     record: dict[str, Any] = {"id": "design", "messages": [{"role": "user", "content": design_prompt(conditions, target=target is not None)}]}
     if target is not None:
         record["inputs"] = {"protein": [target]}
+    guide = None
+    if guidance != 1.0 and (conditions or target is not None):
+        plain = {"id": "design (unconditioned, for guidance)", "messages": [{"role": "user", "content": design_prompt()}]}
+        guide = Guidance(plain, guidance)
     report = DesignReport(requested=n, conditions=list(conditions), budget=budget)
     seen: set[str] = set()
     while len(report.met) < n and report.sampled < budget:
@@ -238,7 +254,7 @@ def design_molecules(
         ]
         hooks = [RowHooks(process_logits=constraint, should_stop=should_stop) for _ in range(rows)]
         try:
-            completions = generate_completions(model, [record] * rows, settings, hooks)
+            completions = generate_completions(model, [record] * rows, settings, hooks, [guide] * rows)
         except PromptTooLong as error:
             if max_tokens is not None or error.context - error.prompt_tokens < 1:
                 raise  # the caller's own cap, or no room at all: the error names the numbers

@@ -32,6 +32,7 @@ __all__ = [
     "GREEDY_BELOW",
     "Completion",
     "GenerationSettings",
+    "Guidance",
     "PromptTooLong",
     "RowHooks",
     "TokenLogprob",
@@ -93,6 +94,26 @@ class RowHooks:
     on_text: Callable[[str], None] | None = None
     should_stop: Callable[[], bool] | None = None
     process_logits: Callable[[Sequence[int], Tensor], Tensor] | None = None
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance for one row (Ho & Salimans, 2022, applied to next-token logits).
+
+    The row decodes from ``log p_u + scale * (log p_c - log p_u)``, where ``p_c`` is the model's
+    next-token distribution given the row's own record and ``p_u`` given ``record`` (the same
+    request without what is to be followed: conditions, a target). Both see the same generated
+    tokens: ``record`` is decoded as a partner row fed the guided row's choices. scale 1 is plain
+    conditional decoding, 0 the unconditional one, above 1 pushes away from the unconditional.
+    Penalties, biases and ``process_logits`` apply after the mix; logprobs stay the model's ``p_c``.
+    """
+
+    record: Mapping[str, Any]
+    scale: float
+
+    def __post_init__(self) -> None:
+        if not (math.isfinite(self.scale) and self.scale >= 0):
+            raise ValueError(f"guidance scale must be a finite number at least 0, got {self.scale}")
 
 
 @dataclass
@@ -257,21 +278,32 @@ def generate_completions(
     records: Sequence[Mapping[str, Any]],
     settings: Sequence[GenerationSettings],
     hooks: Sequence[RowHooks] | None = None,
+    guidance: Sequence[Guidance | None] | None = None,
 ) -> list[Completion]:
-    """Answer each record (its last turn the user's) under its own settings and hooks.
+    """Answer each record (its last turn the user's) under its own settings, hooks and guidance.
 
     ``model`` is a ``KibanModel`` (``prepare``, ``embed_inputs``, ``llm``, ``tokenizer``). Raises the
     model's ``InvalidInput`` before any forward pass when a record's inputs are bad, and
     ``PromptTooLong`` (an ``InvalidInput``) before the prefill when a prompt and its ``max_tokens``
     do not fit the backbone's context.
     """
-    if not records or len(records) != len(settings) or (hooks is not None and len(hooks) != len(records)):
-        raise ValueError("generate_completions needs one GenerationSettings (and RowHooks) per record")
+    if (
+        not records
+        or len(records) != len(settings)
+        or (hooks is not None and len(hooks) != len(records))
+        or (guidance is not None and len(guidance) != len(records))
+    ):
+        raise ValueError("generate_completions needs one GenerationSettings (and RowHooks, Guidance) per record")
     if any(s.max_tokens < 1 for s in settings):
         raise ValueError("max_tokens must be at least 1")
     tokenizer = model.tokenizer
     hooks = list(hooks) if hooks is not None else [RowHooks() for _ in records]
     rows = [_Row(s, h, tokenizer, model.device) for s, h in zip(settings, hooks)]
+    # a guided row's unconditional partner is decoded as an extra row after all the asked ones
+    guided = [i for i, g in enumerate(guidance or ()) if g is not None]
+    partner = {i: len(records) + k for k, i in enumerate(guided)}
+    batch_records = [*records, *(guidance[i].record for i in guided)]
+    batch_settings = [*settings, *(settings[i] for i in guided)]
 
     def cancelled() -> bool:  # before the expensive phases: every row's caller gone -> skip the work
         for row in rows:
@@ -281,7 +313,7 @@ def generate_completions(
 
     if cancelled():
         return [row.finish(0) for row in rows]
-    batch = model.prepare(records, add_generation_prompt=True)  # featurizers: bad inputs raise here
+    batch = model.prepare(batch_records, add_generation_prompt=True)  # featurizers: bad inputs raise here
     if cancelled():
         return [row.finish(0) for row in rows]
     context = context_length(model.llm)
@@ -289,11 +321,11 @@ def generate_completions(
         # slots widen to their modality's tokens, so count text tokens first (cheap) and then again
         # after encoding; neither count reaches the backbone when it is over
         text_tokens = batch.attention_mask.sum(1).tolist()
-        _check_context(records, text_tokens, settings, context)
+        _check_context(batch_records, text_tokens, batch_settings, context)
     embeds, mask, _ = model.embed_inputs(batch, padding_side="left")
     prompt_tokens = [int(n) for n in mask.sum(1).tolist()]
     if context is not None:
-        _check_context(records, prompt_tokens, settings, context)
+        _check_context(batch_records, prompt_tokens, batch_settings, context)
     if cancelled():
         return [row.finish(n) for row, n in zip(rows, prompt_tokens)]
 
@@ -315,7 +347,11 @@ def generate_completions(
             if row.reason is not None:
                 next_ids.append(pad)  # a finished row is fed padding (masked out) from here on
                 continue
-            scores = _penalised(logits[i], row)
+            if i in partner:
+                mixed = torch.log_softmax(logits[i], -1), torch.log_softmax(logits[partner[i]], -1)
+                scores = _penalised(mixed[1] + guidance[i].scale * (mixed[0] - mixed[1]), row)
+            else:
+                scores = _penalised(logits[i], row)
             if row.hooks.process_logits is not None:
                 scores = row.hooks.process_logits(row.ids, scores)
             token = _choose(scores, row)
@@ -329,6 +365,8 @@ def generate_completions(
         live = [row.reason is None for row in rows]
         if not any(live):
             break
+        next_ids += [next_ids[i] for i in guided]  # a partner row reads what its guided row chose
+        live += [live[i] for i in guided]
         mask = torch.cat([mask, torch.tensor(live, device=mask.device).long()[:, None]], dim=1)
         positions = positions[:, -1:] + 1
         out = model.llm(
@@ -339,7 +377,7 @@ def generate_completions(
             use_cache=True,
         )
         cache = out.cache
-    return [row.finish(n) for row, n in zip(rows, prompt_tokens)]
+    return [row.finish(n) for row, n in zip(rows, prompt_tokens)]  # zip: partner rows report nothing
 
 
 def _check_context(

@@ -61,6 +61,9 @@ class MoleculeDesignRequest(BaseModel):
     max_tokens: int | None = Field(
         None, ge=4, le=4096, description="backbone tokens per molecule at most (default: enough for max_symbols)"
     )
+    guidance: float = Field(
+        1.0, ge=0.0, le=10.0, description="classifier-free guidance scale against the unconditioned prompt (1: none)"
+    )
 
 
 class MoleculeOut(BaseModel):
@@ -163,7 +166,7 @@ def add_design_routes(app: FastAPI, engine: InferenceEngine, settings: ServeSett
             return design_molecules(
                 model, n=body.n, conditions=conditions, target=body.target, reference=references.get(),
                 seed=body.seed, temperature=body.temperature, top_p=body.top_p, max_symbols=body.max_symbols,
-                max_tokens=body.max_tokens,
+                max_tokens=body.max_tokens, guidance=body.guidance,
                 budget=body.budget, should_stop=should_stop,
             )
 

@@ -55,6 +55,7 @@ def test_molecules_writes_every_sample_with_its_flags(model_dir, reference, tmp_
         (["--condition", "logP ~3"], "'logP ~3' is not written like"),
         (["--target", "MKT1AY"], "--target 'MKT1AY' is neither a FASTA file nor a sequence of letters"),
         (["--target", "MKTJAY"], "protein"),
+        (["--guidance", "-1"], "--guidance must be a finite number at least 0, got -1.0"),
     ],
 )
 def test_molecules_bad_input_is_one_line(model_dir, reference, tmp_path, capsys, extra, message):

@@ -116,6 +116,27 @@ def test_the_same_seed_gives_the_same_designs_whatever_the_batch_size(model):
     assert [d.selfies for d in one.designs] != [d.selfies for d in other.designs]
 
 
+def test_guided_sampling_is_valid_seeded_and_differs_from_plain_sampling(model):
+    conditions = parse_conditions("logP 1-3, MW < 450")
+    kwargs = dict(n=6, conditions=conditions, seed=7, budget=6)
+    plain = design_molecules(model, batch_size=6, **kwargs)
+    guided = design_molecules(model, batch_size=6, guidance=3.0, **kwargs)
+    again = design_molecules(model, batch_size=4, guidance=3.0, **kwargs)
+    _assert_valid(guided)
+    assert [d.selfies for d in guided.designs] == [d.selfies for d in again.designs]
+    assert [d.selfies for d in guided.designs] != [d.selfies for d in plain.designs]
+    # scale 1 is the model as it is; nothing to guide against without conditions or a target
+    assert [d.selfies for d in design_molecules(model, batch_size=6, guidance=1.0, **kwargs).designs] == [
+        d.selfies for d in plain.designs
+    ]
+    free = dict(n=4, seed=3, budget=4, batch_size=4)
+    assert [d.selfies for d in design_molecules(model, guidance=3.0, **free).designs] == [
+        d.selfies for d in design_molecules(model, **free).designs
+    ]
+    with pytest.raises(ValueError, match="--guidance must be a finite number at least 0, got -1"):
+        design_molecules(model, n=1, guidance=-1.0)
+
+
 def test_impossible_conditions_are_refused_before_sampling(model, reference):
     with pytest.raises(ConditionError, match=r"'logP 50' is outside what the training set reaches \(logP"):
         design_molecules(model, n=4, conditions=parse_conditions("logP 50"), reference=reference)

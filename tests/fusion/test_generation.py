@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kiban.fusion.generation import GenerationSettings, PromptTooLong, RowHooks, generate_completions
+from kiban.fusion.generation import (
+    GenerationSettings,
+    Guidance,
+    PromptTooLong,
+    RowHooks,
+    generate_completions,
+)
 from kiban.tiny import tiny_model
 
 PROTEINS = ["MKTAYIAKQR", "MVLSPADKTNVKAAWGKVGAHAGEYGAEALERMFLSF", "GSHMLEDPVDAFQ", "ACDEFGHIKLMNPQRSTVWY"]
@@ -152,3 +158,37 @@ def test_a_logits_processor_decides_each_rows_tokens_and_sees_its_ids_so_far(mod
     constrained, free = generate_completions(model, [_record("MKTAYIAKQR")] * 2, settings, hooks)
     assert constrained.text == "ababab" and free.text != "ababab"
     assert seen[0] == [] and seen[-1] == [a, b, a, b, a]  # the row's own generated ids, one more each step
+
+
+def test_guidance_mixes_the_two_distributions_and_scale_0_is_the_unconditioned_answer(model):
+    """``Guidance``: the row decodes from log p_u + s (log p_c - log p_u), its partner fed the row's tokens."""
+    asked, plain = _record(PROTEINS[1]), _record(PROTEINS[2])
+    settings = GenerationSettings(max_tokens=10, logit_bias=_no_eos(model))
+    alone = generate_completions(model, [plain], [settings])[0].text
+    neighbour = generate_completions(model, [_record(PROTEINS[3])], [settings])[0].text
+    # scale 0 follows the unconditioned record exactly, token for token; an unguided neighbour is untouched
+    guided, beside = generate_completions(
+        model, [asked, _record(PROTEINS[3])], [settings, settings], guidance=[Guidance(plain, 0.0), None]
+    )
+    assert guided.text == alone and beside.text == neighbour
+    assert guided.prompt_tokens == generate_completions(model, [asked], [settings])[0].prompt_tokens
+
+    def capture(into):
+        def hook(ids, logits):
+            into.append(logits.clone())
+            return logits
+        return RowHooks(process_logits=hook)
+
+    first = GenerationSettings(max_tokens=1)  # no bias: the hook sees the mix itself
+    conditional, unconditional, mixed = [], [], []
+    generate_completions(model, [asked], [first], [capture(conditional)])
+    generate_completions(model, [plain], [first], [capture(unconditional)])
+    generate_completions(model, [asked], [first], [capture(mixed)], guidance=[Guidance(plain, 3.0)])
+    lp_c, lp_u = (torch.log_softmax(x[0], -1) for x in (conditional, unconditional))
+    torch.testing.assert_close(mixed[0], lp_u + 3.0 * (lp_c - lp_u), atol=1e-4, rtol=1e-4)
+
+
+def test_a_guidance_scale_must_be_finite_and_not_negative():
+    for scale in (-0.5, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="guidance scale"):
+            Guidance(_record(PROTEINS[0]), scale)

@@ -36,6 +36,12 @@ def test_molecules_route_returns_valid_molecules_and_counts(design_server):
         assert response.status_code == 200, response.text
         answer = response.json()
         again = client.post("/v1/design/molecules", json=body).json()
+        guided = client.post("/v1/design/molecules", json={**body, "guidance": 3.0})
+        negative = client.post("/v1/design/molecules", json={**body, "guidance": -1})
+    assert guided.status_code == 200, guided.text
+    assert all(Chem.MolFromSmiles(m["smiles"]) is not None for m in guided.json()["molecules"])
+    assert [m["selfies"] for m in guided.json()["molecules"]] != [m["selfies"] for m in answer["molecules"]]
+    assert negative.status_code == 422 and negative.json()["error"]["param"] == "guidance"
     counts = answer["counts"]
     assert counts["sampled"] == len(answer["molecules"]) == counts["valid"] + counts["invalid"]
     assert counts["invalid"] == 0 and counts["conditions"] == ["MW at most 500"]
