@@ -19,7 +19,8 @@
    Conversions run in their own process, so the peak memory shown is the loading pass's.
    Loaders that cannot read all cells within --max-seconds are measured over what they read.
 3. Molecules/s of RDKit graph featurization over RDKit's 5,000 NCI SMILES: kiban's
-   MoleculeFeaturizer vs. chemprop's SimpleMoleculeMolGraphFeaturizer [peers venv].
+   MoleculeFeaturizer vs. chemprop's SimpleMoleculeMolGraphFeaturizer [peers venv], each in its
+   own venv (best of three passes), then both in one process of chemprop's venv taking turns.
 
 Peers are installed with pip into throwaway virtual environments under --peers-dir (default
 /tmp/kiban-bench-peers), never into kiban's: py311/ for bionemo-scdl and chemprop, py312/ for
@@ -27,7 +28,7 @@ annbatch (which needs Python >= 3.12). The py311 one borrows kiban's torch throu
 appended to its path, so pip does not download a second multi-GB CUDA torch; everything else it
 installs is its own. A peer that does not install is reported as such.
 
-    .venv/bin/python benchmarks/data_loading.py [--cells 200000] [--genes 20000] [--skip-peers]
+    .venv/bin/python benchmarks/data_loading.py [--cells 200000] [--genes 20000] [--skip-peers] [--part molecules]
 
 This module imports only the standard library at the top: the peer processes run it too.
 """
@@ -192,7 +193,7 @@ def _nci_smiles(path: str) -> list[str]:
     return [line.split()[0] for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def child_molecules_kiban(path: str, batch_size: int, max_seconds: float, variant: str) -> dict:
+def _kiban_molecule_pass(path: str):
     from kiban.encoders.base import InvalidInput
     from kiban.encoders.molecule import MoleculeFeaturizer
 
@@ -208,10 +209,14 @@ def child_molecules_kiban(path: str, batch_size: int, max_seconds: float, varian
                 pass
         return done
 
-    return _best_pass(one_pass)
+    return one_pass
 
 
-def child_molecules_chemprop(path: str, batch_size: int, max_seconds: float, variant: str) -> dict:
+def child_molecules_kiban(path: str, batch_size: int, max_seconds: float, variant: str) -> dict:
+    return _best_pass(_kiban_molecule_pass(path))
+
+
+def _chemprop_molecule_pass(path: str):
     from chemprop.featurizers import SimpleMoleculeMolGraphFeaturizer
     from chemprop.utils import make_mol
     from rdkit import RDLogger
@@ -231,7 +236,44 @@ def child_molecules_chemprop(path: str, batch_size: int, max_seconds: float, var
                 done += 1
         return done
 
-    return _best_pass(one_pass)
+    return one_pass
+
+
+def child_molecules_chemprop(path: str, batch_size: int, max_seconds: float, variant: str) -> dict:
+    return _best_pass(_chemprop_molecule_pass(path))
+
+
+def child_molecules_same_process(path: str, batch_size: int, max_seconds: float, variant: str) -> dict:
+    """Both featurizers in one process on one RDKit (chemprop's venv), whole-file passes taking turns.
+
+    The steadiest comparison: no second interpreter, no second RDKit build, and a slow second of
+    the machine falls on both sides of a round. kiban is imported from its own venv's site folder
+    (``KIBAN_BENCH_SITE``), appended after this venv's packages, so RDKit is chemprop's.
+    """
+    import site
+    import statistics
+
+    site.addsitedir(os.environ["KIBAN_BENCH_SITE"])
+    import rdkit
+
+    kiban_pass, chemprop_pass = _kiban_molecule_pass(path), _chemprop_molecule_pass(path)
+    kiban_pass(), chemprop_pass()  # warm: imports, the compiled reader's first load
+    rounds = []
+    for _ in range(6):
+        started = time.perf_counter()
+        done = kiban_pass()
+        kiban_s = time.perf_counter() - started
+        started = time.perf_counter()
+        chemprop_done = chemprop_pass()
+        rounds.append((done / kiban_s, chemprop_done / (time.perf_counter() - started)))
+    ratios = [k / c for k, c in rounds]
+    return {
+        "rdkit": rdkit.__version__,
+        "kiban_per_s": statistics.median(k for k, _ in rounds),
+        "chemprop_per_s": statistics.median(c for _, c in rounds),
+        "ratios": [round(r, 2) for r in ratios],
+        "median_ratio": statistics.median(ratios),
+    }
 
 
 def _best_pass(one_pass, passes: int = 3) -> dict:
@@ -254,6 +296,7 @@ CHILDREN = {
     "bionemo-scdl": child_scdl,
     "molecules-kiban": child_molecules_kiban,
     "molecules-chemprop": child_molecules_chemprop,
+    "molecules-same-process": child_molecules_same_process,
 }
 
 
@@ -261,16 +304,18 @@ CHILDREN = {
 # The driver
 
 
-def _peers(peers_dir: Path) -> dict[str, Path | str]:
-    """Interpreter per peer package, or the reason it is not available."""
+def _peers(peers_dir: Path, *, cells: bool = True) -> dict[str, Path | str]:
+    """Interpreter per peer package, or the reason it is not available (chemprop only without ``cells``)."""
     found: dict[str, Path | str] = {}
     py311 = peers_dir / "py311"
     if not (py311 / "bin" / "python").exists():
         subprocess.run([sys.executable, "-m", "venv", str(py311)], check=True)
         site = next((py311 / "lib").glob("python3.*")) / "site-packages"
         (site / "zz-kiban-torch.pth").write_text(str(KIBAN_SITE) + "\n")  # torch (and others) as a fallback
-    for package, module in (("bionemo-scdl", "bionemo.scdl"), ("chemprop", "chemprop")):
+    for package, module in (("bionemo-scdl", "bionemo.scdl"), ("chemprop", "chemprop"))[0 if cells else 1 :]:
         found[package] = _install(py311 / "bin" / "python", package, module)
+    if not cells:
+        return found
     py312 = peers_dir / "py312"
     python312 = _python312()
     if not (py312 / "bin" / "python").exists():
@@ -347,26 +392,8 @@ def _run(
     return json.loads(lines[-1])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cells", type=int, default=200_000)
-    parser.add_argument("--genes", type=int, default=20_000)
-    parser.add_argument("--genes-per-cell", type=int, default=500)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--max-seconds", type=float, default=20.0, help="time limit of one loader's pass")
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/kiban-bench-data"))
-    parser.add_argument("--peers-dir", type=Path, default=Path("/tmp/kiban-bench-peers"))
-    parser.add_argument("--skip-peers", action="store_true")
-    parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
-    parser.add_argument("--path", help=argparse.SUPPRESS)
-    parser.add_argument("--variant", default="", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-
-    if args.child:
-        result = CHILDREN[args.child](args.path, args.batch_size, args.max_seconds, args.variant)
-        print(json.dumps({**result, "peak_mib": _status_mib("VmHWM")}))
-        return
-
+def _cells(args: argparse.Namespace, peers: dict) -> None:
+    """Part 1 and 2: the h5ad (generated once) read by every loader, one table."""
     from kiban.atomic import staged_file
     from kiban.data.synthetic import write_sparse_h5ad
 
@@ -388,7 +415,6 @@ def main() -> None:
     )
     print(f"python {sys.version.split()[0]}, {os.cpu_count()} CPUs\n")
 
-    peers = {} if args.skip_peers else _peers(args.peers_dir)
     rows = [
         ("kiban stream, records", _run(sys.executable, "kiban", data, args, "records")),
         (
@@ -431,6 +457,9 @@ def main() -> None:
             f"{result['peak_mib']:>13,.0f} {result['baseline_mib']:>14,.0f}"
         )
 
+
+def _molecules(args: argparse.Namespace, peers: dict) -> None:
+    """Part 3: molecule graph featurization, kiban against chemprop."""
     import rdkit
 
     smiles = Path(rdkit.__file__).parent / "Data" / "NCI" / "first_5K.smi"
@@ -452,6 +481,45 @@ def main() -> None:
                 f"  {name:<44} {result['per_s']:>8,.0f} molecules/s "
                 f"({result['molecules']:,} in {result['seconds']}s, best of {result['passes']} passes)"
             )
+    if isinstance(chem, Path):
+        same = _run(chem, "molecules-same-process", smiles, args, env={"KIBAN_BENCH_SITE": str(KIBAN_SITE)})
+        if "error" in same:
+            print(f"  one process, chemprop's venv: {same['error']}")
+        else:
+            print(
+                f"  one process, chemprop's venv (RDKit {same['rdkit']}), six rounds taking turns: kiban "
+                f"{same['kiban_per_s']:,.0f}, chemprop {same['chemprop_per_s']:,.0f} molecules/s (medians); "
+                f"kiban / chemprop per round {same['ratios']}, median x{same['median_ratio']:.2f}"
+            )
+
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", type=int, default=200_000)
+    parser.add_argument("--genes", type=int, default=20_000)
+    parser.add_argument("--genes-per-cell", type=int, default=500)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--max-seconds", type=float, default=20.0, help="time limit of one loader's pass")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/kiban-bench-data"))
+    parser.add_argument("--peers-dir", type=Path, default=Path("/tmp/kiban-bench-peers"))
+    parser.add_argument("--skip-peers", action="store_true")
+    parser.add_argument("--part", choices=("all", "cells", "molecules"), default="all", help="run one part only")
+    parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    parser.add_argument("--path", help=argparse.SUPPRESS)
+    parser.add_argument("--variant", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        result = CHILDREN[args.child](args.path, args.batch_size, args.max_seconds, args.variant)
+        print(json.dumps({**result, "peak_mib": _status_mib("VmHWM")}))
+        return
+
+    peers = {} if args.skip_peers else _peers(args.peers_dir, cells=args.part != "molecules")
+    if args.part in ("all", "cells"):
+        _cells(args, peers)
+    if args.part in ("all", "molecules"):
+        _molecules(args, peers)
 
 
 if __name__ == "__main__":

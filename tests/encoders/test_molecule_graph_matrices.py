@@ -75,3 +75,66 @@ def test_features_are_identical_across_runs_and_batches_collate(molecules):
     assert all(torch.equal(a[k], b[k]) for a, b in zip(first, second, strict=True) for k in a)
     batch = MoleculeFeaturizer().collate(first[:16])
     assert batch["edge_index"].shape[0] == 2 and batch["bond_features"].shape[0] == batch["edge_index"].shape[1]
+
+
+def _read_pickle(mol, pickle=None):
+    """(status, arrays) of the compiled reader on ``mol``'s binary pickle (or the bytes given)."""
+    import numpy as np
+
+    from kiban.encoders.molecule import ATOM_FEATURE_DIM, _graph_kernel
+
+    kernel = _graph_kernel()
+    if kernel is None:
+        pytest.skip("no C++ compiler: graph_matrices runs RDKit's getters only")
+    n_atoms, n_bonds = mol.GetNumAtoms(), mol.GetNumBonds()
+    arrays = (
+        np.empty((n_atoms, ATOM_FEATURE_DIM), dtype=np.float32),
+        np.empty((2, 2 * n_bonds), dtype=np.int64),
+        np.empty((2 * n_bonds, BOND_FEATURE_DIM), dtype=np.float32),
+    )
+    pickle = mol.ToBinary() if pickle is None else pickle
+    return kernel(pickle, len(pickle), n_atoms, n_bonds, *(a.ctypes.data for a in arrays)), arrays
+
+
+def _ring_ladder(n_bonds):
+    """200 carbons in a chain, with ring-closing bonds (i, i + 2) until there are ``n_bonds`` bonds."""
+    mol = Chem.RWMol()
+    for _ in range(200):
+        mol.AddAtom(Chem.Atom(6))
+    for i in range(199):
+        mol.AddBond(i, i + 1, Chem.BondType.SINGLE)
+    i = 0
+    while mol.GetNumBonds() < n_bonds:
+        mol.AddBond(i, i + 2, Chem.BondType.SINGLE)
+        i += 3
+    mol = mol.GetMol()
+    Chem.SanitizeMol(mol)
+    return mol
+
+
+def test_the_compiled_pickle_reader_equals_rdkits_getters_and_refuses_what_it_does_not_read(molecules):
+    """``graph_matrices`` reads RDKit's binary pickle in C++; the getters are the reference."""
+    import numpy as np
+
+    from kiban.encoders.molecule import graph_matrices_getters
+
+    read, refused = 0, []
+    large = [Chem.MolFromSmiles("c1ccccc1" * 43), _ring_ladder(255), _ring_ladder(256)]  # 258 atoms; 1- and 4-byte indices
+    with rdBase.BlockLogs():
+        mols = [m for m in (Chem.MolFromSmiles(t) for t in molecules) if m is not None and m.GetNumAtoms()]
+    for mol in mols + large:
+        status, arrays = _read_pickle(mol)
+        if status != 0:
+            refused.append(Chem.MolToSmiles(mol))
+            continue
+        want = graph_matrices_getters(mol)
+        assert all(np.array_equal(got, w) for got, w in zip(arrays, want, strict=True)), Chem.MolToSmiles(mol)
+        read += 1
+    # refused: isotopes ([2H], [13C]: their mass needs RDKit's isotope table) and dummy atoms ("*C")
+    assert all("[2H]" in s or "*" in s or "[1" in s for s in refused), refused
+    assert read >= len(mols) + len(large) - 10
+    # a pickle cut short is malformed (-1), never read past its end; another pickle version is refused (1)
+    mol = Chem.MolFromSmiles("CC(=O)Oc1ccccc1C(=O)O")
+    pickle = mol.ToBinary()
+    assert all(_read_pickle(mol, pickle[:cut])[0] == -1 for cut in range(0, len(pickle) - 20, 3))
+    assert _read_pickle(mol, pickle[:8] + (15).to_bytes(4, "little") + pickle[12:])[0] == 1
