@@ -2,11 +2,12 @@
 
 kiban's data path has a few loops that numpy cannot vectorise well (per-row sorts of a few hundred
 values, RDKit-free bookkeeping, reading RDKit's binary molecule pickle); those are written in C++
-(``kiban/data/cell_tokens.cpp``, ``kiban/encoders/mol_graph.cpp``) with a plain C interface. ``load(source)`` compiles the file once into a shared library under
-``$KIBAN_CACHE_DIR/native/`` (default ``$XDG_CACHE_HOME/kiban``, else ``~/.cache/kiban``; a
-temporary folder when the cache is off) and returns it as a ``ctypes.CDLL``; later processes load
-the cached build (milliseconds). The library's name is keyed by the source, the compiler's version
-and the machine's architecture, so an edited source or another compiler never reads a stale build.
+(``kiban/data/cell_tokens.cpp``, ``kiban/encoders/mol_graph.cpp``) with a plain C interface.
+``load(source)`` compiles the file once into a shared library under ``$KIBAN_CACHE_DIR/native/``
+(default ``$XDG_CACHE_HOME/kiban``, else ``~/.cache/kiban``; a temporary folder when the cache is
+off) and returns it as a ``ctypes.CDLL``; later processes load the cached build (milliseconds).
+The library's name is keyed by the source, the compiler's version and the machine's architecture,
+so an edited source or another compiler never reads a stale build.
 Builds are portable (no ``-march=native``): one cache folder can serve a cluster's nodes.
 
 Kernels are optional: ``load`` returns None, with one warning per source and process, where no

@@ -115,12 +115,12 @@ def _molecules(args: argparse.Namespace) -> int:
     from kiban.design.conditions import parse_conditions
     from kiban.design.molecules import Reference, design_molecules, read_smiles_file
     from kiban.fusion import KibanModel
+    from kiban.fusion.generation import check_guidance_scale
 
     torch.set_num_threads(min(torch.get_num_threads(), 4))
     out = _new_file(args.out)
     conditions = parse_conditions(args.condition)  # a typo costs a second, not a model load
-    if not 0 <= args.guidance < float("inf"):
-        raise ValueError(f"--guidance must be a finite number at least 0, got {args.guidance}")
+    check_guidance_scale(args.guidance, what="--guidance")  # before the model load, as the conditions
     target = _protein(args.target, "--target") if args.target else None
     reference = Reference.from_smiles(read_smiles_file(args.reference)) if args.reference else None
     model_dir = Path(args.model).expanduser()

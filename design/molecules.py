@@ -15,7 +15,6 @@ same seed gives the same designs whatever the batch size.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from kiban.fusion.generation import (
     Guidance,
     PromptTooLong,
     RowHooks,
+    check_guidance_scale,
     generate_completions,
 )
 
@@ -225,8 +225,7 @@ def design_molecules(
     budget = budget if budget is not None else 20 * n
     if budget < n:
         raise ValueError(f"--budget {budget} is smaller than --n {n}")
-    if not (math.isfinite(guidance) and guidance >= 0):
-        raise ValueError(f"--guidance must be a finite number at least 0, got {guidance}")
+    check_guidance_scale(guidance, what="--guidance")
     if reference is not None:
         check_reachable(conditions, reference.ranges, size=reference.size)
     if target is not None and "protein" not in model.encoders:

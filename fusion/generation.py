@@ -36,6 +36,7 @@ __all__ = [
     "PromptTooLong",
     "RowHooks",
     "TokenLogprob",
+    "check_guidance_scale",
     "context_length",
     "generate_completions",
 ]
@@ -112,8 +113,13 @@ class Guidance:
     scale: float
 
     def __post_init__(self) -> None:
-        if not (math.isfinite(self.scale) and self.scale >= 0):
-            raise ValueError(f"guidance scale must be a finite number at least 0, got {self.scale}")
+        check_guidance_scale(self.scale)
+
+
+def check_guidance_scale(scale: float, *, what: str = "guidance scale") -> None:
+    """Raise ValueError naming ``what`` unless ``scale`` is a finite number at least 0."""
+    if not (math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"{what} must be a finite number at least 0, got {scale}")
 
 
 @dataclass
