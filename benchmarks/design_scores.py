@@ -14,6 +14,8 @@ with its Wilson 95% interval, and a second table with the share meeting each con
 The same model decoded without the SELFIES constraint: how many of its answers parse, and why not.
 Probes (``--probe``): one extreme condition at a time, the share meeting it when asked (plain and
 guided) against the unconditioned model and the data: does the model follow what it is asked?
+Likelihood probes (``--likelihood-probe``): held-out molecules' log-likelihood after asking one
+condition minus after asking its opposite: does what is asked move the model at all?
 Proteins: Gibbs designs of a template beside random mutants with as many changes, by PLL.
 Prints a Markdown table and writes the numbers as JSON (``--out``).
 """
@@ -92,6 +94,47 @@ def _unconstrained_validity(model, n: int, seed: int, symbols) -> dict:
     return {"n": n, "validity": reasons["valid"] / n, **reasons}
 
 
+def _likelihood_probe(model, test: list[str], pair: tuple[str, str], per_side: int) -> dict:
+    """Does a condition move the model's likelihood of a molecule? For held-out molecules meeting
+    exactly one of two opposite conditions A and B (up to ``per_side`` each), the log-likelihood of
+    the molecule's SELFIES after asking A minus after asking B, in nats: a model that reads its
+    conditions gives positive values to A's molecules and negative ones to B's; one that ignores
+    them gives about 0 to both. ``right``: the balanced share of molecules on the right side of 0.
+    """
+    from rdkit import Chem
+
+    from kiban.design.molecules import design_record
+    from kiban.design.selfies_decoding import encode_selfies
+
+    asked = [parse_conditions(text, what="likelihood probe") for text in pair]
+    sides: list[list[str]] = [[], []]
+    for smiles in test:
+        mol = Chem.MolFromSmiles(smiles)
+        selfies = encode_selfies(smiles) if mol is not None else None
+        if selfies is None:
+            continue
+        met = [meets(compute_properties(mol), conditions) for conditions in asked]
+        if met[0] != met[1] and len(sides[met[1]]) < per_side:
+            sides[met[1]].append(selfies)
+    properties = "properties" in model.encoders
+
+    def log_likelihood(conditions, selfies: str) -> float:
+        record = design_record(conditions, properties=properties)
+        record["messages"].append({"role": "assistant", "content": selfies})
+        batch = model.prepare([record])
+        with torch.no_grad():
+            loss = model(batch).loss.item()
+        return -loss * int((batch.labels != -100).sum())
+
+    deltas = [[log_likelihood(asked[0], m) - log_likelihood(asked[1], m) for m in side] for side in sides]
+    return {
+        "molecules": [len(side) for side in sides],
+        "mean_delta": [statistics.mean(d) if d else float("nan") for d in deltas],
+        "right": statistics.mean([sum(d > 0 for d in deltas[0]) / max(len(deltas[0]), 1),
+                                  sum(d < 0 for d in deltas[1]) / max(len(deltas[1]), 1)]),
+    }
+
+
 def _wilson(hits: int, n: int, z: float = 1.96) -> list[float]:
     """Wilson score interval of a binomial share: honest for shares near 0 at a few hundred samples."""
     share = hits / n
@@ -112,6 +155,10 @@ def main() -> None:
     parser.add_argument(
         "--probe", nargs="*", default=["MW < 250", "MW > 450", "logP < 1", "logP > 4", "TPSA > 100"],
         help="single conditions asked one at a time (the probe table)",
+    )
+    parser.add_argument(
+        "--likelihood-probe", nargs="*", default=["MW < 250 | MW > 450", "logP < 1 | logP > 4", "TPSA < 40 | TPSA > 100"],
+        help="'A | B' pairs of opposite conditions: held-out molecules' log-likelihood after A minus after B",
     )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/design_scores.json")
@@ -166,6 +213,13 @@ def main() -> None:
         shares["training set sampled"] = _shares(copies, probe)["in_ranges"]
         probes[probe[0].text()] = shares
 
+    likelihood = {}
+    for text in args.likelihood_probe:
+        pair = tuple(part.strip() for part in text.split("|"))
+        if len(pair) != 2:
+            parser.error(f"--likelihood-probe {text!r}: write two conditions as 'A | B'")
+        likelihood[text] = _likelihood_probe(model, test, pair, per_side=100)
+
     ngram = NgramSmiles(order=6).fit(train).sample(args.n, seed=args.seed)
     ngram = [canonical_smiles(s) for s in ngram]
     rows["baseline: SMILES 6-gram"] = molecule_scores(ngram, training=training, reference=test)
@@ -205,6 +259,17 @@ def main() -> None:
         print("|---|" + "---|" * len(columns))
         for name, shares in probes.items():
             print(f"| {name} | " + " | ".join(f"{shares[c]:.3f}" for c in columns) + " |")
+    if likelihood:
+        print(
+            "\nlikelihood probes: held-out molecules meeting A or B; log-likelihood of each after asking A "
+            "minus after asking B (nats)\n\n| A \\| B | molecules A / B | mean, A's molecules | mean, B's molecules "
+            "| on the right side of 0 |\n|---|---|---|---|---|"
+        )
+        for name, r in likelihood.items():
+            print(
+                f"| {name.replace('|', chr(92) + '|')} | {r['molecules'][0]} / {r['molecules'][1]} | {r['mean_delta'][0]:+.2f} "
+                f"| {r['mean_delta'][1]:+.2f} | {r['right']:.3f} |"
+            )
     print(
         f"\nproteins ({len(TEMPLATE)}-residue template, 8 designs x 60 Gibbs steps): PLL/residue designs "
         f"{proteins['designs_pll_per_residue']:.4f}, random mutants with as many changes "
@@ -212,7 +277,7 @@ def main() -> None:
         f"identity {proteins['identity']:.3f}, {proteins['changes']:.1f} changes"
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "probes": probes, "unconstrained": unconstrained, "proteins": proteins, "n": args.n}, indent=2))
+    Path(args.out).write_text(json.dumps({"rows": rows, "probes": probes, "likelihood": likelihood, "unconstrained": unconstrained, "proteins": proteins, "n": args.n}, indent=2))
 
 
 if __name__ == "__main__":

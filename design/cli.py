@@ -65,6 +65,12 @@ def _records_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--test-fraction", type=float, default=0.05)
     parser.add_argument("--max-target-records", type=int, default=2000)
     parser.add_argument("--conditioned", type=int, default=1, help="records with conditions per molecule, each its own draw (default 1)")
+    parser.add_argument(
+        "--no-properties-input",
+        dest="properties",
+        action="store_false",
+        help="write conditions as text only, without the <properties> input (for a model without the properties encoder)",
+    )
 
 
 def _design_arguments(parser: argparse.ArgumentParser) -> None:
@@ -206,6 +212,7 @@ def _records(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
         max_target_records=args.max_target_records,
         conditioned=args.conditioned,
+        properties=args.properties,
     )
     _say(counts.line())
     _say("wrote " + ", ".join(f"{name} ({k})" for name, k in counts.records.items()) + f" in {args.out}")

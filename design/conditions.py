@@ -1,7 +1,8 @@
 """Property conditions for molecule design: parse ``"logP 1-3, MW < 450, QED > 0.6"``, compute, check.
 
 A condition names a property from ``PROPERTIES`` (RDKit descriptors; names are case-insensitive)
-and an interval: ``logP 1-3`` / ``logP 1 to 3`` (both ends included), ``MW < 450`` / ``MW <= 450``,
+and an interval: ``logP 1-3`` / ``logP 1 to 3`` (both ends included), ``MW < 450`` / ``MW <= 450`` /
+``MW at most 450`` (``Condition.text``'s wording, so a written condition reads back the same),
 ``QED > 0.6``, ``HBD = 2``. Conditions are checked on the decoded molecule after generation: the
 model is *asked* for them in its prompt (``Condition.text`` is the one wording used in training
 records and at generation time), and a molecule *meets* them only when RDKit says so.
@@ -107,6 +108,7 @@ _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
 _CONDITION = re.compile(
     rf"^(?P<name>[A-Za-z][A-Za-z0-9_]*)\s*(?:"
     rf"(?P<op><=|>=|=<|=>|<|>|=|≤|≥)\s*(?P<value>{_NUMBER})"
+    rf"|(?P<words>at most|at least)\s+(?P<bound>{_NUMBER})"
     rf"|(?P<low>{_NUMBER})\s*(?:-|–|to|\.\.)\s*(?P<high>{_NUMBER})"
     rf"|(?P<about>{_NUMBER}))$"
 )
@@ -140,6 +142,9 @@ def parse_conditions(text: str | None, *, what: str = "--condition") -> list[Con
             value = float(match["about"])
             half = 0.0 if prop.integer else prop.step / 2
             low, high = value - half, value + half
+        elif match["words"]:  # the wording of ``Condition.text``: inclusive, as in the records
+            bound = float(match["bound"])
+            low, high = (-math.inf, bound) if match["words"] == "at most" else (bound, math.inf)
         elif match["op"]:
             value = float(match["value"])
             op = {"=<": "<=", "=>": ">=", "≤": "<=", "≥": ">="}.get(match["op"], match["op"])

@@ -1,7 +1,8 @@
 """Molecule design with the fused model: prompt, constrained sampling, RDKit check, honest counts.
 
     request (n, conditions, target protein, seed)
-      -> prompt (``design_prompt``: the same wording the training records use)
+      -> prompt (``design_record``: the same wording and inputs the training records use; the
+         conditions also as a ``<properties>`` input when the model has that encoder)
       -> batches of rows through ``generate_completions`` with a ``SelfiesConstraint`` per row
       -> SELFIES -> SMILES -> RDKit (canonical SMILES, properties) -> meets the conditions?
       -> until n distinct molecules meet them, or the sampling budget is spent
@@ -38,6 +39,7 @@ __all__ = [
     "canonical_smiles",
     "design_molecules",
     "design_prompt",
+    "design_record",
     "read_smiles_file",
 ]
 
@@ -45,16 +47,43 @@ __all__ = [
 TASK = "Design a drug-like molecule"
 
 
-def design_prompt(conditions: Sequence[Condition] = (), *, target: bool = False) -> str:
+def design_prompt(conditions: Sequence[Condition] = (), *, target: bool = False, properties: bool = False) -> str:
     """The user turn asking for one molecule: ``Design a drug-like molecule that binds <protein>
-    with logP 1 to 3, MW at most 450. Answer in SELFIES.``
+    with logP 1 to 3, MW at most 450. Answer in SELFIES.`` With ``properties`` (and conditions), the
+    conditions are also given as a ``<properties>`` input: ``... MW at most 450 <properties>. ...``
     """
     text = TASK
     if target:
         text += " that binds <protein>"
     if conditions:
         text += " with " + ", ".join(c.text() for c in conditions)
+        if properties:
+            text += " <properties>"
     return text + ". Answer in SELFIES."
+
+
+def design_record(
+    conditions: Sequence[Condition] = (), *, target: str | None = None, properties: bool = False, rid: str = "design"
+) -> dict[str, Any]:
+    """The fused-model record asking for one molecule (``design_prompt``, with its inputs bound).
+
+    target: a protein sequence, bound to ``<protein>``. properties: also bind the conditions to a
+    ``<properties>`` input (``kiban.encoders.properties``), the numbers as numbers; the training
+    records and ``design_molecules`` do so exactly when the model has that encoder.
+    """
+    properties = properties and bool(conditions)
+    record: dict[str, Any] = {
+        "id": rid,
+        "messages": [{"role": "user", "content": design_prompt(conditions, target=target is not None, properties=properties)}],
+    }
+    inputs: dict[str, list[Any]] = {}
+    if target is not None:
+        inputs["protein"] = [target]
+    if properties:
+        inputs["properties"] = [", ".join(c.text() for c in conditions)]
+    if inputs:
+        record["inputs"] = inputs
+    return record
 
 
 def canonical_smiles(smiles: str) -> str | None:
@@ -233,13 +262,10 @@ def design_molecules(
     alphabet = default_alphabet(reference.symbols if reference is not None else ())
     constraint = SelfiesConstraint(model.tokenizer, alphabet, max_symbols=max_symbols)
     tokens = max_tokens if max_tokens is not None else constraint.max_tokens()
-    record: dict[str, Any] = {"id": "design", "messages": [{"role": "user", "content": design_prompt(conditions, target=target is not None)}]}
-    if target is not None:
-        record["inputs"] = {"protein": [target]}
+    record = design_record(conditions, target=target, properties="properties" in model.encoders)
     guide = None
     if guidance != 1.0 and (conditions or target is not None):
-        plain = {"id": "design (unconditioned, for guidance)", "messages": [{"role": "user", "content": design_prompt()}]}
-        guide = Guidance(plain, guidance)
+        guide = Guidance(design_record(rid="design (unconditioned, for guidance)"), guidance)
     report = DesignReport(requested=n, conditions=list(conditions), budget=budget)
     seen: set[str] = set()
     while len(report.met) < n and report.sampled < budget:

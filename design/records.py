@@ -6,8 +6,9 @@
       -> per strong drug–target pair: "... that binds <protein>" with the target as a protein input
       -> train.jsonl, val.jsonl (read by ``kiban fit``), train.smi / test.smi (novelty, FCD reference)
 
-The user turn is ``design_prompt`` (the exact wording ``kiban design molecules`` asks with) and the
-assistant turn is the molecule's SELFIES. Conditions are drawn at random around the molecule's own
+The user turn is ``design_record``'s (the exact wording and inputs ``kiban design molecules`` asks
+with: the conditions in words and, by default, as a ``<properties>`` input) and the assistant turn is
+the molecule's SELFIES. Conditions are drawn at random around the molecule's own
 properties, so every record's conditions hold for its answer: the model learns what "logP 1 to 3"
 means by seeing molecules that meet it. The split is by molecule, so no test molecule is ever an
 answer in training. Counts add up: read = used + rejected (by reason).
@@ -27,7 +28,7 @@ from typing import Any
 
 from kiban.atomic import staged_folder
 from kiban.design.conditions import PROPERTIES, Condition, compute_properties
-from kiban.design.molecules import design_prompt
+from kiban.design.molecules import design_record
 from kiban.design.selfies_decoding import encode_selfies
 
 __all__ = ["RecipeCounts", "random_conditions", "write_design_records"]
@@ -111,10 +112,14 @@ def write_design_records(
     max_target_records: int = 2000,
     max_atoms: int = 50,
     conditioned: int = 1,
+    properties: bool = True,
 ) -> RecipeCounts:
     """Write the design records into the new folder ``out`` (see the module docstring).
 
     conditioned: records with conditions per molecule (each its own draw), beside the one without.
+    properties: conditioned records also give their conditions as a ``<properties>`` input (the
+    model then needs the ``properties`` encoder, as ``configs/design_cpu.yaml`` has); False writes
+    the conditions as text only.
 
     max_atoms: molecules with more heavy atoms are left out (counted), which keeps SELFIES answers
     short enough to learn on a CPU. max_target_records: the most drug–target records (a random
@@ -174,10 +179,11 @@ def write_design_records(
     for part in ("train", "val"):
         for k, smiles in enumerate(split[part]):
             selfies, values = molecules[smiles]
-            records[part].append(_record(f"{part}-{k}", [], selfies))
+            records[part].append(_record(f"{part}-{k}", [], selfies, properties=properties))
             for c in range(conditioned):
                 suffix = "c" if c == 0 else f"c{c + 1}"
-                records[part].append(_record(f"{part}-{k}-{suffix}", random_conditions(values, rng), selfies))
+                conditions = random_conditions(values, rng)
+                records[part].append(_record(f"{part}-{k}-{suffix}", conditions, selfies, properties=properties))
     if dti_dir is not None:
         for part, items in _target_records(dti_dir, where, molecules, rng, max_target_records).items():
             records[part].extend(items)
@@ -199,16 +205,9 @@ def write_design_records(
     return counts
 
 
-def _record(rid: str, conditions: list[Condition], selfies: str, target: str | None = None) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "id": rid,
-        "messages": [
-            {"role": "user", "content": design_prompt(conditions, target=target is not None)},
-            {"role": "assistant", "content": selfies},
-        ],
-    }
-    if target is not None:
-        record["inputs"] = {"protein": [target]}
+def _record(rid: str, conditions: list[Condition], selfies: str, target: str | None = None, *, properties: bool) -> dict[str, Any]:
+    record = design_record(conditions, target=target, properties=properties, rid=rid)
+    record["messages"].append({"role": "assistant", "content": selfies})
     return record
 
 
@@ -243,6 +242,6 @@ def _target_records(
         rng.shuffle(pairs_list)
         cap = limit if part == "train" else max(limit // 10, 1)
         result[part] = [
-            _record(f"{part}-{name}", [], molecules[smiles][0], sequence) for name, smiles, sequence in pairs_list[:cap]
+            _record(f"{part}-{name}", [], molecules[smiles][0], sequence, properties=False) for name, smiles, sequence in pairs_list[:cap]
         ]
     return result

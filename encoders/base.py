@@ -331,7 +331,7 @@ def config_from_dict(config_class: type, values: dict[str, Any], *, path: str = 
 
 
 # molecule_lm registers the SMILES language-model kind of the molecule encoder (it builds on molecule)
-_BUILTINS = ("protein", "dna", "cell", "image", "molecule", "molecule_lm", "text")
+_BUILTINS = ("protein", "dna", "cell", "image", "molecule", "molecule_lm", "text", "properties")
 
 
 def _import_builtin_encoders() -> None:

@@ -37,10 +37,10 @@ def test_repository_folders_import_as_kiban_subpackages_and_nothing_leaks():
     assert not any(found[n] for n in ("encoders", "fusion", "data", "tasks", "hpc")), found
 
 
-def test_console_command_lists_the_six_encoders():
+def test_console_command_lists_the_six_encoders_and_property_conditions():
     kiban_cli = Path(sys.executable).parent / "kiban"
     out = subprocess.run([str(kiban_cli), "encoders"], check=True, capture_output=True, text=True).stdout
-    assert [line.split()[0] for line in out.splitlines()] == ["cell", "dna", "image", "molecule", "protein", "text"]
+    assert [line.split()[0] for line in out.splitlines()] == ["cell", "dna", "image", "molecule", "properties", "protein", "text"]
 
 
 def test_ci_runs_exactly_the_readme_test_command():

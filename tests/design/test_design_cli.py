@@ -115,6 +115,26 @@ def test_records_split_by_molecule_and_counts_add_up(tmp_path, capsys):
     assert (more / "train.smi").read_text() == (out / "train.smi").read_text()  # the same split
     asked = [r for r in train3 if " with " in r["messages"][0]["content"]]
     assert len(asked) == 12 and len({r["messages"][0]["content"] for r in asked}) > 4  # draws differ
+    # every conditioned record gives its conditions as a <properties> input too, in the prompt's words;
+    # an unconditioned one has none
+    from kiban.design.conditions import compute_properties, meets, parse_conditions
+    from kiban.design.selfies_decoding import decode_selfies
+
+    for record in train3:
+        prompt = record["messages"][0]["content"]
+        if record in asked:
+            written = prompt.split(" with ", 1)[1].split(" <properties>. ", 1)[0]
+            assert record["inputs"] == {"properties": [written]} and prompt.endswith(" <properties>. Answer in SELFIES.")
+            smiles = decode_selfies(record["messages"][1]["content"])
+            assert meets(compute_properties(Chem.MolFromSmiles(smiles)), parse_conditions(written))
+        else:
+            assert "inputs" not in record and "<properties>" not in prompt
+
+    text_only = tmp_path / "records-text"
+    assert main(["design", "records", "--molecules", str(source), "--out", str(text_only), "--test-fraction", "0.25",
+                 "--val-fraction", "0.25", "--no-properties-input"]) == 0
+    plain = [json.loads(line) for line in (text_only / "train.jsonl").open()]
+    assert len(plain) == 8 and not any("inputs" in r or "<properties>" in r["messages"][0]["content"] for r in plain)
 
 
 def test_drawn_conditions_hold_and_none_is_vacuous():

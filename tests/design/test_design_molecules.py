@@ -228,3 +228,22 @@ def test_the_constraint_holds_over_a_bpe_tokenizer_whose_tokens_cross_symbols():
         assert "".join(symbols) == text and set(symbols) <= alphabet
         if token == tokenizer.eos_token_id:
             assert text == tokenizer.decode(ids) and symbols
+
+
+def test_a_model_with_the_properties_encoder_reads_the_conditions_as_numbers():
+    # two models alike but for their properties encoder: the same request and seed design
+    # differently, so the conditions reached the model through the <properties> input
+    conditions = parse_conditions("MW at most 300, logP 1-3")
+    designs = []
+    for scale in (1.0, 50.0):
+        model = tiny_model(["properties"], seed=0).eval()
+        with torch.no_grad():
+            for param in model.llm.parameters():
+                if param.dim() == 2:
+                    param.mul_(20.0)
+            for param in model.encoders["properties"].parameters():
+                param.mul_(scale)
+        report = design_molecules(model, n=6, conditions=conditions, seed=3, budget=6, batch_size=6)
+        _assert_valid(report)
+        designs.append([d.selfies for d in report.designs])
+    assert designs[0] != designs[1]

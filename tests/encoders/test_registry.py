@@ -21,8 +21,8 @@ from kiban.encoders import (
 ENCODERS = list_encoders()
 
 
-def test_the_six_modalities_are_registered():
-    assert ENCODERS == ["cell", "dna", "image", "molecule", "protein", "text"]
+def test_the_six_modalities_and_property_conditions_are_registered():
+    assert ENCODERS == ["cell", "dna", "image", "molecule", "properties", "protein", "text"]
 
 
 @pytest.fixture(scope="module", params=ENCODERS)

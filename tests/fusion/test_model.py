@@ -27,9 +27,9 @@ def _nudge_lora(model):
 def test_one_batch_with_every_modality_interleaved_with_text(records):
     model = tiny_model(lora=True)
     batch = model.prepare(records)
-    assert set(batch.features) == set(list_encoders()) == {"protein", "dna", "cell", "image", "molecule", "text"}
+    assert set(batch.features) == set(list_encoders()) == {"protein", "dna", "cell", "image", "molecule", "text", "properties"}
     slots_per_row = (batch.input_ids < 0).sum(1)
-    assert slots_per_row.tolist() == [6, 6, 6]
+    assert slots_per_row.tolist() == [7, 7, 7]
     out = model(batch)
     assert torch.isfinite(out.loss)
     embeds, mask, labels = model.embed_inputs(batch)

@@ -105,7 +105,7 @@ def test_the_fit_command_fails_in_a_second_with_one_line_naming_the_field(tmp_pa
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1] == (
         "kiban fit: error: model.encoders.protien: unknown encoder 'protien'; registered encoders: "
-        "cell, dna, image, molecule, protein, text"
+        "cell, dna, image, molecule, properties, protein, text"
     )
     assert not (tmp_path / "checkpoints").exists()
 
