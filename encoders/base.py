@@ -131,6 +131,9 @@ class Encoder(nn.Module):
     modality: ClassVar[str] = ""
     # Parameter-name prefixes that no stage trains (e.g. ESM-2's LM head, unused by the token path).
     never_trained: ClassVar[tuple[str, ...]] = ()
+    # True for an encoder with no pretraining of its own (the property-condition encoder): it trains
+    # wherever its projector does (align and instruct stages too), since frozen it stays random
+    trains_with_projector: ClassVar[bool] = False
     config: Any
     output_dim: int
     featurizer: Featurizer

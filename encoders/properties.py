@@ -105,6 +105,7 @@ class PropertiesEncoder(Encoder):
     """One token per property: a learned property embedding plus an MLP of its asked bounds."""
 
     modality = MODALITY
+    trains_with_projector = True  # nothing pretrains it: it learns with its projector in every stage
 
     def __init__(self, config: PropertiesEncoderConfig) -> None:
         super().__init__()

@@ -413,18 +413,22 @@ def apply_freeze_policy(model: KibanModel, stage: str) -> dict[str, int]:
     instruct  projectors + LoRA adapters (needs a backbone with ``lora`` configured)
     task      nothing in the model (heads, outside it, train on its frozen states)
     full      everything, but parameters an encoder declares never trained (e.g. ESM-2's unused LM head)
+
+    In align and instruct, an encoder marked ``trains_with_projector`` (one nothing pretrains: the
+    property-condition encoder) trains with its projector.
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
     if stage == "instruct" and not model.has_lora:
         raise ValueError("stage 'instruct' trains LoRA adapters, but the backbone has none: set backbone.lora")
+    with_projector = tuple(f"encoders.{m}." for m, encoder in model.encoders.items() if encoder.trains_with_projector)
     for name, param in model.named_parameters():
         if stage == "full":
             param.requires_grad_(True)
         elif stage == "align":
-            param.requires_grad_(name.startswith("projectors."))
+            param.requires_grad_(name.startswith(("projectors.", *with_projector)))
         elif stage == "instruct":
-            param.requires_grad_(name.startswith("projectors.") or "lora_" in name)
+            param.requires_grad_(name.startswith(("projectors.", *with_projector)) or "lora_" in name)
         else:
             param.requires_grad_(False)
     if stage == "full":

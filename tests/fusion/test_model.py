@@ -44,12 +44,16 @@ def test_freeze_policy_sends_gradients_exactly_where_they_should_go(records, sta
     _nudge_lora(model)
     counts = apply_freeze_policy(model, stage)
     expected_parts = {
-        "align": {"projectors"},
-        "instruct": {"projectors", "lora"},
+        "align": {"projectors", "encoders"},  # encoders: only the one nothing pretrains (properties)
+        "instruct": {"projectors", "lora", "encoders"},
         "task": set(),
         "full": {"projectors", "lora", "encoders", "llm"},
     }[stage]
     assert set(counts) == expected_parts
+    if stage in ("align", "instruct"):
+        trained = {name.split(".")[1] for name, p in model.named_parameters() if p.requires_grad and name.startswith("encoders.")}
+        assert trained == {"properties"}
+        assert counts["encoders"] == sum(p.numel() for p in model.encoders["properties"].parameters())
     loss = model(model.prepare(records)).loss
     if stage == "task":
         assert not loss.requires_grad

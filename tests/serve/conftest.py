@@ -115,7 +115,7 @@ def start_server(tmp_path_factory, keys_file):
 
 @pytest.fixture(scope="session")
 def server(start_server, model_dir) -> ServerProcess:
-    """The main server over the full tiny model (all six modalities, two heads)."""
+    """The main server over the full tiny model (every registered modality, two heads)."""
     return start_server(model_dir, *MAIN_FLAGS)
 
 

@@ -126,7 +126,7 @@ def test_models_lists_the_model_and_its_heads(client):
     models = client.models.list()
     assert [m.id for m in models.data] == ["kiban"]
     card = models.data[0].model_dump()
-    assert card["modalities"] == ["cell", "dna", "image", "molecule", "protein", "text"]
+    assert card["modalities"] == ["cell", "dna", "image", "molecule", "properties", "protein", "text"]
     assert card["embedding_dim"] == 32
     heads = {h["task"]: h for h in card["heads"]}
     assert set(heads) == {"stability", "toxicity"}

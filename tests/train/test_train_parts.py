@@ -218,7 +218,7 @@ def test_the_instruct_stage_starts_from_the_align_checkpoint(train_config, tmp_p
 
 
 def test_bf16_mixed_precision_trains_every_modality():
-    model = tiny_model()  # all six encoders
+    model = tiny_model()  # every registered encoder
     apply_freeze_policy(model, "full")
     batch = model.prepare(example_records(n=2))
     with torch.autocast("cpu", dtype=torch.bfloat16):
