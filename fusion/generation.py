@@ -124,11 +124,44 @@ def check_guidance_scale(scale: float, *, what: str = "guidance scale") -> None:
 
 @dataclass
 class TokenLogprob:
-    """One generated token with its log-probability under the model, and the most likely alternatives."""
+    """One generated token with its log-probability under the model, and the most likely alternatives.
+
+    raw, top_raw: the token's bytes (and each alternative's). A token may hold part of a character
+    (a byte-level tokenizer splits "é" in two), so its ``token`` text alone can be a replacement
+    character; the bytes of the answer's tokens, joined, decode to the answer (OpenAI's ``bytes``).
+    """
 
     token: str
     logprob: float
     top: list[tuple[str, float]] = field(default_factory=list)
+    raw: bytes = b""
+    top_raw: list[bytes] = field(default_factory=list)
+
+
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character standing for each byte -> the byte."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {chr(b): b for b in printable}, 0
+    for b in range(256):
+        if b not in printable:
+            table[chr(256 + extra)] = b
+            extra += 1
+    return table
+
+
+_BYTE_LEVEL = _byte_level_table()
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """The bytes one token stands for: exact for byte-level BPE tokenizers (GPT-2, SmolLM2, kiban's
+    byte tokenizer), whose tokens may hold part of a UTF-8 character; else its decoded text in UTF-8.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and type(backend.decoder).__name__ == "ByteLevel" and token_id not in tokenizer.all_special_ids:
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        if isinstance(piece, str) and piece and all(ch in _BYTE_LEVEL for ch in piece):
+            return bytes(_BYTE_LEVEL[ch] for ch in piece)
+    return tokenizer.decode([token_id]).encode("utf-8")
 
 
 @dataclass
@@ -270,12 +303,14 @@ def _logprob(raw: Tensor, token: int, row: _Row) -> TokenLogprob:
     """
     logp = torch.log_softmax(raw, dim=-1)
     decode = row.tokenizer.decode
-    top = []
+    top, top_raw = [], []
     if row.settings.logprobs:
         values, ids = logp.topk(row.settings.logprobs)
         top = [(decode([int(i)]), float(v)) for v, i in zip(values.tolist(), ids.tolist())]
+        top_raw = [token_bytes(row.tokenizer, int(i)) for i in ids.tolist()]
     value = float(logp[token])
-    return TokenLogprob(decode([token]), value if math.isfinite(value) else -9999.0, top)
+    raw = token_bytes(row.tokenizer, int(token))
+    return TokenLogprob(decode([token]), value if math.isfinite(value) else -9999.0, top, raw, top_raw)
 
 
 @torch.inference_mode()

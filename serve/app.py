@@ -394,8 +394,8 @@ def _token_logprob(token: Any) -> TokenLogprob:
     return TokenLogprob(
         token=token.token,
         logprob=token.logprob,
-        bytes=list(token.token.encode("utf-8")),
-        top_logprobs=[TopLogprob(token=t, logprob=p, bytes=list(t.encode("utf-8"))) for t, p in token.top],
+        bytes=list(token.raw),
+        top_logprobs=[TopLogprob(token=t, logprob=p, bytes=list(raw)) for (t, p), raw in zip(token.top, token.top_raw)],
     )
 
 

@@ -192,3 +192,17 @@ def test_a_guidance_scale_must_be_finite_and_not_negative():
     for scale in (-0.5, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="guidance scale"):
             Guidance(_record(PROTEINS[0]), scale)
+
+
+def test_token_bytes_join_to_text_even_where_a_token_holds_part_of_a_character():
+    from kiban.fusion.backbone import byte_tokenizer
+    from kiban.fusion.generation import token_bytes
+
+    tokenizer = byte_tokenizer()
+    text = "é→x ∆ 𝛼"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    pieces = [token_bytes(tokenizer, i) for i in ids]
+    assert len(ids) == len(text.encode("utf-8")) and all(len(p) == 1 for p in pieces)
+    assert b"".join(pieces).decode("utf-8") == text
+    assert tokenizer.decode(ids[:1]) == "\ufffd"  # the text of half a character says nothing
+    assert token_bytes(tokenizer, tokenizer.eos_token_id) == b"<|im_end|>"
