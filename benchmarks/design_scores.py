@@ -96,6 +96,14 @@ def _unconstrained_validity(model, n: int, seed: int, symbols) -> dict:
     return {"n": n, "validity": reasons["valid"] / n, **reasons}
 
 
+def _answer_log_likelihood(model, record: dict, answer: str) -> float:
+    """The model's total log-likelihood (nats) of ``answer`` as the assistant's reply to ``record``."""
+    record = {**record, "messages": [*record["messages"], {"role": "assistant", "content": answer}]}
+    batch = model.prepare([record])
+    with torch.no_grad():
+        return -model(batch).loss.item() * int((batch.labels != -100).sum())
+
+
 def _likelihood_probe(model, test: list[str], pair: tuple[str, str], per_side: int) -> dict:
     """Does a condition move the model's likelihood of a molecule? For held-out molecules meeting
     exactly one of two opposite conditions A and B (up to ``per_side`` each), the log-likelihood of
@@ -119,16 +127,11 @@ def _likelihood_probe(model, test: list[str], pair: tuple[str, str], per_side: i
         if met[0] != met[1] and len(sides[met[1]]) < per_side:
             sides[met[1]].append(selfies)
     properties = "properties" in model.encoders
-
-    def log_likelihood(conditions, selfies: str) -> float:
-        record = design_record(conditions, properties=properties)
-        record["messages"].append({"role": "assistant", "content": selfies})
-        batch = model.prepare([record])
-        with torch.no_grad():
-            loss = model(batch).loss.item()
-        return -loss * int((batch.labels != -100).sum())
-
-    deltas = [[log_likelihood(asked[0], m) - log_likelihood(asked[1], m) for m in side] for side in sides]
+    records = [design_record(conditions, properties=properties) for conditions in asked]
+    deltas = [
+        [_answer_log_likelihood(model, records[0], m) - _answer_log_likelihood(model, records[1], m) for m in side]
+        for side in sides
+    ]
     return {
         "molecules": [len(side) for side in sides],
         "mean_delta": [statistics.mean(d) if d else float("nan") for d in deltas],
@@ -152,18 +155,12 @@ def _target_probe(model, val: Path, seed: int) -> dict:
         return {"records": 0}
     known, targets, rng = set(pairs), sorted({t for _, t in pairs}), random.Random(seed)
 
-    def log_likelihood(selfies: str, target: str) -> float:
-        record = design_record(target=target)
-        record["messages"].append({"role": "assistant", "content": selfies})
-        batch = model.prepare([record])
-        with torch.no_grad():
-            return -model(batch).loss.item() * int((batch.labels != -100).sum())
-
     deltas = []
     for selfies, target in pairs:
         others = [t for t in targets if (selfies, t) not in known]
         if others:
-            deltas.append(log_likelihood(selfies, target) - log_likelihood(selfies, rng.choice(others)))
+            own, other = design_record(target=target), design_record(target=rng.choice(others))
+            deltas.append(_answer_log_likelihood(model, own, selfies) - _answer_log_likelihood(model, other, selfies))
     return {"records": len(deltas), "mean_delta": statistics.mean(deltas), "right": sum(d > 0 for d in deltas) / len(deltas)}
 
 

@@ -17,6 +17,7 @@ it gets alone.
 
 from __future__ import annotations
 
+import functools
 import math
 import secrets
 from collections.abc import Callable, Mapping, Sequence
@@ -138,18 +139,12 @@ class TokenLogprob:
     top_raw: list[bytes] = field(default_factory=list)
 
 
+@functools.cache
 def _byte_level_table() -> dict[str, int]:
-    """GPT-2's byte-level alphabet, inverted: the printable character standing for each byte -> the byte."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    table, extra = {chr(b): b for b in printable}, 0
-    for b in range(256):
-        if b not in printable:
-            table[chr(256 + extra)] = b
-            extra += 1
-    return table
+    """GPT-2's byte-level alphabet (transformers' ``bytes_to_unicode``), inverted: character -> byte."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-
-_BYTE_LEVEL = _byte_level_table()
+    return {char: byte for byte, char in bytes_to_unicode().items()}
 
 
 def token_bytes(tokenizer: Any, token_id: int) -> bytes:
@@ -158,9 +153,9 @@ def token_bytes(tokenizer: Any, token_id: int) -> bytes:
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and type(backend.decoder).__name__ == "ByteLevel" and token_id not in tokenizer.all_special_ids:
-        piece = tokenizer.convert_ids_to_tokens(token_id)
-        if isinstance(piece, str) and piece and all(ch in _BYTE_LEVEL for ch in piece):
-            return bytes(_BYTE_LEVEL[ch] for ch in piece)
+        piece, table = tokenizer.convert_ids_to_tokens(token_id), _byte_level_table()
+        if isinstance(piece, str) and piece and all(ch in table for ch in piece):
+            return bytes(table[ch] for ch in piece)
     return tokenizer.decode([token_id]).encode("utf-8")
 
 
