@@ -107,8 +107,7 @@ def _number(value: float) -> str:
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)"
 _CONDITION = re.compile(
     rf"^(?P<name>[A-Za-z][A-Za-z0-9_]*)\s*(?:"
-    rf"(?P<op><=|>=|=<|=>|<|>|=|≤|≥)\s*(?P<value>{_NUMBER})"
-    rf"|(?P<words>at most|at least)\s+(?P<bound>{_NUMBER})"
+    rf"(?P<op><=|>=|=<|=>|<|>|=|≤|≥|at most\s|at least\s)\s*(?P<value>{_NUMBER})"
     rf"|(?P<low>{_NUMBER})\s*(?:-|–|to|\.\.)\s*(?P<high>{_NUMBER})"
     rf"|(?P<about>{_NUMBER}))$"
 )
@@ -142,12 +141,10 @@ def parse_conditions(text: str | None, *, what: str = "--condition") -> list[Con
             value = float(match["about"])
             half = 0.0 if prop.integer else prop.step / 2
             low, high = value - half, value + half
-        elif match["words"]:  # the wording of ``Condition.text``: inclusive, as in the records
-            bound = float(match["bound"])
-            low, high = (-math.inf, bound) if match["words"] == "at most" else (bound, math.inf)
         elif match["op"]:
             value = float(match["value"])
-            op = {"=<": "<=", "=>": ">=", "≤": "<=", "≥": ">="}.get(match["op"], match["op"])
+            op = match["op"].strip()  # "at most" / "at least": Condition.text's wording, inclusive
+            op = {"=<": "<=", "=>": ">=", "≤": "<=", "≥": ">=", "at most": "<=", "at least": ">="}.get(op, op)
             if prop.integer and op in ("<", ">"):  # a count strictly below 3 is at most 2
                 value = value - 1 if op == "<" else value + 1
             low, high = {"<": (-math.inf, value), "<=": (-math.inf, value), ">": (value, math.inf),
