@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from kiban.atomic import write_atomic
 from kiban.hpc.env import ClusterEnv, detect_cluster, lightning_environment
@@ -43,6 +44,11 @@ def fit(config: TrainConfig, *, callbacks: Sequence[Any] = ()) -> FitResult:
     cluster = detect_cluster()
     accelerator = resolve_accelerator(config)
     _check_world(config, cluster, accelerator=accelerator)
+    with _process_group():
+        return _fit(config, cluster=cluster, accelerator=accelerator, callbacks=callbacks)
+
+
+def _fit(config: TrainConfig, *, cluster: ClusterEnv, accelerator: str, callbacks: Sequence[Any]) -> FitResult:
     run_dir = Path(config.run.dir)
     resume = resume_checkpoint(config)
     if cluster.global_rank == 0 and os.environ.get("LOCAL_RANK", "0") == "0":
@@ -149,7 +155,30 @@ def _evaluate(config: TrainConfig, stage: str, checkpoint: str | Path | None) ->
     )
     module.init_weights = False  # the checkpoint brings them
     run = trainer.validate if stage == "validate" else trainer.test
-    return run(module, datamodule=datamodule, ckpt_path=str(path / "state.ckpt"), verbose=False, weights_only=True)
+    with _process_group():
+        return run(module, datamodule=datamodule, ckpt_path=str(path / "state.ckpt"), verbose=False, weights_only=True)
+
+
+@contextmanager
+def _process_group() -> Iterator[None]:
+    """Ends the process group that training or evaluation started, before this process exits.
+
+    Left to interpreter shutdown, gloo's worker threads outlive Python and the process aborts
+    ("terminate called without an active exception"), so srun marks a finished job FAILED. On a
+    normal end every rank first waits at a barrier for rank 0's export, so no rank's step ends
+    before the model is written; after an error there is no barrier (a peer may never reach it).
+    """
+    import torch.distributed as dist
+
+    ended = False
+    try:
+        yield
+        ended = True
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            if ended:
+                dist.barrier()
+            dist.destroy_process_group()
 
 
 def _build(
