@@ -8,9 +8,10 @@
 
 The user turn is ``design_record``'s (the exact wording and inputs ``kiban design molecules`` asks
 with: the conditions in words and, by default, as a ``<properties>`` input) and the assistant turn is
-the molecule's SELFIES. Conditions are drawn at random around the molecule's own
-properties, so every record's conditions hold for its answer: the model learns what "logP 1 to 3"
-means by seeing molecules that meet it. The split is by molecule, so no test molecule is ever an
+the molecule's SELFIES. Conditions are cut at random quantiles of the training molecules and
+written on the side the molecule lies, so every record's conditions hold for its answer and its
+molecule is a draw from those that meet them: the model learns what "logP 1 to 3" means by seeing
+molecules that meet it (``random_conditions``). The split is by molecule, so no test molecule is ever an
 answer in training. Counts add up: read = used + rejected (by reason).
 """
 
@@ -21,56 +22,86 @@ import json
 import math
 import random
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from kiban.atomic import staged_folder
-from kiban.design.conditions import PROPERTIES, Condition, compute_properties
+from kiban.design.conditions import PROPERTIES, Condition, Property, compute_properties
 from kiban.design.molecules import design_record
 from kiban.design.selfies_decoding import encode_selfies
 
-__all__ = ["RecipeCounts", "random_conditions", "write_design_records"]
+__all__ = ["CONDITIONED", "RecipeCounts", "random_conditions", "write_design_records"]
 
-# How far from the molecule's own value a drawn bound may lie, at most (bounds are then rounded
-# outward to the property's step).
-_DRAW = {"logP": 2.0, "MW": 120.0, "QED": 0.3, "TPSA": 40.0, "HBD": 2, "HBA": 3}
+#: The properties the records condition on (RotB only through the ``<properties>`` encoder's slot).
+CONDITIONED = ("HBA", "HBD", "MW", "QED", "TPSA", "logP")
 
 #: Davis pKd and KIBA score at or above which a pair counts as a binder (the usual thresholds).
 BINDERS = {"davis_pairs.csv": ("pKd", 7.0), "kiba_pairs.csv": ("kiba_score", 12.1)}
 
 
-def random_conditions(values: dict[str, float], rng: random.Random) -> list[Condition]:
-    """1-3 conditions, each an interval or bound rounded outward, that ``values`` all meet.
+def random_conditions(
+    values: dict[str, float], rng: random.Random, population: Mapping[str, Sequence[float]]
+) -> list[Condition]:
+    """1-3 conditions that ``values`` all meet, each drawn independently of ``values``.
+
+    population: each property's values over the training molecules, sorted; the bounds are its
+    quantiles at random levels, rounded to the property's step. A "bound" draw is one cut: the
+    molecule gets "at most" or "at least" it, by the side it lies on. A "range" draw is two cuts
+    around a random level: a molecule between them gets the range, one outside gets the bound on its
+    side. So a condition depends on the molecule only through the side of each cut it lies on, and a
+    record's molecule is a draw from the training molecules that meet its conditions: "MW at most
+    450" teaches MW anywhere below 450, not near it (bounds drawn around the molecule's own value
+    taught that, and a three-part ask then pulled molecules towards its one-sided bounds).
 
     Bounds stay within what the property can take, and a bound every molecule meets ("TPSA at
-    least 0", "QED at most 1") is never written: its side of the interval is dropped, or the
-    condition becomes the other bound.
+    least 0", "QED at most 1") is never written: its side of a range is dropped, and a condition
+    left with no side is not written.
     """
     out = []
-    for name in rng.sample(sorted(_DRAW), rng.randint(1, 3)):
-        prop, width = PROPERTIES[name.lower()], _DRAW[name]
-        value = values[name]
-        kind = rng.choice(("range", "at most", "at least"))
-        low = math.floor((value - rng.uniform(0, width)) / prop.step) * prop.step
-        high = math.ceil((value + rng.uniform(0, width)) / prop.step) * prop.step
-        low_vacuous = prop.floor is not None and low <= prop.floor
-        high_vacuous = prop.ceiling is not None and high >= prop.ceiling
-        if low_vacuous and high_vacuous:
-            continue
-        if low_vacuous or (kind == "at most" and not high_vacuous):
-            kind = "at most"
-        elif high_vacuous or kind == "at least":
-            kind = "at least"
-        low, high = round(low, 3), round(high, 3)
-        out.append(
-            Condition(name, low if kind != "at most" else -math.inf, high if kind != "at least" else math.inf)
-        )
-    if not out:  # the one property drawn (QED) was bounded on both sides by its own limits: draw again
-        return random_conditions(values, rng)
+    for name in rng.sample(CONDITIONED, rng.randint(1, 3)):
+        prop, ranked = PROPERTIES[name.lower()], population[name]
+        kind, level, half = rng.choice(("range", "bound")), rng.random(), rng.uniform(0.05, 0.35)
+        if kind == "bound":
+            cuts = (_quantile(ranked, level, prop),) * 2
+        else:
+            cuts = (
+                _quantile(ranked, level - half, prop) if level - half > 0 else -math.inf,
+                _quantile(ranked, level + half, prop) if level + half < 1 else math.inf,
+            )
+        condition = _side(prop, values[name], *cuts)
+        if condition is not None:
+            out.append(condition)
+    if not out:  # every property drawn was left with no side (a range over all of it): draw again
+        return random_conditions(values, rng, population)
     order = list(PROPERTIES)
     return sorted(out, key=lambda c: order.index(c.name.lower()))
+
+
+def _quantile(ranked: Sequence[float], level: float, prop: Property) -> float:
+    """``ranked``'s value at ``level`` (0-1), rounded to ``prop``'s step."""
+    value = ranked[min(int(level * len(ranked)), len(ranked) - 1)]
+    return round(round(value / prop.step) * prop.step, 3)
+
+
+def _side(prop: Property, value: float, low: float, high: float) -> Condition | None:
+    """The condition ``value`` meets for cuts ``low`` <= ``high``: below ``low`` "at most", above
+    ``high`` "at least", else the range (one cut, ``low == high``: a bound, so no range). Ends every
+    molecule meets are left open; None when both are.
+    """
+    past = prop.step if prop.integer else 0.0  # for counts, "below 3" is "at most 2"
+    if value < low or (low == high and value <= low):
+        low, high = -math.inf, low if low == high else round(low - past, 3)
+    elif value > high:
+        low, high = round(high + past, 3), math.inf
+    if prop.floor is not None and low <= prop.floor:
+        low = -math.inf
+    if prop.ceiling is not None and high >= prop.ceiling:
+        high = math.inf
+    if math.isinf(low) and math.isinf(high):
+        return None
+    return Condition(prop.name, low, high)
 
 
 @dataclass
@@ -175,6 +206,7 @@ def write_design_records(
     split = {"test": names[:n_test], "val": names[n_test : n_test + n_val], "train": names[n_test + n_val :]}
     where = {s: part for part, smiles in split.items() for s in smiles}
 
+    population = {name: sorted(molecules[s][1][name] for s in split["train"]) for name in CONDITIONED}
     records: dict[str, list[dict[str, Any]]] = {"train": [], "val": []}
     for part in ("train", "val"):
         for k, smiles in enumerate(split[part]):
@@ -182,7 +214,7 @@ def write_design_records(
             records[part].append(_record(f"{part}-{k}", [], selfies, properties=properties))
             for c in range(conditioned):
                 suffix = "c" if c == 0 else f"c{c + 1}"
-                conditions = random_conditions(values, rng)
+                conditions = random_conditions(values, rng, population)
                 records[part].append(_record(f"{part}-{k}-{suffix}", conditions, selfies, properties=properties))
     if dti_dir is not None:
         for part, items in _target_records(dti_dir, where, molecules, rng, max_target_records).items():

@@ -137,6 +137,14 @@ def test_records_split_by_molecule_and_counts_add_up(tmp_path, capsys):
     assert len(plain) == 8 and not any("inputs" in r or "<properties>" in r["messages"][0]["content"] for r in plain)
 
 
+def _population(molecules):
+    from kiban.design.conditions import compute_properties
+    from kiban.design.records import CONDITIONED
+
+    values = [compute_properties(mol) for mol in molecules]
+    return {name: sorted(v[name] for v in values) for name in CONDITIONED}
+
+
 def test_drawn_conditions_hold_and_none_is_vacuous():
     # "TPSA at least -5" or "QED at most 1" says nothing a molecule could fail: the records must
     # teach only bounds that separate molecules, and each record's conditions hold for its answer.
@@ -148,14 +156,39 @@ def test_drawn_conditions_hold_and_none_is_vacuous():
 
     rng = random.Random(0)
     molecules = [Chem.MolFromSmiles(s) for s in SMILES[:5] + ["C", "O=C=O", "CCCCCCCCCCCCCCCC"]]
+    population = _population(molecules)
     drawn = 0
+    kinds = set()
     for mol in molecules * 60:
         values = compute_properties(mol)
-        conditions = random_conditions(values, rng)
+        conditions = random_conditions(values, rng, population)
         assert 1 <= len(conditions) <= 3 and meets(values, conditions)
         for condition in conditions:
             prop = PROPERTIES[condition.name.lower()]
             assert prop.floor is None or (math.isinf(condition.low) or condition.low > prop.floor), condition.text()
             assert prop.ceiling is None or (math.isinf(condition.high) or condition.high < prop.ceiling), condition.text()
+            kinds.add((math.isinf(condition.low), math.isinf(condition.high)))
             drawn += 1
     assert drawn > 480
+    assert kinds == {(True, False), (False, True), (False, False)}  # at most, at least, ranges
+
+
+def test_drawn_conditions_depend_on_the_molecule_only_through_the_side_of_each_bound():
+    # A record's molecule must be a draw from those meeting its conditions: "MW at most 450" after
+    # molecules anywhere below 450, not near it. Bounds fall on the properties' steps, so two
+    # molecules within the same step of every property get the same conditions from the same draw.
+    import math
+    import random
+
+    from kiban.design.conditions import PROPERTIES, compute_properties
+    from kiban.design.records import random_conditions
+
+    population = _population([Chem.MolFromSmiles(s) for s in SMILES[:5] + ["C", "O=C=O", "CCCCCCCCCCCCCCCC"]])
+    base = compute_properties(Chem.MolFromSmiles("CC(=O)Oc1ccccc1C(=O)O"))
+    near = dict(base, MW=base["MW"] + 1.5, logP=base["logP"] + 0.1, QED=base["QED"] + 0.01, TPSA=base["TPSA"] + 1)
+    for name in ("MW", "logP", "QED", "TPSA"):  # the counts (HBD, HBA) are equal
+        step = PROPERTIES[name.lower()].step
+        assert math.floor(base[name] / step) == math.floor(near[name] / step) and base[name] % step, name
+    draws = [random_conditions(base, random.Random(seed), population) for seed in range(300)]
+    assert draws == [random_conditions(near, random.Random(seed), population) for seed in range(300)]
+    assert len({tuple(d) for d in draws}) > 100  # and the draws themselves vary
