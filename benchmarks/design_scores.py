@@ -140,10 +140,11 @@ def _likelihood_probe(model, test: list[str], pair: tuple[str, str], per_side: i
     }
 
 
-def _target_probe(model, val: Path, seed: int) -> dict:
+def _target_probe(model, val: Path, seed: int, limit: int) -> dict:
     """Does the ``<protein>`` input carry information? For the held-out drug–target records (their
-    drugs are never training answers), the log-likelihood of the drug after its own target minus
-    after another target of the set, drawn at random among those it is not recorded to bind.
+    drugs are never training answers; at most ``limit``, a seeded sample), the log-likelihood of the
+    drug after its own target minus after another target of the set, drawn at random among those it
+    is not recorded to bind.
     """
     import random
 
@@ -154,9 +155,10 @@ def _target_probe(model, val: Path, seed: int) -> dict:
     if not pairs:
         return {"records": 0}
     known, targets, rng = set(pairs), sorted({t for _, t in pairs}), random.Random(seed)
+    sample = rng.sample(pairs, limit) if len(pairs) > limit else pairs
 
     deltas = []
-    for selfies, target in pairs:
+    for selfies, target in sample:
         others = [t for t in targets if (selfies, t) not in known]
         if others:
             own, other = design_record(target=target), design_record(target=rng.choice(others))
@@ -189,6 +191,7 @@ def main() -> None:
         "--likelihood-probe", nargs="*", default=["MW < 250 | MW > 450", "logP < 1 | logP > 4", "TPSA < 40 | TPSA > 100"],
         help="'A | B' pairs of opposite conditions: held-out molecules' log-likelihood after A minus after B",
     )
+    parser.add_argument("--target-records", type=int, default=300, help="the most held-out drug-target records the target probe reads")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="runs/design_scores.json")
     args = parser.parse_args()
@@ -251,7 +254,7 @@ def main() -> None:
             parser.error(f"--likelihood-probe {text!r}: write two conditions as 'A | B'")
         likelihood[text] = _likelihood_probe(model, test, pair, per_side=100)
 
-    target = _target_probe(model, data / "val.jsonl", args.seed) if "protein" in model.encoders else {"records": 0}
+    target = _target_probe(model, data / "val.jsonl", args.seed, args.target_records) if "protein" in model.encoders else {"records": 0}
 
     ngram = NgramSmiles(order=6).fit(train).sample(args.n, seed=args.seed)
     ngram = [canonical_smiles(s) for s in ngram]
