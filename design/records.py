@@ -8,8 +8,8 @@
 
 The user turn is ``design_record``'s (the exact wording and inputs ``kiban design molecules`` asks
 with: the conditions in words and, by default, as a ``<properties>`` input) and the assistant turn is
-the molecule's SELFIES. Conditions are cut at random quantiles of the training molecules and
-written on the side the molecule lies, so every record's conditions hold for its answer and its
+the molecule's SELFIES. Conditions are the cells, between cuts at random quantiles of the training
+molecules, that the molecule lies in, so every record's conditions hold for its answer and its
 molecule is a draw from those that meet them: the model learns what "logP 1 to 3" means by seeing
 molecules that meet it (``random_conditions``). The split is by molecule, so no test molecule is ever an
 answer in training. Counts add up: read = used + rejected (by reason).
@@ -17,6 +17,7 @@ answer in training. Counts add up: read = used + rejected (by reason).
 
 from __future__ import annotations
 
+import bisect
 import csv
 import json
 import math
@@ -44,36 +45,31 @@ BINDERS = {"davis_pairs.csv": ("pKd", 7.0), "kiba_pairs.csv": ("kiba_score", 12.
 def random_conditions(
     values: dict[str, float], rng: random.Random, population: Mapping[str, Sequence[float]]
 ) -> list[Condition]:
-    """1-3 conditions that ``values`` all meet, each drawn independently of ``values``.
+    """1-3 conditions that ``values`` all meet, each cut independently of ``values``.
 
-    population: each property's values over the training molecules, sorted; the bounds are its
-    quantiles at random levels, rounded to the property's step. A "bound" draw is one cut: the
-    molecule gets "at most" or "at least" it, by the side it lies on. A "range" draw is two cuts
-    around a random level: a molecule between them gets the range, one outside gets the bound on its
-    side. So a condition depends on the molecule only through the side of each cut it lies on, and a
-    record's molecule is a draw from the training molecules that meet its conditions: "MW at most
-    450" teaches MW anywhere below 450, not near it (bounds drawn around the molecule's own value
-    taught that, and a three-part ask then pulled molecules towards its one-sided bounds).
+    population: each property's values over the training molecules, sorted. For each property
+    drawn, 1-9 cuts at random quantiles of it (rounded to the property's step) split its range into
+    cells, and the condition is the cell the molecule lies in: "at most" the first cut, a range
+    between two, "at least" past the last. So a condition depends on the molecule only through the
+    cell it lies in, and a record's molecule is a draw from the training molecules that meet its
+    conditions: "MW at most 450" teaches MW anywhere below 450, not near it. (Bounds drawn within a
+    fixed distance of the molecule's own value taught "near 450", and a three-part ask then pulled
+    molecules towards its one-sided bounds.) Several cuts keep each condition informative: with one
+    cut, a condition says about half a nat about its molecule, too little for a small model to
+    start reading the conditions at all.
 
     Bounds stay within what the property can take, and a bound every molecule meets ("TPSA at
-    least 0", "QED at most 1") is never written: its side of a range is dropped, and a condition
-    left with no side is not written.
+    least 0", "QED at most 1") is never written: that side of the cell is left open, and a
+    condition with both sides open is not written.
     """
     out = []
     for name in rng.sample(CONDITIONED, rng.randint(1, 3)):
         prop, ranked = PROPERTIES[name.lower()], population[name]
-        kind, level, half = rng.choice(("range", "bound")), rng.random(), rng.uniform(0.05, 0.35)
-        if kind == "bound":
-            cuts = (_quantile(ranked, level, prop),) * 2
-        else:
-            cuts = (
-                _quantile(ranked, level - half, prop) if level - half > 0 else -math.inf,
-                _quantile(ranked, level + half, prop) if level + half < 1 else math.inf,
-            )
-        condition = _side(prop, values[name], *cuts)
+        cuts = sorted({_quantile(ranked, rng.random(), prop) for _ in range(rng.randint(1, 9))})
+        condition = _cell(prop, values[name], cuts)
         if condition is not None:
             out.append(condition)
-    if not out:  # every property drawn was left with no side (a range over all of it): draw again
+    if not out:  # every property drawn was left with both sides open: draw again
         return random_conditions(values, rng, population)
     order = list(PROPERTIES)
     return sorted(out, key=lambda c: order.index(c.name.lower()))
@@ -85,16 +81,13 @@ def _quantile(ranked: Sequence[float], level: float, prop: Property) -> float:
     return round(round(value / prop.step) * prop.step, 3)
 
 
-def _side(prop: Property, value: float, low: float, high: float) -> Condition | None:
-    """The condition ``value`` meets for cuts ``low`` <= ``high``: below ``low`` "at most", above
-    ``high`` "at least", else the range (one cut, ``low == high``: a bound, so no range). Ends every
-    molecule meets are left open; None when both are.
+def _cell(prop: Property, value: float, cuts: Sequence[float]) -> Condition | None:
+    """The cell of sorted ``cuts`` that ``value`` lies in, ``cut[i-1] < value <= cut[i]``, as a
+    condition (for counts, past 2 is at least 3); ends every molecule meets are left open, None if both are.
     """
-    past = prop.step if prop.integer else 0.0  # for counts, "below 3" is "at most 2"
-    if value < low or (low == high and value <= low):
-        low, high = -math.inf, low if low == high else round(low - past, 3)
-    elif value > high:
-        low, high = round(high + past, 3), math.inf
+    i = bisect.bisect_left(cuts, value)
+    low = round(cuts[i - 1] + (prop.step if prop.integer else 0.0), 3) if i > 0 else -math.inf
+    high = cuts[i] if i < len(cuts) else math.inf
     if prop.floor is not None and low <= prop.floor:
         low = -math.inf
     if prop.ceiling is not None and high >= prop.ceiling:

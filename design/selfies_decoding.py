@@ -32,13 +32,31 @@ _NOT_FIRST = ("[Branch", "[=Branch", "[#Branch", "[Ring", "[=Ring", "[#Ring", "[
 
 
 def default_alphabet(extra: Iterable[str] = ()) -> list[str]:
-    """SELFIES' semantically robust alphabet plus ``extra`` symbols (e.g. those of a training set).
+    """SELFIES' semantically robust alphabet plus the ``extra`` symbols (e.g. those of a training
+    set) that keep it robust.
 
+    An extra atom symbol is kept only when SELFIES' semantic constraints know its element and
+    charge (``[C@@H1]``, ``[N+1]``, ``[=S]``): for any other (``[In]``, ``[Se]``, ``[Si]``) the decoder
+    allows up to 8 bonds, more than RDKit accepts, so a model could write a molecule RDKit refuses.
     ``[nop]`` (a padding symbol that decodes to nothing) is left out.
     """
-    symbols = set(sf.get_semantic_robust_alphabet()) | set(extra)
+    symbols = set(sf.get_semantic_robust_alphabet()) | {s for s in extra if _robust(s)}
     symbols.discard("[nop]")
     return sorted(symbols)
+
+
+def _robust(symbol: str) -> bool:
+    """True for branch and ring symbols, and for atom symbols whose bonding capacity SELFIES knows."""
+    from selfies.grammar_rules import process_atom_symbol, process_branch_symbol, process_ring_symbol
+
+    if process_branch_symbol(symbol) is not None or process_ring_symbol(symbol) is not None:
+        return True
+    processed = process_atom_symbol(symbol)
+    if processed is None:
+        return False
+    atom = processed[1]
+    key = atom.element if not atom.charge else f"{atom.element}{atom.charge:+d}"
+    return key in sf.get_semantic_constraints()
 
 
 def split_symbols(selfies: str) -> list[str]:

@@ -64,6 +64,25 @@ def test_every_sample_parses_in_rdkit_unconditioned_and_under_hard_conditions(mo
     assert hard.sampled == 16 and len(hard.met) == 0  # a random model meets none: the budget ends it
 
 
+def test_any_string_of_the_alphabet_a_training_set_adds_parses_in_rdkit():
+    # A training set brings symbols beyond SELFIES' robust alphabet (chirality, charges, rare
+    # elements). The decoder bounds an element it has no bonding capacity for at 8 bonds, so "[In]"
+    # or "[Si]" in the alphabet let a model write molecules RDKit refuses (one in 300 samples of a
+    # trained model did). Only the symbols that keep the alphabet robust may be added.
+    from kiban.design.selfies_decoding import decode_selfies, encode_selfies
+
+    training = ["C[In](C)C", "C[Se]C", "C[Si](C)(C)C", "C[As](C)C", "C[C@@H](N)C(=O)O", "C[N+](C)(C)C", "CS(=O)(=O)[N-]C", "OB(O)c1ccccc1"]
+    extra = {symbol for smiles in training for symbol in split_symbols(encode_selfies(smiles))}
+    alphabet = default_alphabet(extra)
+    assert {"[C@@H1]", "[N+1]", "[N-1]", "[B]"} <= set(alphabet) and not {"[In]", "[Se]", "[Si]", "[As]"} & set(alphabet)
+    atoms = [s for s in alphabet if not s.startswith(("[Branch", "[=Branch", "[#Branch", "[Ring", "[=Ring", "[#Ring"))]
+    rng = random.Random(0)
+    for _ in range(3000):
+        selfies = rng.choice(atoms) + "".join(rng.choices(alphabet, k=rng.randint(0, 30)))
+        smiles = decode_selfies(selfies)
+        assert smiles and Chem.MolFromSmiles(smiles) is not None, selfies
+
+
 def test_rows_cut_by_their_token_budget_still_decode(model):
     report = design_molecules(model, n=8, seed=3, max_tokens=5, budget=8, batch_size=8, temperature=2.0)
     assert any(d.finish_reason == "length" for d in report.designs)
