@@ -173,7 +173,7 @@ def test_drawn_conditions_hold_and_none_is_vacuous():
     assert kinds == {(True, False), (False, True), (False, False)}  # at most, at least, ranges
 
 
-def test_drawn_conditions_depend_on_the_molecule_only_through_the_side_of_each_bound():
+def test_drawn_conditions_depend_on_the_molecule_only_through_the_cell_it_lies_in():
     # A record's molecule must be a draw from those meeting its conditions: "MW at most 450" after
     # molecules anywhere below 450, not near it. Bounds fall on the properties' steps, so two
     # molecules within the same step of every property get the same conditions from the same draw.
