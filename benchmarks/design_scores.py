@@ -15,7 +15,8 @@ The same model decoded without the SELFIES constraint: how many of its answers p
 Probes (``--probe``): one extreme condition at a time, the share meeting it when asked (plain and
 guided) against the unconditioned model and the data: does the model follow what it is asked?
 Likelihood probes (``--likelihood-probe``): held-out molecules' log-likelihood after asking one
-condition minus after asking its opposite: does what is asked move the model at all? The target
+condition minus after asking its opposite, or minus unconditioned (``A | -``, by default for
+``--condition``): does what is asked move the model at all? The target
 probe: held-out drugs' log-likelihood after their own target minus after another one.
 Proteins: Gibbs designs of a template beside random mutants with as many changes, by PLL.
 Prints a Markdown table and writes the numbers as JSON (``--out``).
@@ -110,13 +111,14 @@ def _likelihood_probe(model, test: list[str], pair: tuple[str, str], per_side: i
     the molecule's SELFIES after asking A minus after asking B, in nats: a model that reads its
     conditions gives positive values to A's molecules and negative ones to B's; one that ignores
     them gives about 0 to both. ``right``: the balanced share of molecules on the right side of 0.
+    B ``-`` asks nothing: B's molecules are then those that do not meet A.
     """
     from rdkit import Chem
 
     from kiban.design.molecules import design_record
     from kiban.design.selfies_decoding import encode_selfies
 
-    asked = [parse_conditions(text, what="likelihood probe") for text in pair]
+    asked = [[] if text == "-" else parse_conditions(text, what="likelihood probe") for text in pair]
     sides: list[list[str]] = [[], []]
     for smiles in test:
         mol = Chem.MolFromSmiles(smiles)
@@ -124,6 +126,8 @@ def _likelihood_probe(model, test: list[str], pair: tuple[str, str], per_side: i
         if selfies is None:
             continue
         met = [meets(compute_properties(mol), conditions) for conditions in asked]
+        if not asked[1]:
+            met[1] = not met[0]
         if met[0] != met[1] and len(sides[met[1]]) < per_side:
             sides[met[1]].append(selfies)
     properties = "properties" in model.encoders
@@ -188,8 +192,9 @@ def main() -> None:
         help="single conditions asked one at a time (the probe table)",
     )
     parser.add_argument(
-        "--likelihood-probe", nargs="*", default=["MW < 250 | MW > 450", "logP < 1 | logP > 4", "TPSA < 40 | TPSA > 100"],
-        help="'A | B' pairs of opposite conditions: held-out molecules' log-likelihood after A minus after B",
+        "--likelihood-probe", nargs="*",
+        help="'A | B' pairs of opposite conditions, B '-' for none: held-out molecules' log-likelihood after A minus "
+        "after B (default: MW, logP and TPSA extremes, and '--condition | -')",
     )
     parser.add_argument("--target-records", type=int, default=300, help="the most held-out drug-target records the target probe reads")
     parser.add_argument("--threads", type=int, default=2)
@@ -247,6 +252,8 @@ def main() -> None:
         shares["training set sampled"] = _shares(copies, probe)["in_ranges"]
         probes[probe[0].text()] = shares
 
+    if args.likelihood_probe is None:
+        args.likelihood_probe = ["MW < 250 | MW > 450", "logP < 1 | logP > 4", "TPSA < 40 | TPSA > 100", f"{args.condition} | -"]
     likelihood = {}
     for text in args.likelihood_probe:
         pair = tuple(part.strip() for part in text.split("|"))

@@ -66,6 +66,12 @@ def _records_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-target-records", type=int, default=2000)
     parser.add_argument("--conditioned", type=int, default=1, help="records with conditions per molecule, each its own draw (default 1)")
     parser.add_argument(
+        "--properties-per-record",
+        type=int,
+        default=3,
+        help="the most properties one conditioned record asks about, 1-6 (each asks about 1 to this many; default 3)",
+    )
+    parser.add_argument(
         "--no-properties-input",
         dest="properties",
         action="store_false",
@@ -212,6 +218,7 @@ def _records(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
         max_target_records=args.max_target_records,
         conditioned=args.conditioned,
+        properties_per_record=args.properties_per_record,
         properties=args.properties,
     )
     _say(counts.line())

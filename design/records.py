@@ -43,9 +43,10 @@ BINDERS = {"davis_pairs.csv": ("pKd", 7.0), "kiba_pairs.csv": ("kiba_score", 12.
 
 
 def random_conditions(
-    values: dict[str, float], rng: random.Random, population: Mapping[str, Sequence[float]]
+    values: dict[str, float], rng: random.Random, population: Mapping[str, Sequence[float]], most: int = 3
 ) -> list[Condition]:
-    """1-3 conditions that ``values`` all meet, each cut independently of ``values``.
+    """1 to ``most`` conditions (at most one per property in ``CONDITIONED``) that ``values`` all
+    meet, each cut independently of ``values``.
 
     population: each property's values over the training molecules, sorted. For each property
     drawn, 1-9 cuts at random quantiles of it (rounded to the property's step) split its range into
@@ -62,15 +63,17 @@ def random_conditions(
     least 0", "QED at most 1") is never written: that side of the cell is left open, and a
     condition with both sides open is not written.
     """
+    if not 1 <= most <= len(CONDITIONED):
+        raise ValueError(f"properties per record must be 1-{len(CONDITIONED)}, got {most}")
     out = []
-    for name in rng.sample(CONDITIONED, rng.randint(1, 3)):
+    for name in rng.sample(CONDITIONED, rng.randint(1, most)):
         prop, ranked = PROPERTIES[name.lower()], population[name]
         cuts = sorted({_quantile(ranked, rng.random(), prop) for _ in range(rng.randint(1, 9))})
         condition = _cell(prop, values[name], cuts)
         if condition is not None:
             out.append(condition)
     if not out:  # every property drawn was left with both sides open: draw again
-        return random_conditions(values, rng, population)
+        return random_conditions(values, rng, population, most)
     order = list(PROPERTIES)
     return sorted(out, key=lambda c: order.index(c.name.lower()))
 
@@ -136,11 +139,14 @@ def write_design_records(
     max_target_records: int = 2000,
     max_atoms: int = 50,
     conditioned: int = 1,
+    properties_per_record: int = 3,
     properties: bool = True,
 ) -> RecipeCounts:
     """Write the design records into the new folder ``out`` (see the module docstring).
 
     conditioned: records with conditions per molecule (each its own draw), beside the one without.
+    properties_per_record: the most properties one conditioned record asks about (1 to 6; each
+    record asks about 1 to this many, uniformly).
     properties: conditioned records also give their conditions as a ``<properties>`` input (the
     model then needs the ``properties`` encoder, as ``configs/design_cpu.yaml`` has); False writes
     the conditions as text only.
@@ -157,6 +163,8 @@ def write_design_records(
         raise ValueError(f"--out {out} already exists; choose a new folder")
     if conditioned < 0:
         raise ValueError(f"--conditioned must be 0 or more, got {conditioned}")
+    if not 1 <= properties_per_record <= len(CONDITIONED):
+        raise ValueError(f"--properties-per-record must be 1-{len(CONDITIONED)}, got {properties_per_record}")
     rng = random.Random(seed)
     counts = RecipeCounts()
     molecules: dict[str, tuple[str, dict[str, float]]] = {}  # canonical SMILES -> (SELFIES, properties)
@@ -207,7 +215,7 @@ def write_design_records(
             records[part].append(_record(f"{part}-{k}", [], selfies, properties=properties))
             for c in range(conditioned):
                 suffix = "c" if c == 0 else f"c{c + 1}"
-                conditions = random_conditions(values, rng, population)
+                conditions = random_conditions(values, rng, population, properties_per_record)
                 records[part].append(_record(f"{part}-{k}-{suffix}", conditions, selfies, properties=properties))
     if dti_dir is not None:
         for part, items in _target_records(dti_dir, where, molecules, rng, max_target_records).items():

@@ -136,6 +136,12 @@ def test_records_split_by_molecule_and_counts_add_up(tmp_path, capsys):
     plain = [json.loads(line) for line in (text_only / "train.jsonl").open()]
     assert len(plain) == 8 and not any("inputs" in r or "<properties>" in r["messages"][0]["content"] for r in plain)
 
+    for bad in ("0", "7"):
+        assert main(["design", "records", "--molecules", str(source), "--out", str(tmp_path / f"bad{bad}"),
+                     "--properties-per-record", bad]) == 2
+        assert f"--properties-per-record must be 1-6, got {bad}" in capsys.readouterr().err
+        assert not (tmp_path / f"bad{bad}").exists()
+
 
 def _population(molecules):
     from kiban.design.conditions import compute_properties
@@ -145,9 +151,11 @@ def _population(molecules):
     return {name: sorted(v[name] for v in values) for name in CONDITIONED}
 
 
-def test_drawn_conditions_hold_and_none_is_vacuous():
+@pytest.mark.parametrize("most", [3, 6])
+def test_drawn_conditions_hold_and_none_is_vacuous(most):
     # "TPSA at least -5" or "QED at most 1" says nothing a molecule could fail: the records must
     # teach only bounds that separate molecules, and each record's conditions hold for its answer.
+    # A record asks about 1 to ``most`` properties (--properties-per-record), each at most once.
     import math
     import random
 
@@ -158,19 +166,22 @@ def test_drawn_conditions_hold_and_none_is_vacuous():
     molecules = [Chem.MolFromSmiles(s) for s in SMILES[:5] + ["C", "O=C=O", "CCCCCCCCCCCCCCCC"]]
     population = _population(molecules)
     drawn = 0
-    kinds = set()
+    kinds, sizes = set(), set()
     for mol in molecules * 60:
         values = compute_properties(mol)
-        conditions = random_conditions(values, rng, population)
-        assert 1 <= len(conditions) <= 3 and meets(values, conditions)
+        conditions = random_conditions(values, rng, population, most)
+        assert 1 <= len(conditions) <= most and meets(values, conditions)
+        assert len({c.name for c in conditions}) == len(conditions)
+        sizes.add(len(conditions))
         for condition in conditions:
             prop = PROPERTIES[condition.name.lower()]
             assert prop.floor is None or (math.isinf(condition.low) or condition.low > prop.floor), condition.text()
             assert prop.ceiling is None or (math.isinf(condition.high) or condition.high < prop.ceiling), condition.text()
             kinds.add((math.isinf(condition.low), math.isinf(condition.high)))
             drawn += 1
-    assert drawn > 480
+    assert drawn > 0.85 * 480 * (most + 1) / 2  # 1 to most properties drawn, a few left with both ends open
     assert kinds == {(True, False), (False, True), (False, False)}  # at most, at least, ranges
+    assert sizes == set(range(1, most + 1))
 
 
 def test_drawn_conditions_depend_on_the_molecule_only_through_the_cell_it_lies_in():
