@@ -14,15 +14,18 @@ for it would only burn the sampling budget.
 
 from __future__ import annotations
 
+import bisect
 import math
+import random
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from rdkit.Chem import QED, Crippen, Descriptors, Lipinski, rdMolDescriptors
 
 __all__ = [
+    "CONDITIONED",
     "PROPERTIES",
     "Condition",
     "ConditionError",
@@ -31,6 +34,7 @@ __all__ = [
     "compute_properties",
     "meets",
     "parse_conditions",
+    "random_cells",
 ]
 
 
@@ -72,6 +76,10 @@ def _descriptors() -> dict[str, Property]:
 
 #: The properties a condition may name (lower-case key -> ``Property``).
 PROPERTIES: dict[str, Property] = _descriptors()
+
+#: The properties design records and property profiles condition on (RotB only through the
+#: ``<properties>`` encoder's slot).
+CONDITIONED = ("HBA", "HBD", "MW", "QED", "TPSA", "logP")
 
 
 @dataclass(frozen=True)
@@ -190,3 +198,50 @@ def check_reachable(
                 f"({condition.name} {_number(round(low, 2) + 0.0)} to {_number(round(high, 2) + 0.0)} over {size} molecules); "
                 "no design would meet it, so none is sampled"
             )
+
+
+def random_cells(
+    values: dict[str, float], names: Iterable[str], rng: random.Random, population: Mapping[str, Sequence[float]]
+) -> list[Condition]:
+    """Per property in ``names``, the cell ``values`` lies in among random cuts, as a condition.
+
+    population: each property's values over the training molecules, sorted. For each property,
+    1-9 cuts at random quantiles of it (rounded to the property's step) split its range into cells,
+    and the condition is the cell the value lies in: "at most" the first cut, a range between two,
+    "at least" past the last. The cuts never depend on ``values``, so the conditions depend on them
+    only through the cells they lie in. Several cuts keep a condition informative (with one cut, a
+    condition says about half a nat about its molecule). A bound every molecule meets ("TPSA at
+    least 0", "QED at most 1") is left open, and a cell open at both ends is left out. The
+    conditions come in ``PROPERTIES`` order.
+    """
+    out = []
+    for name in names:
+        prop, ranked = PROPERTIES[name.lower()], population[name]
+        cuts = sorted({_quantile(ranked, rng.random(), prop) for _ in range(rng.randint(1, 9))})
+        condition = _cell(prop, values[name], cuts)
+        if condition is not None:
+            out.append(condition)
+    order = list(PROPERTIES)
+    return sorted(out, key=lambda c: order.index(c.name.lower()))
+
+
+def _quantile(ranked: Sequence[float], level: float, prop: Property) -> float:
+    """``ranked``'s value at ``level`` (0-1), rounded to ``prop``'s step."""
+    value = ranked[min(int(level * len(ranked)), len(ranked) - 1)]
+    return round(round(value / prop.step) * prop.step, 3)
+
+
+def _cell(prop: Property, value: float, cuts: Sequence[float]) -> Condition | None:
+    """The cell of sorted ``cuts`` that ``value`` lies in, ``cut[i-1] < value <= cut[i]``, as a
+    condition (for counts, past 2 is at least 3); ends every molecule meets are left open, None if both are.
+    """
+    i = bisect.bisect_left(cuts, value)
+    low = round(cuts[i - 1] + (prop.step if prop.integer else 0.0), 3) if i > 0 else -math.inf
+    high = cuts[i] if i < len(cuts) else math.inf
+    if prop.floor is not None and low <= prop.floor:
+        low = -math.inf
+    if prop.ceiling is not None and high >= prop.ceiling:
+        high = math.inf
+    if math.isinf(low) and math.isinf(high):
+        return None
+    return Condition(prop.name, low, high)

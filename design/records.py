@@ -17,10 +17,8 @@ answer in training. Counts add up: read = used + rejected (by reason).
 
 from __future__ import annotations
 
-import bisect
 import csv
 import json
-import math
 import random
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -29,14 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from kiban.atomic import staged_folder
-from kiban.design.conditions import PROPERTIES, Condition, Property, compute_properties
+from kiban.design.conditions import CONDITIONED, Condition, compute_properties, random_cells
 from kiban.design.molecules import design_record
 from kiban.design.selfies_decoding import encode_selfies
 
 __all__ = ["CONDITIONED", "RecipeCounts", "random_conditions", "write_design_records"]
-
-#: The properties the records condition on (RotB only through the ``<properties>`` encoder's slot).
-CONDITIONED = ("HBA", "HBD", "MW", "QED", "TPSA", "logP")
 
 #: Davis pKd and KIBA score at or above which a pair counts as a binder (the usual thresholds).
 BINDERS = {"davis_pairs.csv": ("pKd", 7.0), "kiba_pairs.csv": ("kiba_score", 12.1)}
@@ -46,58 +41,22 @@ def random_conditions(
     values: dict[str, float], rng: random.Random, population: Mapping[str, Sequence[float]], most: int = 3
 ) -> list[Condition]:
     """1 to ``most`` conditions (at most one per property in ``CONDITIONED``) that ``values`` all
-    meet, each cut independently of ``values``.
+    meet, each cut independently of ``values``: the cells (``random_cells``) of 1 to ``most``
+    properties drawn at random.
 
-    population: each property's values over the training molecules, sorted. For each property
-    drawn, 1-9 cuts at random quantiles of it (rounded to the property's step) split its range into
-    cells, and the condition is the cell the molecule lies in: "at most" the first cut, a range
-    between two, "at least" past the last. So a condition depends on the molecule only through the
-    cell it lies in, and a record's molecule is a draw from the training molecules that meet its
-    conditions: "MW at most 450" teaches MW anywhere below 450, not near it. (Bounds drawn within a
-    fixed distance of the molecule's own value taught "near 450", and a three-part ask then pulled
-    molecules towards its one-sided bounds.) Several cuts keep each condition informative: with one
-    cut, a condition says about half a nat about its molecule, too little for a small model to
-    start reading the conditions at all.
-
-    Bounds stay within what the property can take, and a bound every molecule meets ("TPSA at
-    least 0", "QED at most 1") is never written: that side of the cell is left open, and a
-    condition with both sides open is not written.
+    A condition depends on the molecule only through the cell it lies in, so a record's molecule
+    is a draw from the training molecules that meet its conditions: "MW at most 450" teaches MW
+    anywhere below 450, not near it. (Bounds drawn within a fixed distance of the molecule's own
+    value taught "near 450", and a three-part ask then pulled molecules towards its one-sided
+    bounds.) A property drawn whose cell is open at both ends is not written; when that leaves no
+    condition, the draw is made again.
     """
     if not 1 <= most <= len(CONDITIONED):
         raise ValueError(f"properties per record must be 1-{len(CONDITIONED)}, got {most}")
-    out = []
-    for name in rng.sample(CONDITIONED, rng.randint(1, most)):
-        prop, ranked = PROPERTIES[name.lower()], population[name]
-        cuts = sorted({_quantile(ranked, rng.random(), prop) for _ in range(rng.randint(1, 9))})
-        condition = _cell(prop, values[name], cuts)
-        if condition is not None:
-            out.append(condition)
+    out = random_cells(values, rng.sample(CONDITIONED, rng.randint(1, most)), rng, population)
     if not out:  # every property drawn was left with both sides open: draw again
         return random_conditions(values, rng, population, most)
-    order = list(PROPERTIES)
-    return sorted(out, key=lambda c: order.index(c.name.lower()))
-
-
-def _quantile(ranked: Sequence[float], level: float, prop: Property) -> float:
-    """``ranked``'s value at ``level`` (0-1), rounded to ``prop``'s step."""
-    value = ranked[min(int(level * len(ranked)), len(ranked) - 1)]
-    return round(round(value / prop.step) * prop.step, 3)
-
-
-def _cell(prop: Property, value: float, cuts: Sequence[float]) -> Condition | None:
-    """The cell of sorted ``cuts`` that ``value`` lies in, ``cut[i-1] < value <= cut[i]``, as a
-    condition (for counts, past 2 is at least 3); ends every molecule meets are left open, None if both are.
-    """
-    i = bisect.bisect_left(cuts, value)
-    low = round(cuts[i - 1] + (prop.step if prop.integer else 0.0), 3) if i > 0 else -math.inf
-    high = cuts[i] if i < len(cuts) else math.inf
-    if prop.floor is not None and low <= prop.floor:
-        low = -math.inf
-    if prop.ceiling is not None and high >= prop.ceiling:
-        high = math.inf
-    if math.isinf(low) and math.isinf(high):
-        return None
-    return Condition(prop.name, low, high)
+    return out
 
 
 @dataclass
