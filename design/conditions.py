@@ -77,8 +77,7 @@ def _descriptors() -> dict[str, Property]:
 #: The properties a condition may name (lower-case key -> ``Property``).
 PROPERTIES: dict[str, Property] = _descriptors()
 
-#: The properties design records and property profiles condition on (RotB only through the
-#: ``<properties>`` encoder's slot).
+#: The properties design records condition on (RotB only through the ``<properties>`` encoder's slot).
 CONDITIONED = ("HBA", "HBD", "MW", "QED", "TPSA", "logP")
 
 
